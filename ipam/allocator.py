@@ -1,0 +1,309 @@
+"""The IPAM: pools, block claims and address allocation over the store, safe across hosts.
+
+Every change to a pool or block record is a compare-and-swap transaction on the record's etcd
+revision; a conflict (another host or thread got there first) re-reads and retries, a bounded
+number of times. Two allocators can therefore never hand out the same address.
+
+Order of preference for an automatic address (as Calico does):
+  1. a free address in a block this host already owns;
+  2. a new block claimed for this host (create-if-absent, so two hosts never share a claim);
+  3. a single address borrowed from another host's block;
+  4. otherwise the pool is exhausted.
+"""
+
+import json
+import logging
+
+from netaddr import AddrFormatError, IPAddress, IPNetwork
+
+from plugin.errors import L3netError
+from plugin.keys import key_cidr
+
+from . import blocks as B
+from . import pools as P
+
+log = logging.getLogger("l3net.ipam")
+
+MAX_ATTEMPTS = 64
+GATEWAY_TYPE = "com.docker.network.gateway"
+# What Docker shows as the network's gateway. Containers really route via 169.254.1.1 (Join);
+# answering a gateway here keeps dockerd from spending a pool address on one.
+POOL_GATEWAY = "169.254.1.1/32"
+
+
+class Ipam:
+    def __init__(self, store, keys, host, default_range="10.250.0.0/16", default_prefix=24,
+                 block_prefix=26):
+        self.store = store
+        self.keys = keys
+        self.host = host
+        self.default_range = IPNetwork(default_range)
+        self.default_prefix = int(default_prefix)
+        self.block_prefix = int(block_prefix)
+
+    # -- small helpers -------------------------------------------------
+    def _load(self, key):
+        value, rev = self.store.get(key)
+        return (json.loads(value) if value is not None else None), rev
+
+    def _pool(self, pool):
+        record, _ = self._load(self.keys.pool(pool))
+        if record is None:
+            raise L3netError(f"pool {pool} does not exist in l3net (was it released?)")
+        return record
+
+    def _pool_cidrs(self):
+        return [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in self.store.get_prefix(self.keys.pools())]
+
+    def _update_pool(self, pool, change):
+        """Apply ``change(record) -> record | None (delete)`` to a pool record with CAS."""
+        key = self.keys.pool(pool)
+        for _ in range(MAX_ATTEMPTS):
+            record, rev = self._load(key)
+            new = change(record)
+            if new is None:
+                ok = rev == 0 or self.store.txn({key: rev}, delete=[key])
+            else:
+                ok = self.store.txn({key: rev}, put={key: json.dumps(new, sort_keys=True)})
+            if ok:
+                return new
+        raise L3netError(f"too much contention updating pool {pool}; try again")
+
+    # -- pools ---------------------------------------------------------
+    def request_pool(self, pool="", subpool="", options=None, v6=False):
+        """RequestPool: create or join a pool. Returns (pool_id, cidr, data)."""
+        if v6:
+            raise L3netError("l3net does not support IPv6 yet; create the network without --ipv6")
+        opts = P.parse_pool_options(options)
+        if opts["block_prefix"] is None:
+            opts["block_prefix"] = self.block_prefix
+            opts["block_explicit"] = False
+        if pool:
+            cidr = P.parse_cidr(pool)
+            if not P.MIN_POOL_PREFIX <= cidr.prefixlen <= P.MAX_POOL_PREFIX:
+                raise L3netError(f"subnet {cidr}: prefix length must be between "
+                                 f"/{P.MIN_POOL_PREFIX} and /{P.MAX_POOL_PREFIX}")
+            sub = P.parse_cidr(subpool, "ip-range") if subpool else None
+            if sub is not None and sub not in cidr:
+                raise L3netError(f"ip-range {sub} is not inside subnet {cidr}")
+            clash = P.overlapping(cidr, self._pool_cidrs())
+            if clash is not None:
+                raise L3netError(f"subnet {cidr} overlaps pool {clash} already defined in l3net")
+            self._join_pool(cidr, opts, auto=False)
+        else:
+            if subpool:
+                raise L3netError("--ip-range needs --subnet")
+            cidr, sub = self._claim_auto_pool(opts), None
+        if sub is not None and sub == cidr:
+            sub = None
+        return P.make_pool_id(cidr, sub), str(cidr), {GATEWAY_TYPE: POOL_GATEWAY}
+
+    def _join_pool(self, cidr, opts, auto):
+        def join(record):
+            if record is None:
+                record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto)
+            elif opts.get("block_explicit", True) and opts["block_prefix"] != record["block_prefix"]:
+                raise L3netError(f"pool {cidr} already exists with block-size "
+                                 f"{record['block_prefix']}, not {opts['block_prefix']}")
+            record["refs"][self.host] = record["refs"].get(self.host, 0) + 1
+            return record
+        return self._update_pool(cidr, join)
+
+    def _claim_auto_pool(self, opts):
+        """Pick a free /24 (default) of the default range and create it, first come first served."""
+        for _ in range(MAX_ATTEMPTS):
+            cidr = P.choose_free_subnet(self.default_range, self.default_prefix, self._pool_cidrs())
+            if cidr is None:
+                raise L3netError(f"no free /{self.default_prefix} left in the default range "
+                                 f"{self.default_range}; pass --subnet")
+            record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto=True)
+            record["refs"][self.host] = 1
+            key = self.keys.pool(cidr)
+            if self.store.txn({key: 0}, put={key: json.dumps(record, sort_keys=True)}):
+                return cidr
+        raise L3netError("too much contention choosing a default pool; try again")
+
+    def release_pool(self, pool_id):
+        """ReleasePool: drop this host's reference; free its empty blocks; forget an unused pool."""
+        pool, _ = P.parse_pool_id(pool_id)
+
+        def leave(record):
+            if record is None:
+                return None
+            refs = record["refs"]
+            if refs.get(self.host, 0) > 1:
+                refs[self.host] -= 1
+            else:
+                refs.pop(self.host, None)
+            return record
+        record = self._update_pool(pool, leave)
+        if record is None or record["refs"].get(self.host):
+            return
+        self._free_empty_blocks(pool)
+        if not record["refs"]:
+            key = self.keys.pool(pool)
+            value, rev = self.store.get(key)
+            if value is not None and not json.loads(value)["refs"] and \
+                    not self.store.get_prefix(self.keys.blocks(pool)):
+                self.store.txn({key: rev}, delete=[key])
+
+    def _free_empty_blocks(self, pool):
+        for key, value, rev in self.store.get_prefix(self.keys.blocks(pool)):
+            block = json.loads(value)
+            if block["host"] == self.host and not block["allocations"]:
+                self.store.txn({key: rev}, delete=[key, self.keys.affinity(self.host, block["cidr"])])
+
+    # -- addresses -----------------------------------------------------
+    def request_address(self, pool_id, address="", options=None):
+        """RequestAddress: returns "ip/32". ``address`` set = exactly that one (or an error)."""
+        pool, rng = P.parse_pool_id(pool_id)
+        record = self._pool(pool)
+        block_prefix = P.effective_block_prefix(pool, record["block_prefix"])
+        options = options or {}
+        if address:
+            try:
+                ip = IPAddress(address, 4)
+            except (AddrFormatError, ValueError, TypeError):
+                raise L3netError(f"invalid address {address!r}") from None
+            if ip not in pool:
+                raise L3netError(f"address {ip} is not in pool {pool}")
+            kind = "gateway" if options.get("RequestAddressType") == GATEWAY_TYPE else "reserved"
+            handle = f"{kind}:{pool_id}" if kind == "gateway" else f"pending:{self.host}"
+            self.assign(pool, ip, block_prefix, handle)
+            return f"{ip}/32"
+        ip = self.auto_assign(pool, rng, block_prefix, f"pending:{self.host}")
+        return f"{ip}/32"
+
+    def assign(self, pool, ip, block_prefix, handle):
+        """Allocate exactly ``ip``. A block nobody owns yet is claimed for this host."""
+        if int(ip) in B.reserved(pool):
+            raise L3netError(f"address {ip} is the network or broadcast address of {pool}")
+        cidr = B.block_of(ip, pool, block_prefix)
+        key = self.keys.block(pool, cidr)
+        for _ in range(MAX_ATTEMPTS):
+            block, rev = self._load(key)
+            puts = {}
+            if block is None:
+                block = B.new_block(cidr, pool, self.host)
+                puts[self.keys.affinity(self.host, cidr)] = str(pool)
+            held = block["allocations"].get(str(ip))
+            if held is not None:
+                if held["handle"] == handle and handle.startswith("gateway:"):
+                    return ip  # the same gateway requested again (re-sent call): harmless
+                raise L3netError(f"address {ip} is already in use")
+            block["allocations"][str(ip)] = B.allocation(handle, self.host)
+            puts[key] = json.dumps(block, sort_keys=True)
+            if self.store.txn({key: rev}, put=puts):
+                return ip
+        raise L3netError(f"too much contention allocating {ip}; try again")
+
+    def auto_assign(self, pool, rng, block_prefix, handle):
+        # 1. blocks this host owns
+        mine = [IPNetwork(key_cidr(k.rsplit("/", 1)[1]))
+                for k, v, _ in self.store.get_prefix(self.keys.affinities(self.host)) if v == str(pool)]
+        for cidr in sorted(mine):
+            if cidr.first <= rng.last and rng.first <= cidr.last:
+                ip = self._allocate_in(pool, rng, cidr, handle, owner=self.host)
+                if ip is not None:
+                    return ip
+        # 2. claim a new block
+        existing = {}
+        for k, v, _ in self.store.get_prefix(self.keys.blocks(pool)):
+            existing[IPNetwork(key_cidr(k.rsplit("/", 1)[1]))] = json.loads(v)
+        for cidr in B.candidate_blocks(pool, rng, block_prefix):
+            if cidr in existing:
+                continue
+            block = B.new_block(cidr, pool, self.host)
+            ip = B.free_address(block, pool, rng)
+            if ip is None:
+                continue
+            block["allocations"][str(ip)] = B.allocation(handle, self.host)
+            key = self.keys.block(pool, cidr)
+            if self.store.txn({key: 0}, put={key: json.dumps(block, sort_keys=True),
+                                             self.keys.affinity(self.host, cidr): str(pool)}):
+                log.info("claimed block %s of pool %s", cidr, pool)
+                return ip
+        # 3. borrow from other hosts' blocks
+        for cidr, block in sorted(existing.items()):
+            if block["host"] != self.host and cidr.first <= rng.last and rng.first <= cidr.last:
+                ip = self._allocate_in(pool, rng, cidr, handle, owner=None)
+                if ip is not None:
+                    return ip
+        what = f"ip-range {rng} of pool {pool}" if rng != pool else f"pool {pool}"
+        raise L3netError(f"no free address left in {what}")
+
+    def _allocate_in(self, pool, rng, cidr, handle, owner):
+        """One free address of an existing block (CAS, retried), or None when it is full."""
+        key = self.keys.block(pool, cidr)
+        for _ in range(MAX_ATTEMPTS):
+            block, rev = self._load(key)
+            if block is None or (owner is not None and block["host"] != owner):
+                return None
+            ip = B.free_address(block, pool, rng)
+            if ip is None:
+                return None
+            block["allocations"][str(ip)] = B.allocation(handle, self.host)
+            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True)}):
+                return ip
+        raise L3netError(f"too much contention on block {cidr}; try again")
+
+    def _locate(self, pool, address):
+        """(key, IPAddress) of the block record that would hold ``address``, or None."""
+        try:
+            ip = IPAddress(str(address).split("/")[0], 4)
+        except (AddrFormatError, ValueError, TypeError):
+            raise L3netError(f"invalid address {address!r}") from None
+        if ip not in pool:
+            return None, ip
+        record, _ = self._load(self.keys.pool(pool))
+        if record is None:
+            return None, ip
+        cidr = B.block_of(ip, pool, P.effective_block_prefix(pool, record["block_prefix"]))
+        return self.keys.block(pool, cidr), ip
+
+    def release_address(self, pool_id, address):
+        """ReleaseAddress: idempotent; an address outside the pool (our gateway) is a no-op."""
+        pool, _ = P.parse_pool_id(pool_id)
+        key, ip = self._locate(pool, address)
+        if key is None:
+            return
+        for _ in range(MAX_ATTEMPTS):
+            block, rev = self._load(key)
+            if block is None or str(ip) not in block["allocations"]:
+                return
+            del block["allocations"][str(ip)]
+            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True)}):
+                return
+        raise L3netError(f"too much contention releasing {ip}; try again")
+
+    def set_handle(self, pool, address, handle):
+        """Record who holds an address (the endpoint, once CreateEndpoint knows it)."""
+        key, ip = self._locate(pool, address)
+        if key is None:
+            return False
+        for _ in range(MAX_ATTEMPTS):
+            block, rev = self._load(key)
+            held = (block or {}).get("allocations", {}).get(str(ip))
+            if held is None:
+                return False
+            if held["handle"] == handle:
+                return True
+            held["handle"] = handle
+            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True)}):
+                return True
+        raise L3netError(f"too much contention on {ip}; try again")
+
+    def holder(self, pool, address):
+        key, ip = self._locate(pool, address)
+        if key is None:
+            return None
+        block, _ = self._load(key)
+        return (block or {}).get("allocations", {}).get(str(ip))
+
+    # -- reading -------------------------------------------------------
+    def pools(self):
+        return [json.loads(v) for _, v, _ in self.store.get_prefix(self.keys.pools())]
+
+    def blocks(self, pool=None):
+        prefix = self.keys.blocks(pool) if pool else self.keys.all_blocks()
+        return [json.loads(v) for _, v, _ in self.store.get_prefix(prefix)]

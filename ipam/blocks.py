@@ -1,0 +1,55 @@
+"""Blocks: the pieces of a pool that hosts claim, and the allocations inside them (pure logic).
+
+A pool is carved into aligned blocks (/26 by default). A block belongs to one host (its
+*affinity*): that host hands out addresses from it first, and (with BGP) announces the block as
+one aggregate route. A block record holds every allocation in it::
+
+    {"cidr": "10.20.0.0/26", "pool": "10.20.0.0/16", "host": "node-1",
+     "allocations": {"10.20.0.5": {"handle": "endpoint:<id>", "host": "node-1", "time": ...}}}
+
+so that who holds each address, and since when, can always be read back (leak hunting).
+"""
+
+import time
+
+from netaddr import IPAddress, IPNetwork
+
+
+def block_of(address, pool, block_prefix):
+    """The aligned block of ``pool`` that contains ``address``."""
+    return IPNetwork(f"{address}/{block_prefix}").cidr
+
+
+def candidate_blocks(pool, rng, block_prefix):
+    """Every block of the pool that has addresses inside ``rng``, in address order."""
+    if rng.prefixlen >= block_prefix:
+        yield block_of(rng.ip, pool, block_prefix)
+        return
+    yield from rng.subnet(block_prefix)
+
+
+def new_block(cidr, pool, host):
+    return {"cidr": str(cidr), "pool": str(pool), "host": host, "allocations": {}}
+
+
+def reserved(pool):
+    """Addresses of the pool never handed out: its network and broadcast address."""
+    if pool.prefixlen >= 31:
+        return set()
+    return {pool.first, pool.last}
+
+
+def free_address(block, pool, rng):
+    """The lowest free address of ``block`` inside ``rng``, or None."""
+    net = IPNetwork(block["cidr"])
+    first, last = max(net.first, rng.first), min(net.last, rng.last)
+    skip = reserved(pool)
+    used = {int(IPAddress(a)) for a in block["allocations"]}
+    for value in range(first, last + 1):
+        if value not in skip and value not in used:
+            return IPAddress(value, 4)
+    return None
+
+
+def allocation(handle, host):
+    return {"handle": handle, "host": host, "time": round(time.time(), 3)}

@@ -1,0 +1,108 @@
+"""Pools: the address ranges Docker networks draw from (pure logic, no I/O).
+
+A pool is one CIDR shared by every host: ``--subnet 10.20.0.0/16`` on two hosts is the same pool.
+Docker remembers the PoolID we return for ever, so it is derived from the request alone:
+``<cidr>`` or ``<cidr>@<ip-range>``.
+"""
+
+import time
+
+from netaddr import AddrFormatError, IPNetwork
+
+from plugin.errors import L3netError
+
+MIN_POOL_PREFIX = 8
+MAX_POOL_PREFIX = 30
+MIN_BLOCK_PREFIX = 16
+MAX_BLOCK_PREFIX = 32
+
+# Options accepted with --ipam-opt (and their meaning, for the error message).
+POOL_OPTIONS = {
+    "block-size": "prefix length of the blocks hosts claim, e.g. 26",
+    "nat-outgoing": "true|false: masquerade traffic leaving the pools",
+}
+
+
+def parse_cidr(text, what="subnet"):
+    """An IPv4 network address with a prefix, exactly as the user should write it."""
+    if not isinstance(text, str) or "/" not in text or len(text) > 18:
+        raise L3netError(f"invalid {what} {text!r}: expected an IPv4 CIDR such as 10.20.0.0/16")
+    try:
+        net = IPNetwork(text, version=4)
+    except (AddrFormatError, ValueError, TypeError):
+        raise L3netError(f"invalid {what} {text!r}: expected an IPv4 CIDR such as 10.20.0.0/16") from None
+    if net.ip != net.network:
+        raise L3netError(f"invalid {what} {text}: host bits set (did you mean {net.cidr}?)")
+    return net
+
+
+def make_pool_id(cidr, subpool=None):
+    return f"{cidr}@{subpool}" if subpool is not None else str(cidr)
+
+
+def parse_pool_id(pool_id):
+    """PoolID -> (pool IPNetwork, range IPNetwork). The range is the pool without --ip-range."""
+    if not isinstance(pool_id, str) or not pool_id or len(pool_id) > 40:
+        raise L3netError(f"invalid PoolID {pool_id!r}")
+    cidr, _, sub = pool_id.partition("@")
+    pool = parse_cidr(cidr, "PoolID")
+    rng = parse_cidr(sub, "PoolID") if sub else pool
+    if rng not in pool:
+        raise L3netError(f"invalid PoolID {pool_id!r}: range outside the pool")
+    return pool, rng
+
+
+def parse_pool_options(options):
+    """--ipam-opt values -> {"block_prefix": int or None, "nat_outgoing": bool or None}."""
+    options = options or {}
+    unknown = sorted(set(options) - set(POOL_OPTIONS))
+    if unknown:
+        known = ", ".join(f"{k} ({v})" for k, v in POOL_OPTIONS.items())
+        raise L3netError(f"unknown --ipam-opt {', '.join(unknown)}; l3net knows: {known}")
+    result = {"block_prefix": None, "nat_outgoing": None}
+    if "block-size" in options:
+        text = str(options["block-size"]).lstrip("/")
+        if not text.isdigit() or not MIN_BLOCK_PREFIX <= int(text) <= MAX_BLOCK_PREFIX:
+            raise L3netError(f"invalid block-size {options['block-size']!r}: expected a prefix "
+                             f"length between {MIN_BLOCK_PREFIX} and {MAX_BLOCK_PREFIX}")
+        result["block_prefix"] = int(text)
+    if "nat-outgoing" in options:
+        value = str(options["nat-outgoing"]).lower()
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise L3netError(f"invalid nat-outgoing {options['nat-outgoing']!r}: expected true or false")
+        result["nat_outgoing"] = value in ("true", "1", "yes")
+    return result
+
+
+def new_pool_record(cidr, block_prefix, nat_outgoing=True, auto=False):
+    return {
+        "cidr": str(cidr),
+        "block_prefix": int(block_prefix),
+        "nat_outgoing": True if nat_outgoing is None else bool(nat_outgoing),
+        "auto": auto,
+        "refs": {},
+        "created": time.time(),
+    }
+
+
+def effective_block_prefix(pool, block_prefix):
+    """A block never spans more than its pool: a /28 pool with /26 blocks has one /28 block."""
+    return max(int(block_prefix), pool.prefixlen)
+
+
+def overlapping(cidr, existing):
+    """The first CIDR of ``existing`` that overlaps ``cidr`` (but is not equal), else None."""
+    for other in existing:
+        other = IPNetwork(other)
+        if other != cidr and (cidr.first <= other.last and other.first <= cidr.last):
+            return other
+    return None
+
+
+def choose_free_subnet(default_range, prefix, existing):
+    """The first ``/prefix`` subnet of ``default_range`` that overlaps no existing pool."""
+    taken = [IPNetwork(c) for c in existing]
+    for candidate in default_range.subnet(prefix):
+        if not any(candidate.first <= t.last and t.first <= candidate.last for t in taken):
+            return candidate
+    return None

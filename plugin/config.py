@@ -1,0 +1,99 @@
+"""Configuration of a node: flags and environment shared by l3net-plugin and l3netctl.
+
+The contract (DESIGN.md): ``--etcd-endpoints`` (L3NET_ETCD_ENDPOINTS), ``--etcd-prefix``
+(L3NET_ETCD_PREFIX), ``--hostname``, ``--host-ip``, ``--socket``, ``--state-dir``, each with
+its ``L3NET_*`` variable. Flags win over the environment.
+"""
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+import click
+
+from .errors import L3netError
+from .validate import hostname as check_hostname
+from .validate import ipv4
+
+DEFAULT_SOCKET = "/run/docker/plugins/l3net.sock"
+RUN_DIR = "/run/l3net"
+
+
+@dataclass
+class Config:
+    etcd_endpoints: str = "http://127.0.0.1:2379"
+    etcd_prefix: str = "/l3net"
+    etcd_timeout: float = 5.0
+    etcd_ca_cert: str = None
+    etcd_cert: str = None
+    etcd_key: str = None
+    etcd_user: str = None
+    etcd_password: str = field(default=None, repr=False)   # never logged
+    hostname: str = None
+    host_ip: str = None
+    socket: str = DEFAULT_SOCKET
+    state_dir: str = "/var/lib/l3net"
+    default_pool: str = "10.250.0.0/16"
+    default_pool_size: int = 24
+    block_size: int = 26
+    threads: int = 16
+    log_level: str = "info"
+
+    @property
+    def driver_name(self):
+        """The name Docker knows us by: the socket's file name (l3net.sock -> l3net)."""
+        return os.path.basename(self.socket).rsplit(".sock", 1)[0]
+
+    def check(self):
+        """Fill defaults that need the host, and refuse what cannot work, with one clear line."""
+        if not re.match(r"^/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?$", self.etcd_prefix or "") or \
+                ".." in self.etcd_prefix:
+            raise L3netError(f"invalid --etcd-prefix {self.etcd_prefix!r}")
+        self.hostname = check_hostname(self.hostname or socket.gethostname().split(".")[0])
+        if self.host_ip:
+            self.host_ip = str(ipv4(self.host_ip, "--host-ip"))
+        if not self.socket.endswith(".sock") or not os.path.isabs(self.socket):
+            raise L3netError(f"--socket {self.socket!r} must be an absolute path ending in .sock")
+        return self
+
+
+def default_host_ip():
+    """The first IPv4 address of the interface that holds the default route, or None."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for route in ipr.get_default_routes(family=socket.AF_INET):
+            oif = route.get_attr("RTA_OIF")
+            for addr in ipr.get_addr(family=socket.AF_INET, index=oif):
+                return addr.get_attr("IFA_ADDRESS")
+    return None
+
+
+def etcd_options(f):
+    """The etcd flags, shared by every command of both programs."""
+    opts = [
+        click.option("--etcd-endpoints", envvar="L3NET_ETCD_ENDPOINTS", default=Config.etcd_endpoints,
+                     show_default=True, help="Comma-separated etcd URLs."),
+        click.option("--etcd-prefix", envvar="L3NET_ETCD_PREFIX", default=Config.etcd_prefix,
+                     show_default=True, help="Key prefix for all l3net data."),
+        click.option("--etcd-timeout", envvar="L3NET_ETCD_TIMEOUT", default=Config.etcd_timeout,
+                     type=float, show_default=True, help="Seconds before an etcd call fails."),
+        click.option("--etcd-ca-cert", envvar="L3NET_ETCD_CA_CERT", help="CA bundle for https endpoints."),
+        click.option("--etcd-cert", envvar="L3NET_ETCD_CERT", help="Client certificate (TLS auth)."),
+        click.option("--etcd-key", envvar="L3NET_ETCD_KEY", help="Client key (TLS auth)."),
+        click.option("--etcd-user", envvar="L3NET_ETCD_USER", help="etcd user (with password)."),
+        click.option("--etcd-password", envvar="L3NET_ETCD_PASSWORD",
+                     help="etcd password (prefer the environment variable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_store(cfg):
+    from .store import EtcdStore
+
+    return EtcdStore(cfg.etcd_endpoints, timeout=cfg.etcd_timeout, ca_cert=cfg.etcd_ca_cert,
+                     cert_cert=cfg.etcd_cert, cert_key=cfg.etcd_key, user=cfg.etcd_user,
+                     password=cfg.etcd_password)

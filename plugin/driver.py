@@ -1,0 +1,173 @@
+"""The network driver: Docker networks and endpoints on this host.
+
+State lives in etcd under the host's keys (see keys.py), so a restarted plugin carries on:
+dockerd replays nothing to a restarted legacy plugin, and a container started before the
+restart must still be stoppable afterwards.
+
+Order of CreateEndpoint, and why: the veth and route are created first and the endpoint
+record written last, so a record always describes something that exists; a failure at any
+step removes what was created (dockerd then releases the address).
+"""
+
+import json
+import logging
+import time
+
+from netaddr import IPNetwork
+
+from ipam import pools as P
+
+from .errors import L3netError
+
+log = logging.getLogger("l3net.driver")
+
+GATEWAY = "169.254.1.1"
+ADDRESS_SPACE = "l3net"
+GENERIC = "com.docker.network.generic"
+# -o options l3net understands on `docker network create` (none yet besides Docker's own).
+NETWORK_OPTIONS = {}
+
+
+class Driver:
+    def __init__(self, store, keys, ipam, datapath, host, name="l3net"):
+        self.store = store
+        self.keys = keys
+        self.ipam = ipam
+        self.datapath = datapath
+        self.host = host
+        self.name = name
+
+    # -- records ----------------------------------------------------------
+    def _get(self, key):
+        value, _ = self.store.get(key)
+        return json.loads(value) if value is not None else None
+
+    def network(self, network_id):
+        return self._get(self.keys.network(self.host, network_id))
+
+    def endpoint(self, endpoint_id):
+        return self._get(self.keys.endpoint(self.host, endpoint_id))
+
+    # -- networks ---------------------------------------------------------
+    def create_network(self, network_id, ipv4_data, ipv6_data, options):
+        if ipv6_data:
+            raise L3netError("l3net does not support IPv6 yet; create the network without --ipv6")
+        generic = options.get(GENERIC) or {}
+        if not isinstance(generic, dict):
+            raise L3netError("invalid network options")
+        unknown = sorted(set(generic) - set(NETWORK_OPTIONS))
+        if unknown:
+            raise L3netError(f"unknown option(s) {', '.join(unknown)}: l3net takes no -o options; "
+                             "pool settings go in --ipam-opt")
+        if not ipv4_data:
+            raise L3netError("no IPv4 pool given")
+        pools = []
+        for data in ipv4_data:
+            space, pool = data.get("AddressSpace"), data.get("Pool")
+            if space != ADDRESS_SPACE:
+                raise L3netError(f"the {self.name} network driver needs its own IPAM: create the "
+                                 f"network with --ipam-driver {self.name}")
+            cidr = P.parse_cidr(pool, "pool")
+            if self.store.get(self.keys.pool(cidr))[0] is None:
+                raise L3netError(f"pool {cidr} is not known to l3net; create the network with "
+                                 f"--ipam-driver {self.name}")
+            pools.append(str(cidr))
+        self.datapath.prepare_host()
+        record = {
+            "id": network_id,
+            "pools": pools,
+            "internal": str(options.get("com.docker.network.internal", "")).lower() == "true",
+            "created": time.time(),
+        }
+        self.store.put(self.keys.network(self.host, network_id), json.dumps(record, sort_keys=True))
+        log.info("network %s created with pools %s", network_id[:12], ",".join(pools))
+
+    def delete_network(self, network_id):
+        self.store.delete(self.keys.network(self.host, network_id))
+
+    # -- endpoints --------------------------------------------------------
+    def create_endpoint(self, network_id, endpoint_id, address, mac):
+        """Create the veth and /32 route. Returns the interface fields to answer (only those
+        dockerd left empty: echoing a set field fails the endpoint)."""
+        network = self.network(network_id)
+        if network is None:
+            raise L3netError(f"network {network_id[:12]} is not an {self.name} network on this host")
+        if address is None:
+            raise L3netError("no IPv4 address given: the network must use --ipam-driver "
+                             f"{self.name}")
+        pool = next((p for p in network["pools"] if address in IPNetwork(p)), None)
+        if pool is None:
+            raise L3netError(f"address {address} is not in the network's pools "
+                             f"({', '.join(network['pools'])})")
+        existing = self.endpoint(endpoint_id)
+        if existing is not None:
+            if existing["address"] != str(address):
+                raise L3netError(f"endpoint {endpoint_id[:12]} already exists with address "
+                                 f"{existing['address']}")
+            if self.datapath.link_exists(existing["host_ifname"]):
+                # dockerd re-sent the call: answer as the first time.
+                return {} if mac else {"MacAddress": existing["mac"]}
+        created_mac = self.datapath.create(endpoint_id, str(address))
+        record = {
+            "id": endpoint_id,
+            "network": network_id,
+            "address": str(address),
+            "pool": pool,
+            "mac": mac or created_mac,
+            "host_ifname": self.datapath.host_ifname(endpoint_id),
+            "temp_ifname": self.datapath.temp_ifname(endpoint_id),
+            "created": time.time(),
+        }
+        try:
+            self.store.put(self.keys.endpoint(self.host, endpoint_id),
+                           json.dumps(record, sort_keys=True))
+            self.ipam.set_handle(IPNetwork(pool), address, f"endpoint:{endpoint_id}")
+        except Exception:
+            self.datapath.delete(endpoint_id)
+            try:
+                self.store.delete(self.keys.endpoint(self.host, endpoint_id))
+            except Exception:  # etcd is the reason we are here; the record may not exist
+                log.warning("could not remove record of failed endpoint %s", endpoint_id[:12])
+            raise
+        return {} if mac else {"MacAddress": created_mac}
+
+    def _require_endpoint(self, endpoint_id):
+        record = self.endpoint(endpoint_id)
+        if record is None:
+            raise L3netError(f"endpoint {endpoint_id[:12]} not found on this host")
+        return record
+
+    def join(self, network_id, endpoint_id, sandbox_key):
+        record = self._require_endpoint(endpoint_id)
+        if record["network"] != network_id:
+            raise L3netError(f"endpoint {endpoint_id[:12]} belongs to another network")
+        return {
+            "InterfaceName": {"SrcName": record["temp_ifname"], "DstPrefix": "eth"},
+            # The gateway is outside the container's /32: dockerd needs an on-link route to it
+            # first (RouteType 1), then adds "default via 169.254.1.1".
+            "Gateway": GATEWAY,
+            "StaticRoutes": [{"Destination": f"{GATEWAY}/32", "RouteType": 1}],
+            "DisableGatewayService": True,
+        }
+
+    def leave(self, network_id, endpoint_id):
+        """Nothing to undo: the veth stays until DeleteEndpoint (dockerd moves it back first)."""
+
+    def delete_endpoint(self, network_id, endpoint_id):
+        """Idempotent: a second call, or one for an endpoint whose container died, succeeds."""
+        record = self.endpoint(endpoint_id)
+        self.datapath.delete(endpoint_id)
+        if record is not None:
+            self.store.delete(self.keys.endpoint(self.host, endpoint_id))
+
+    def oper_info(self, network_id, endpoint_id):
+        record = self.endpoint(endpoint_id)
+        if record is None:
+            return {}
+        return {"hostInterface": record["host_ifname"], "address": record["address"]}
+
+    def endpoints(self):
+        return [json.loads(v) for _, v, _ in self.store.get_prefix(self.keys.endpoints(self.host))]
+
+    def networks(self):
+        return [json.loads(v) for _, v, _ in self.store.get_prefix(self.keys.networks(self.host))]

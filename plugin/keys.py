@@ -1,0 +1,68 @@
+"""The etcd key layout: the one place that knows where things live.
+
+Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3net``)::
+
+    <prefix>/ipam/pools/<pool>                 pool record (JSON), shared by all hosts
+    <prefix>/ipam/blocks/<pool>/<block>        block record (JSON): owner host + allocations
+    <prefix>/ipam/affinity/<host>/<block>      "<pool cidr>": the blocks a host owns
+    <prefix>/hosts/<host>/networks/<id>        Docker network created on that host (JSON)
+    <prefix>/hosts/<host>/endpoints/<id>       endpoint (veth) on that host (JSON)
+
+``<pool>`` and ``<block>`` are CIDRs with the ``/`` written as ``-`` (``10.20.0.0-16``), so a
+CIDR never adds a path level. Host names are validated before they reach a key (no ``/``).
+"""
+
+from netaddr import IPNetwork
+
+
+def cidr_key(cidr):
+    """``10.20.0.0/16`` -> ``10.20.0.0-16`` (one key segment)."""
+    return str(IPNetwork(cidr)).replace("/", "-")
+
+
+def key_cidr(segment):
+    """Inverse of :func:`cidr_key`."""
+    return segment.replace("-", "/")
+
+
+class Keys:
+    def __init__(self, prefix):
+        self.prefix = "/" + prefix.strip("/")
+
+    # IPAM --------------------------------------------------------------
+    def pools(self):
+        return f"{self.prefix}/ipam/pools/"
+
+    def pool(self, cidr):
+        return f"{self.prefix}/ipam/pools/{cidr_key(cidr)}"
+
+    def blocks(self, pool_cidr):
+        return f"{self.prefix}/ipam/blocks/{cidr_key(pool_cidr)}/"
+
+    def all_blocks(self):
+        return f"{self.prefix}/ipam/blocks/"
+
+    def block(self, pool_cidr, block_cidr):
+        return f"{self.blocks(pool_cidr)}{cidr_key(block_cidr)}"
+
+    def affinities(self, host):
+        return f"{self.prefix}/ipam/affinity/{host}/"
+
+    def affinity(self, host, block_cidr):
+        return f"{self.affinities(host)}{cidr_key(block_cidr)}"
+
+    # Host-scoped driver state -----------------------------------------
+    def host(self, host):
+        return f"{self.prefix}/hosts/{host}/"
+
+    def networks(self, host):
+        return f"{self.prefix}/hosts/{host}/networks/"
+
+    def network(self, host, network_id):
+        return f"{self.networks(host)}{network_id}"
+
+    def endpoints(self, host):
+        return f"{self.prefix}/hosts/{host}/endpoints/"
+
+    def endpoint(self, host, endpoint_id):
+        return f"{self.endpoints(host)}{endpoint_id}"

@@ -1,0 +1,150 @@
+"""``l3net-plugin``: serve the driver on Docker's plugin socket with gunicorn.
+
+One gunicorn worker with many threads: dockerd calls in parallel (parallel ``docker run``),
+and all state is in etcd, so threads are enough and one process keeps netlink simple. The
+app (and so the etcd gRPC channel, which is not fork-safe) is built in the worker, after fork.
+"""
+
+import logging
+import os
+import stat
+import sys
+
+import click
+from gunicorn.app.base import BaseApplication
+
+from .config import RUN_DIR, Config, default_host_ip, etcd_options, make_store
+from .errors import L3netError
+
+log = logging.getLogger("l3net")
+
+
+def build(cfg):
+    """Wire the parts of a node together; returns (app, driver, ipam)."""
+    from ipam.allocator import Ipam
+
+    from .app import create_app
+    from .datapath import Datapath
+    from .driver import Driver
+    from .keys import Keys
+
+    store = make_store(cfg)
+    keys = Keys(cfg.etcd_prefix)
+    ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
+    driver = Driver(store, keys, ipam, Datapath(), cfg.hostname, cfg.driver_name)
+    return create_app(driver, ipam), driver, ipam
+
+
+def setup_logging(level):
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class PluginServer(BaseApplication):
+    def __init__(self, cfg):
+        self.node_cfg = cfg
+        super().__init__()
+
+    def load_config(self):
+        cfg = self.node_cfg
+        sock = cfg.socket
+
+        def when_ready(server):
+            # Docker's plugin sockets: root-owned, group may connect, nobody else.
+            os.chmod(sock, 0o660)
+            log.info("l3net-plugin %s serving %s as driver %r (host %s, etcd %s%s)",
+                     __import__("plugin").__version__, sock, cfg.driver_name, cfg.hostname,
+                     cfg.etcd_endpoints, cfg.etcd_prefix)
+
+        def post_fork(server, worker):
+            from .datapath import Datapath
+            try:
+                Datapath().prepare_host()
+            except (OSError, L3netError) as e:
+                log.warning("could not prepare the host for routing: %s", e)
+
+        settings = {
+            "bind": [f"unix:{sock}"],
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": cfg.threads,
+            "umask": 0o117,
+            "timeout": 120,
+            "graceful_timeout": 5,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": cfg.log_level,
+            "when_ready": when_ready,
+            "post_fork": post_fork,
+            "proc_name": "l3net-plugin",
+        }
+        if "control_socket_disable" in self.cfg.settings:   # gunicorn >= 24
+            settings["control_socket_disable"] = True
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        setup_logging(self.node_cfg.log_level)
+        app, _, _ = build(self.node_cfg)
+        return app
+
+
+def prepare_paths(cfg):
+    os.makedirs(os.path.dirname(cfg.socket), mode=0o755, exist_ok=True)
+    os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    try:
+        if stat.S_ISSOCK(os.stat(cfg.socket).st_mode):
+            os.remove(cfg.socket)  # stale, from a plugin that did not exit cleanly
+    except FileNotFoundError:
+        pass
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@etcd_options
+@click.option("--hostname", envvar="L3NET_HOSTNAME", help="This node's name [default: hostname].")
+@click.option("--host-ip", envvar="L3NET_HOST_IP",
+              help="This node's address [default: address of the default-route interface].")
+@click.option("--socket", "socket_path", envvar="L3NET_SOCKET", default=Config.socket,
+              show_default=True, help="Plugin socket; its file name is the driver name.")
+@click.option("--state-dir", envvar="L3NET_STATE_DIR", default=Config.state_dir, show_default=True)
+@click.option("--default-pool", envvar="L3NET_DEFAULT_POOL", default=Config.default_pool,
+              show_default=True, help="Range for networks created without --subnet.")
+@click.option("--default-pool-size", envvar="L3NET_DEFAULT_POOL_SIZE", type=int,
+              default=Config.default_pool_size, show_default=True,
+              help="Prefix length of a pool chosen without --subnet.")
+@click.option("--block-size", envvar="L3NET_BLOCK_SIZE", type=int, default=Config.block_size,
+              show_default=True, help="Prefix length of the blocks a host claims.")
+@click.option("--threads", envvar="L3NET_THREADS", type=int, default=Config.threads, show_default=True)
+@click.option("--log-level", envvar="L3NET_LOG_LEVEL", default=Config.log_level, show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
+         etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
+         default_pool_size, block_size, threads, log_level):
+    """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
+    setup_logging(log_level)
+    cfg = Config(etcd_endpoints=etcd_endpoints, etcd_prefix=etcd_prefix, etcd_timeout=etcd_timeout,
+                 etcd_ca_cert=etcd_ca_cert, etcd_cert=etcd_cert, etcd_key=etcd_key,
+                 etcd_user=etcd_user, etcd_password=etcd_password, hostname=hostname,
+                 host_ip=host_ip, socket=socket_path, state_dir=state_dir,
+                 default_pool=default_pool, default_pool_size=default_pool_size,
+                 block_size=block_size, threads=threads, log_level=log_level)
+    try:
+        cfg.check()
+        from .store import parse_endpoints
+        parse_endpoints(cfg.etcd_endpoints)
+        from ipam.pools import parse_cidr
+        parse_cidr(cfg.default_pool, "--default-pool")
+        if not 8 <= block_size <= 32 or not 8 <= default_pool_size <= 30:
+            raise L3netError("--block-size must be 8..32 and --default-pool-size 8..30")
+        if not cfg.host_ip:
+            cfg.host_ip = default_host_ip()
+        prepare_paths(cfg)
+    except (L3netError, OSError) as e:
+        click.echo(f"l3net-plugin: {e}", err=True)
+        sys.exit(2)
+    PluginServer(cfg).run()
+
+
+if __name__ == "__main__":
+    main()

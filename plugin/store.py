@@ -1,0 +1,182 @@
+"""The datastore: a small key/value interface with compare-and-swap, over etcd or memory.
+
+Everything above this module (IPAM, driver) sees only these five calls::
+
+    get(key)                    -> (value | None, revision)     revision 0 = absent
+    get_prefix(prefix)          -> [(key, value, revision), ...]  sorted by key
+    put(key, value)
+    delete(key)
+    txn(expect, put, delete)    -> True if every key in ``expect`` still had the given
+                                   revision (0 = must not exist) and the writes were applied
+
+Values are strings (JSON by convention). Every etcd call is bounded by ``timeout`` seconds;
+a failure to reach etcd raises :class:`StoreError` with a message fit for the user.
+"""
+
+import threading
+from urllib.parse import urlsplit
+
+from .errors import L3netError
+
+
+class StoreError(L3netError):
+    """etcd could not be reached or answered with an error."""
+
+
+class MemoryStore:
+    """In-memory store with etcd's revision semantics, for unit tests and dry runs."""
+
+    def __init__(self):
+        self._data = {}
+        self._rev = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            return self._data.get(key, (None, 0))
+
+    def get_prefix(self, prefix):
+        with self._lock:
+            return sorted((k, v, r) for k, (v, r) in self._data.items() if k.startswith(prefix))
+
+    def put(self, key, value):
+        self.txn({}, put={key: value})
+
+    def delete(self, key):
+        self.txn({}, delete=[key])
+
+    def txn(self, expect, put=None, delete=None):
+        with self._lock:
+            for key, rev in expect.items():
+                if self._data.get(key, (None, 0))[1] != rev:
+                    return False
+            self._rev += 1
+            for key, value in (put or {}).items():
+                self._data[key] = (value, self._rev)
+            for key in delete or []:
+                self._data.pop(key, None)
+            return True
+
+
+def parse_endpoints(endpoints):
+    """``"http://a:2379,https://b:2379"`` -> [(host, port, secure)], with a clear error."""
+    result = []
+    for item in str(endpoints).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "://" not in item:
+            item = "http://" + item
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise L3netError(f"invalid etcd endpoint {item!r}: expected http(s)://host:port")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise L3netError(f"invalid etcd endpoint {item!r}: bad port") from None
+        result.append((parts.hostname, port, parts.scheme == "https"))
+    if not result:
+        raise L3netError("no etcd endpoint given")
+    return result
+
+
+class EtcdStore:
+    """The store over etcd v3 (python3-etcd3). The gRPC client is created on first use,
+    so that a store built before gunicorn forks opens its channel in the worker."""
+
+    def __init__(self, endpoints="http://127.0.0.1:2379", timeout=5.0, ca_cert=None,
+                 cert_cert=None, cert_key=None, user=None, password=None):
+        self.endpoints = parse_endpoints(endpoints)
+        self.timeout = float(timeout)
+        self._tls = (ca_cert, cert_cert, cert_key)
+        self._auth = (user, password)
+        self._client = None
+        self._lock = threading.Lock()
+
+    def describe(self):
+        return ",".join(f"{'https' if s else 'http'}://{h}:{p}" for h, p, s in self.endpoints)
+
+    def _make_client(self):
+        import etcd3
+        import grpc
+
+        ca_cert, cert_cert, cert_key = self._tls
+        eps = []
+        for host, port, secure in self.endpoints:
+            creds = None
+            if secure:
+                def read(path):
+                    if not path:
+                        return None
+                    with open(path, "rb") as f:
+                        return f.read()
+                creds = grpc.ssl_channel_credentials(read(ca_cert), read(cert_key), read(cert_cert))
+            # time_retry: how long a failed endpoint is shunned. The library's 300 s default
+            # would keep failing for five minutes after etcd comes back.
+            eps.append(etcd3.Endpoint(host, port, secure=secure, creds=creds,
+                                      time_retry=0 if len(self.endpoints) == 1 else 2.0))
+        user, password = self._auth
+        return etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=self.timeout,
+                                              user=user, password=password, failover=True)
+
+    @property
+    def client(self):
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._call(self._make_client)
+        return self._client
+
+    def _call(self, fn, *args, **kwargs):
+        import etcd3.exceptions
+        import grpc
+
+        try:
+            return fn(*args, **kwargs)
+        except etcd3.exceptions.ConnectionTimeoutError:
+            raise StoreError(f"etcd at {self.describe()} did not answer within "
+                             f"{self.timeout:g}s") from None
+        except (etcd3.exceptions.ConnectionFailedError,
+                etcd3.exceptions.NoServerAvailableError):
+            raise StoreError(f"etcd at {self.describe()} is unreachable") from None
+        except etcd3.exceptions.Etcd3Exception as e:
+            raise StoreError(f"etcd error: {type(e).__name__} {e}".strip()) from None
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else "?"
+            details = e.details() if hasattr(e, "details") else ""
+            raise StoreError(f"etcd error: {code} {details}".strip()) from None
+
+    @staticmethod
+    def _dec(value):
+        return value.decode() if isinstance(value, bytes) else value
+
+    def get(self, key):
+        value, meta = self._call(self.client.get, key)
+        if value is None:
+            return None, 0
+        return self._dec(value), meta.mod_revision
+
+    def get_prefix(self, prefix):
+        items = self._call(lambda: list(self.client.get_prefix(prefix, sort_order="ascend")))
+        return [(self._dec(m.key), self._dec(v), m.mod_revision) for v, m in items]
+
+    def put(self, key, value):
+        self._call(self.client.put, key, value)
+
+    def delete(self, key):
+        self._call(self.client.delete, key)
+
+    def txn(self, expect, put=None, delete=None):
+        c = self.client
+        t = c.transactions
+        compare = [(t.version(k) == 0) if rev == 0 else (t.mod(k) == rev)
+                   for k, rev in expect.items()]
+        ops = [t.put(k, v) for k, v in (put or {}).items()]
+        ops += [t.delete(k) for k in delete or []]
+        ok, _ = self._call(c.transaction, compare=compare, success=ops, failure=[])
+        return ok
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+            self._client = None
