@@ -13,6 +13,7 @@ Order of preference for an automatic address (as Calico does):
 
 import json
 import logging
+import threading
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
@@ -40,6 +41,8 @@ class Ipam:
         self.default_range = IPNetwork(default_range)
         self.default_prefix = int(default_prefix)
         self.block_prefix = int(block_prefix)
+        self._locks = {}
+        self._locks_guard = threading.Lock()
 
     # -- small helpers -------------------------------------------------
     def _load(self, key):
@@ -198,7 +201,32 @@ class Ipam:
         raise L3netError(f"too much contention allocating {ip}; try again")
 
     def auto_assign(self, pool, rng, block_prefix, handle):
-        # 1. blocks this host owns
+        ip = self._from_own_blocks(pool, rng, handle)
+        if ip is not None:
+            return ip
+        # One claim at a time per pool in this process: threads that lost the race find the
+        # block another thread just claimed instead of each claiming one more.
+        with self._claim_lock(pool):
+            ip = self._from_own_blocks(pool, rng, handle)
+            if ip is None:
+                ip = self._claim_block(pool, rng, block_prefix, handle)
+        if ip is not None:
+            return ip
+        # Every block of the range is claimed: borrow a single address from any of them.
+        for key, value, _ in self.store.get_prefix(self.keys.blocks(pool)):
+            cidr = IPNetwork(json.loads(value)["cidr"])
+            if cidr.first <= rng.last and rng.first <= cidr.last:
+                ip = self._allocate_in(pool, rng, cidr, handle, owner=None)
+                if ip is not None:
+                    return ip
+        what = f"ip-range {rng} of pool {pool}" if rng != pool else f"pool {pool}"
+        raise L3netError(f"no free address left in {what}")
+
+    def _claim_lock(self, pool):
+        with self._locks_guard:
+            return self._locks.setdefault(str(pool), threading.Lock())
+
+    def _from_own_blocks(self, pool, rng, handle):
         mine = [IPNetwork(key_cidr(k.rsplit("/", 1)[1]))
                 for k, v, _ in self.store.get_prefix(self.keys.affinities(self.host)) if v == str(pool)]
         for cidr in sorted(mine):
@@ -206,12 +234,15 @@ class Ipam:
                 ip = self._allocate_in(pool, rng, cidr, handle, owner=self.host)
                 if ip is not None:
                     return ip
-        # 2. claim a new block
-        existing = {}
-        for k, v, _ in self.store.get_prefix(self.keys.blocks(pool)):
-            existing[IPNetwork(key_cidr(k.rsplit("/", 1)[1]))] = json.loads(v)
+        return None
+
+    def _claim_block(self, pool, rng, block_prefix, handle):
+        """Create the first unclaimed block of the range for this host, with the address in it.
+        Create-if-absent: a block another host claims first is skipped."""
+        existing = {key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in
+                    self.store.get_prefix(self.keys.blocks(pool))}
         for cidr in B.candidate_blocks(pool, rng, block_prefix):
-            if cidr in existing:
+            if str(cidr) in existing:
                 continue
             block = B.new_block(cidr, pool, self.host)
             ip = B.free_address(block, pool, rng)
@@ -223,14 +254,7 @@ class Ipam:
                                              self.keys.affinity(self.host, cidr): str(pool)}):
                 log.info("claimed block %s of pool %s", cidr, pool)
                 return ip
-        # 3. borrow from other hosts' blocks
-        for cidr, block in sorted(existing.items()):
-            if block["host"] != self.host and cidr.first <= rng.last and rng.first <= cidr.last:
-                ip = self._allocate_in(pool, rng, cidr, handle, owner=None)
-                if ip is not None:
-                    return ip
-        what = f"ip-range {rng} of pool {pool}" if rng != pool else f"pool {pool}"
-        raise L3netError(f"no free address left in {what}")
+        return None
 
     def _allocate_in(self, pool, rng, cidr, handle, owner):
         """One free address of an existing block (CAS, retried), or None when it is full."""

@@ -1,0 +1,237 @@
+"""Shared fixtures: a private etcd, an l3net-plugin process, the docker CLI.
+
+Everything real is started here and stopped at the end, also when a test fails. When the
+environment asks for it (CI=true or L3NET_REQUIRE_E2E=1) a missing piece is a failure, not a skip:
+a green run must mean the end-to-end tests ran.
+"""
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+REQUIRE = os.environ.get("CI") == "true" or os.environ.get("L3NET_REQUIRE_E2E") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TEST_IMAGE = "l3net-test/busybox:latest"
+
+
+def unavailable(why):
+    if REQUIRE:
+        pytest.fail(f"required for the end-to-end tests: {why}")
+    pytest.skip(why)
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last error
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- etcd
+class Etcd:
+    def __init__(self):
+        if not shutil.which("etcd"):
+            unavailable("etcd is not installed (apt-get install etcd-server)")
+        self.dir = tempfile.mkdtemp(prefix="l3net-etcd-")
+        self.port = free_port()
+        peer = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(self.dir, "etcd.log"), "w")
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "l3net-test", "--data-dir", os.path.join(self.dir, "data"),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"l3net-test=http://127.0.0.1:{peer}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self.healthy, 30, "etcd to start")
+
+    def healthy(self):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+            conn.request("GET", "/health")
+            return b"true" in conn.getresponse().read()
+        except OSError:
+            return False
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        self.resume()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    server = Etcd()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def etcd_store(etcd):
+    from plugin.store import EtcdStore
+
+    store = EtcdStore(etcd.url, timeout=5)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def prefix():
+    return f"/l3test-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------- plugin over a unix socket
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=30):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def post(sock_path, method, body=b"", headers=None, timeout=30):
+    """POST raw bytes to the plugin; returns (status, parsed JSON or raw bytes)."""
+    conn = UnixHTTPConnection(sock_path, timeout)
+    try:
+        conn.request("POST", f"/{method}", body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data
+
+
+class Plugin:
+    """An l3net-plugin process under the test name ``l3nettest`` (socket l3nettest.sock), so
+    the tests never collide with a real l3net on the same machine."""
+
+    name = "l3nettest"
+
+    def __init__(self, etcd_url, prefix):
+        self.socket = f"/run/docker/plugins/{self.name}.sock"
+        self.state = tempfile.mkdtemp(prefix="l3net-state-")
+        self.etcd_url = etcd_url
+        self.prefix = prefix
+        self.logpath = os.path.join(self.state, "plugin.log")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.log = open(self.logpath, "a")
+        self.proc = subprocess.Popen(
+            [os.path.join(BIN, "l3net-plugin"), "--socket", self.socket,
+             "--etcd-endpoints", self.etcd_url, "--etcd-prefix", self.prefix,
+             "--state-dir", self.state, "--hostname", "e2e-host"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self.ready, 30, "l3net-plugin to answer on its socket")
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"l3net-plugin exited:\n{self.tail()}")
+        try:
+            return post(self.socket, "Plugin.Activate", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def kill9(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+
+    def tail(self, n=40):
+        with open(self.logpath) as f:
+            return "".join(f.readlines()[-n:])
+
+    def call(self, method, payload=None):
+        body = b"" if payload is None else json.dumps(payload).encode()
+        return post(self.socket, method, body)
+
+
+def docker(*args, check=True, timeout=120):
+    res = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def docker_ready():
+    if os.geteuid() != 0:
+        unavailable("the end-to-end tests need root")
+    if not shutil.which("docker"):
+        unavailable("docker is not installed")
+    res = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        unavailable(f"dockerd is not running: {res.stderr.strip()[:200]}")
+    if docker("image", "inspect", TEST_IMAGE, check=False).returncode != 0:
+        subprocess.run([os.path.join(ROOT, "scripts", "test-image.sh")], check=True, timeout=120)
+    return True
+
+
+@pytest.fixture(scope="session")
+def plugin(docker_ready, etcd):
+    p = Plugin(etcd.url, f"/l3e2e-{uuid.uuid4().hex[:8]}")
+    yield p
+    # Leave nothing behind: containers and networks of the tests, then the plugin.
+    ids = docker("ps", "-aq", "--filter", "label=l3net-test", check=False).stdout.split()
+    if ids:
+        docker("rm", "-f", *ids, check=False)
+    nets = docker("network", "ls", "-q", "--filter", f"driver={Plugin.name}", check=False).stdout.split()
+    for net in nets:
+        docker("network", "rm", net, check=False)
+    p.stop()
+    shutil.rmtree(p.state, ignore_errors=True)

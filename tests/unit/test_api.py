@@ -1,0 +1,227 @@
+"""The HTTP layer with Flask's test client, an in-memory store and a fake data path."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipam.allocator import Ipam
+from plugin.app import create_app
+from plugin.driver import Driver
+from plugin.keys import Keys
+from plugin.store import MemoryStore
+
+NET = "a" * 64
+EP = "b" * 64
+EP2 = "c" * 64
+
+
+class FakeDatapath:
+    def __init__(self):
+        self.links = {}
+        self.fail_create = False
+
+    host_ifname = staticmethod(lambda eid: "l3" + eid[:11])
+    temp_ifname = staticmethod(lambda eid: "l3t" + eid[:11])
+
+    def link_exists(self, name):
+        return name in self.links
+
+    def create(self, endpoint_id, address):
+        if self.fail_create:
+            raise RuntimeError("netlink exploded")
+        self.links[self.host_ifname(endpoint_id)] = address
+        return "aa:bb:cc:dd:ee:ff"
+
+    def delete(self, endpoint_id):
+        return self.links.pop(self.host_ifname(endpoint_id), None) is not None
+
+    def prepare_host(self):
+        pass
+
+
+@pytest.fixture
+def node():
+    store = MemoryStore()
+    keys = Keys("/l3net")
+    ipam = Ipam(store, keys, "h1")
+    dp = FakeDatapath()
+    driver = Driver(store, keys, ipam, dp, "h1")
+    app = create_app(driver, ipam)
+    app.testing = True
+
+    class Node:
+        pass
+    n = Node()
+    n.store, n.dp, n.client = store, dp, app.test_client()
+
+    def call(method, body=None, raw=None):
+        data = raw if raw is not None else (b"" if body is None else json.dumps(body))
+        resp = n.client.post(f"/{method}", data=data)   # no Content-Type, like dockerd
+        return resp.status_code, resp.get_json()
+    n.call = call
+    n.snapshot = lambda: dict(store._data)
+    return n
+
+
+def ok(result):
+    status, body = result
+    assert status == 200, body
+    return body
+
+
+def setup_network(node, subnet="10.20.0.0/16"):
+    pool = ok(node.call("IpamDriver.RequestPool", {"AddressSpace": "l3net", "Pool": subnet,
+                                                    "SubPool": "", "Options": {}, "V6": False}))
+    ok(node.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": NET, "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": "l3net", "Pool": subnet, "Gateway": "169.254.1.1/32"}],
+        "IPv6Data": []}))
+    return pool["PoolID"]
+
+
+def test_handshake_with_empty_bodies(node):
+    assert ok(node.call("Plugin.Activate")) == {"Implements": ["NetworkDriver", "IpamDriver"]}
+    assert ok(node.call("NetworkDriver.GetCapabilities")) == {"Scope": "local",
+                                                              "ConnectivityScope": "global"}
+    assert ok(node.call("IpamDriver.GetCapabilities"))["RequiresMACAddress"] is False
+    assert ok(node.call("IpamDriver.GetDefaultAddressSpaces", raw=b"null")) == {
+        "LocalDefaultAddressSpace": "l3net", "GlobalDefaultAddressSpace": "l3net"}
+
+
+def test_every_protocol_method_answers(node):
+    for method in ("NetworkDriver.DiscoverNew", "NetworkDriver.DiscoverDelete",
+                   "NetworkDriver.ProgramExternalConnectivity",
+                   "NetworkDriver.RevokeExternalConnectivity", "NetworkDriver.AllocateNetwork",
+                   "NetworkDriver.FreeNetwork"):
+        assert ok(node.call(method, {"NetworkID": NET})) == {}
+    status, body = node.call("NetworkDriver.Nonsense", {})
+    assert status == 404 and "unknown method" in body["Err"]
+
+
+def test_full_lifecycle_leaves_nothing(node):
+    pool_id = setup_network(node)
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": "",
+                                                      "Options": None}))["Address"]
+    assert addr == "10.20.0.1/32"
+    created = ok(node.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr, "MacAddress": ""}}))
+    assert created == {"Interface": {"MacAddress": "aa:bb:cc:dd:ee:ff"}}
+    # dockerd re-sends after a connection error: same answer, nothing new
+    assert ok(node.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr}})) == created
+    joined = ok(node.call("NetworkDriver.Join", {"NetworkID": NET, "EndpointID": EP,
+                                                 "SandboxKey": "/var/run/docker/netns/x"}))
+    assert joined == {"InterfaceName": {"SrcName": "l3t" + EP[:11], "DstPrefix": "eth"},
+                      "Gateway": "169.254.1.1", "DisableGatewayService": True,
+                      "StaticRoutes": [{"Destination": "169.254.1.1/32", "RouteType": 1}]}
+    assert ok(node.call("NetworkDriver.EndpointOperInfo", {"NetworkID": NET, "EndpointID": EP}))
+    for _ in range(2):
+        ok(node.call("NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": EP}))
+        ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP}))
+        ok(node.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": addr}))
+    ok(node.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": "169.254.1.1"}))
+    ok(node.call("IpamDriver.ReleasePool", {"PoolID": pool_id}))
+    ok(node.call("NetworkDriver.DeleteNetwork", {"NetworkID": NET}))
+    assert node.dp.links == {}
+    assert node.store.get_prefix("/") == []
+
+
+def test_mac_given_by_docker_is_not_echoed(node):
+    pool_id = setup_network(node)
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id}))["Address"]
+    body = ok(node.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP,
+        "Interface": {"Address": addr, "MacAddress": "02:42:0a:14:00:01"}}))
+    assert body == {"Interface": None}
+
+
+def test_failed_create_endpoint_leaves_nothing(node):
+    pool_id = setup_network(node)
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id}))["Address"]
+    before = node.snapshot()
+    node.dp.fail_create = True
+    status, body = node.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr}})
+    assert status == 500 and "RuntimeError: netlink exploded" in body["Err"]
+    assert "Traceback" not in body["Err"]
+    assert node.snapshot() == before and node.dp.links == {}
+
+
+def test_other_ipam_driver_is_rejected_with_advice(node):
+    status, body = node.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": NET, "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16"}]})
+    assert status == 500 and "--ipam-driver l3net" in body["Err"]
+    assert node.store.get_prefix("/") == []
+
+
+HOSTILE = [
+    ("NetworkDriver.CreateEndpoint", b"{not json"),
+    ("NetworkDriver.CreateEndpoint", b"[1, 2]"),
+    ("NetworkDriver.CreateEndpoint", b"\xff\xfe"),
+    ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": NET, "EndpointID": "b" * 63})),
+    ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": NET, "EndpointID": "../" * 21 + "b"})),
+    ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": NET, "EndpointID": EP,
+                                                 "Interface": {"Address": "10.20.0.1/32; reboot"}})),
+    ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": NET, "EndpointID": EP,
+                                                 "Interface": "eth0"})),
+    ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": NET, "EndpointID": EP,
+                                                 "Interface": {"Address": "10.99.0.1/32"}})),
+    ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": NET, "EndpointID": EP,
+                                                 "Interface": {"Address": "10.20.0.9/32",
+                                                               "MacAddress": "zz;rm"}})),
+    ("NetworkDriver.CreateNetwork", json.dumps({"NetworkID": NET.upper()})),
+    ("NetworkDriver.CreateNetwork", json.dumps({"NetworkID": 12345})),
+    ("NetworkDriver.CreateNetwork", json.dumps({"NetworkID": "d" * 64, "IPv4Data": "10.0.0.0/8"})),
+    ("NetworkDriver.CreateNetwork", json.dumps({"NetworkID": "d" * 64, "IPv4Data": [
+        {"AddressSpace": "l3net", "Pool": "10.77.0.0/16"}]})),          # pool never requested
+    ("NetworkDriver.Join", json.dumps({"NetworkID": NET, "EndpointID": EP2})),
+    ("IpamDriver.RequestPool", json.dumps({"Pool": "10.0.0.0/33"})),
+    ("IpamDriver.RequestPool", json.dumps({"Pool": "10.20.0.0/16;ls"})),
+    ("IpamDriver.RequestPool", json.dumps({"Pool": "../../etc/passwd"})),
+    ("IpamDriver.RequestPool", json.dumps({"Pool": ["10.0.0.0/8"]})),
+    ("IpamDriver.RequestPool", json.dumps({"Pool": "10.30.0.0/16", "V6": "yes"})),
+    ("IpamDriver.RequestAddress", json.dumps({"PoolID": "../x", "Address": ""})),
+    ("IpamDriver.RequestAddress", json.dumps({"PoolID": "10.20.0.0/16", "Address": "10.20.0.999"})),
+    ("IpamDriver.RequestAddress", json.dumps({"PoolID": "10.21.0.0/16"})),   # unknown pool
+    ("IpamDriver.ReleaseAddress", json.dumps({"PoolID": "10.20.0.0/16", "Address": {"a": 1}})),
+    ("IpamDriver.ReleasePool", json.dumps({"PoolID": "10.20.0.0/16/../../x"})),
+]
+
+
+@pytest.mark.parametrize("method,raw", HOSTILE)
+def test_hostile_requests_get_clear_error_and_change_nothing(node, method, raw):
+    setup_network(node)
+    before = node.snapshot()
+    status, body = node.call(method, raw=raw if isinstance(raw, bytes) else raw.encode())
+    assert status == 500
+    assert isinstance(body, dict) and body["Err"] and "Traceback" not in body["Err"]
+    assert node.snapshot() == before
+    assert node.dp.links == {}
+
+
+METHODS = ["Plugin.Activate", "NetworkDriver.CreateNetwork", "NetworkDriver.DeleteNetwork",
+           "NetworkDriver.CreateEndpoint", "NetworkDriver.EndpointOperInfo",
+           "NetworkDriver.DeleteEndpoint", "NetworkDriver.Join", "NetworkDriver.Leave",
+           "IpamDriver.RequestPool", "IpamDriver.ReleasePool", "IpamDriver.RequestAddress",
+           "IpamDriver.ReleaseAddress", "NetworkDriver.DiscoverNew"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=70),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["NetworkID", "EndpointID", "PoolID", "Pool", "Address", "Interface",
+                         "IPv4Data", "Options", "SubPool", "V6", "MacAddress", "x"]),
+        children, max_size=5),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(METHODS), payload=json_values)
+def test_fuzz_never_crashes(node, method, payload):
+    """Whatever arrives: 200 with JSON or 500 with a message, never a traceback or other status."""
+    status, body = node.call(method, raw=json.dumps(payload).encode())
+    assert status in (200, 500), (status, body)
+    assert isinstance(body, dict)
+    if status == 500:
+        assert body["Err"] and "Traceback" not in body["Err"]
+        assert not body["Err"].startswith("internal error"), body["Err"]

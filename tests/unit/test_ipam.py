@@ -1,0 +1,240 @@
+"""IPAM logic: pools, blocks, allocation, release, and races (in memory and on a real etcd)."""
+
+import threading
+
+import pytest
+from netaddr import IPAddress, IPNetwork
+
+from ipam.allocator import Ipam
+from plugin.errors import L3netError
+from plugin.keys import Keys
+from plugin.store import MemoryStore
+
+
+@pytest.fixture(params=["memory", "etcd"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore()
+    return request.getfixturevalue("etcd_store")
+
+
+def make(store, host="h1", prefix="/t", **kw):
+    return Ipam(store, Keys(prefix), host, **kw)
+
+
+def addresses(ipam, pool_id, n):
+    return [ipam.request_address(pool_id) for _ in range(n)]
+
+
+def test_explicit_pool_is_shared_and_pool_id_is_stable(store, prefix):
+    a, b = make(store, "h1", prefix), make(store, "h2", prefix)
+    pid1, cidr, data = a.request_pool("10.20.0.0/16")
+    pid2, _, _ = b.request_pool("10.20.0.0/16")
+    assert pid1 == pid2 == "10.20.0.0/16" and cidr == "10.20.0.0/16"
+    assert data == {"com.docker.network.gateway": "169.254.1.1/32"}
+    (pool,) = a.pools()
+    assert pool["refs"] == {"h1": 1, "h2": 1} and pool["block_prefix"] == 26
+
+
+def test_overlapping_pool_rejected_and_nothing_written(store, prefix):
+    ipam = make(store, prefix=prefix)
+    ipam.request_pool("10.20.0.0/16")
+    with pytest.raises(L3netError, match="overlaps pool 10.20.0.0/16"):
+        ipam.request_pool("10.20.5.0/24")
+    assert [p["cidr"] for p in ipam.pools()] == ["10.20.0.0/16"]
+
+
+@pytest.mark.parametrize("bad", ["10.20.0.1/16", "10.20.0.0", "300.1.1.0/24", "10.0.0.0/33",
+                                 "10.0.0.0/31", "fe80::/64", "10.0.0.0/16; rm -rf /", "../x"])
+def test_invalid_subnets_rejected(bad):
+    ipam = make(MemoryStore())
+    with pytest.raises(L3netError):
+        ipam.request_pool(bad)
+    assert ipam.pools() == []
+
+
+def test_bad_options_rejected():
+    ipam = make(MemoryStore())
+    with pytest.raises(L3netError, match="unknown --ipam-opt"):
+        ipam.request_pool("10.1.0.0/16", options={"color": "red"})
+    with pytest.raises(L3netError, match="invalid block-size"):
+        ipam.request_pool("10.1.0.0/16", options={"block-size": "x"})
+    with pytest.raises(L3netError, match="IPv6"):
+        ipam.request_pool("10.1.0.0/16", v6=True)
+    assert ipam.pools() == []
+
+
+def test_auto_pools_are_distinct_and_avoid_existing(store, prefix):
+    ipam = make(store, prefix=prefix, default_range="10.250.0.0/22", default_prefix=24)
+    ipam.request_pool("10.250.1.0/24")
+    got = [ipam.request_pool()[1] for _ in range(3)]
+    assert got == ["10.250.0.0/24", "10.250.2.0/24", "10.250.3.0/24"]
+    with pytest.raises(L3netError, match="no free /24"):
+        ipam.request_pool()
+
+
+def test_addresses_come_from_own_block_then_new_block(store, prefix):
+    ipam = make(store, prefix=prefix)
+    pid, _, _ = ipam.request_pool("10.20.0.0/24")   # four /26 blocks
+    got = addresses(ipam, pid, 64)
+    assert got[0] == "10.20.0.1/32"                  # network address never handed out
+    assert len(set(got)) == 64
+    blocks = ipam.blocks("10.20.0.0/24")
+    assert [b["cidr"] for b in blocks] == ["10.20.0.0/26", "10.20.0.64/26"]
+    assert all(b["host"] == "h1" for b in blocks)
+
+
+def test_borrowing_when_every_block_is_claimed(store, prefix):
+    a, b = make(store, "h1", prefix), make(store, "h2", prefix)
+    pid, _, _ = a.request_pool("10.20.0.0/25", options={"block-size": "26"})  # 2 blocks
+    b.request_pool("10.20.0.0/25")
+    a.request_address(pid)
+    b.request_address(pid)
+    assert {x["cidr"]: x["host"] for x in a.blocks()} == {"10.20.0.0/26": "h1", "10.20.0.64/26": "h2"}
+    # h2 fills its block (62 left, the broadcast address excluded), then borrows from h1's.
+    got = addresses(b, pid, 62)
+    assert len(set(got)) == 62
+    borrowed = b.request_address(pid)
+    assert IPAddress(borrowed.split("/")[0]) in IPNetwork("10.20.0.0/26")
+    assert a.holder(IPNetwork("10.20.0.0/25"), borrowed)["host"] == "h2"
+
+
+def test_small_pool_exhausts_with_clear_error():
+    ipam = make(MemoryStore())
+    pid, _, _ = ipam.request_pool("10.30.0.0/28")
+    got = addresses(ipam, pid, 14)
+    assert "10.30.0.0/32" not in got and "10.30.0.15/32" not in got
+    with pytest.raises(L3netError, match="no free address left in pool 10.30.0.0/28"):
+        ipam.request_address(pid)
+
+
+def test_specific_address_and_duplicate(store, prefix):
+    ipam = make(store, prefix=prefix)
+    pid, _, _ = ipam.request_pool("10.20.0.0/16")
+    assert ipam.request_address(pid, "10.20.7.7") == "10.20.7.7/32"
+    with pytest.raises(L3netError, match="address 10.20.7.7 is already in use"):
+        ipam.request_address(pid, "10.20.7.7")
+    with pytest.raises(L3netError, match="not in pool"):
+        ipam.request_address(pid, "10.21.0.1")
+    with pytest.raises(L3netError, match="network or broadcast"):
+        ipam.request_address(pid, "10.20.255.255")
+
+
+def test_gateway_reservation_is_idempotent():
+    ipam = make(MemoryStore())
+    pid, _, _ = ipam.request_pool("10.20.0.0/24")
+    opts = {"RequestAddressType": "com.docker.network.gateway"}
+    assert ipam.request_address(pid, "10.20.0.1", opts) == "10.20.0.1/32"
+    assert ipam.request_address(pid, "10.20.0.1", opts) == "10.20.0.1/32"
+    assert "10.20.0.1/32" not in addresses(ipam, pid, 10)
+
+
+def test_ip_range_restricts_addresses(store, prefix):
+    ipam = make(store, prefix=prefix)
+    pid, cidr, _ = ipam.request_pool("10.20.0.0/16", "10.20.3.0/30")
+    assert pid == "10.20.0.0/16@10.20.3.0/30" and cidr == "10.20.0.0/16"
+    got = addresses(ipam, pid, 4)
+    assert sorted(got) == [f"10.20.3.{i}/32" for i in range(4)]
+    with pytest.raises(L3netError, match="ip-range 10.20.3.0/30"):
+        ipam.request_address(pid)
+    with pytest.raises(L3netError, match="not inside subnet"):
+        ipam.request_pool("10.20.0.0/16", "10.99.0.0/24")
+
+
+def test_release_is_idempotent_and_pool_goes_away(store, prefix):
+    ipam = make(store, prefix=prefix)
+    pid, _, _ = ipam.request_pool("10.20.0.0/16")
+    addr = ipam.request_address(pid)
+    ipam.release_address(pid, addr)
+    ipam.release_address(pid, addr)
+    ipam.release_address(pid, "169.254.1.1")     # the gateway we answered: not ours, no-op
+    assert ipam.request_address(pid) == addr      # reused
+    ipam.release_address(pid, addr)
+    ipam.release_pool(pid)
+    ipam.release_pool(pid)
+    assert ipam.pools() == [] and ipam.blocks() == []
+    assert store.get_prefix(prefix + "/") == []
+
+
+def test_pool_stays_while_another_host_uses_it(store, prefix):
+    a, b = make(store, "h1", prefix), make(store, "h2", prefix)
+    pid, _, _ = a.request_pool("10.20.0.0/16")
+    b.request_pool("10.20.0.0/16")
+    b_addr = b.request_address(pid)
+    a_addr = a.request_address(pid)
+    a.release_address(pid, a_addr)
+    a.release_pool(pid)
+    (pool,) = a.pools()
+    assert pool["refs"] == {"h2": 1}
+    assert [x["host"] for x in a.blocks()] == ["h2"]       # h1's empty block freed
+    b.release_address(pid, b_addr)
+    b.release_pool(pid)
+    assert a.pools() == []
+
+
+def test_block_size_option():
+    ipam = make(MemoryStore())
+    pid, _, _ = ipam.request_pool("10.20.0.0/16", options={"block-size": "28"})
+    addresses(ipam, pid, 16)    # 15 fit the first /28 (its .0 is the pool's network address)
+    assert [b["cidr"] for b in ipam.blocks()] == ["10.20.0.0/28", "10.20.0.16/28"]
+    with pytest.raises(L3netError, match="block-size 28, not 24"):
+        make(ipam.store, "h2").request_pool("10.20.0.0/16", options={"block-size": "24"})
+
+
+def test_set_handle_records_the_endpoint():
+    ipam = make(MemoryStore())
+    pid, _, _ = ipam.request_pool("10.20.0.0/16")
+    addr = ipam.request_address(pid)
+    assert ipam.holder(IPNetwork("10.20.0.0/16"), addr)["handle"] == "pending:h1"
+    assert ipam.set_handle(IPNetwork("10.20.0.0/16"), IPAddress("10.20.0.1"), "endpoint:e1")
+    assert ipam.holder(IPNetwork("10.20.0.0/16"), addr)["handle"] == "endpoint:e1"
+
+
+def run_threads(workers):
+    errors = []
+
+    def wrap(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=wrap, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
+def test_race_many_threads_one_block(store, prefix):
+    """16 threads allocating at once from one host: every address distinct, none lost."""
+    ipam = make(store, prefix=prefix)
+    pid, _, _ = ipam.request_pool("10.40.0.0/24")
+    results = []
+    lock = threading.Lock()
+
+    def worker():
+        got = addresses(ipam, pid, 8)
+        with lock:
+            results.extend(got)
+    run_threads([worker] * 16)
+    assert len(results) == 128 and len(set(results)) == 128
+    held = [ip for b in ipam.blocks() for ip in b["allocations"]]
+    assert sorted(held) == sorted(r.split("/")[0] for r in results)
+
+
+def test_race_two_hosts_claim_blocks(store, prefix):
+    """Two hosts allocate concurrently: no address twice, every block has one owner."""
+    hosts = [make(store, f"h{i}", prefix) for i in range(3)]
+    pid, _, _ = hosts[0].request_pool("10.50.0.0/22", options={"block-size": "28"})
+    results = {h.host: [] for h in hosts}
+
+    def worker(h):
+        return lambda: results[h.host].extend(addresses(h, pid, 20))
+    run_threads([worker(h) for h in hosts for _ in range(2)])
+    everything = [a for r in results.values() for a in r]
+    assert len(everything) == 120 and len(set(everything)) == 120
+    blocks = hosts[0].blocks()
+    assert len({b["cidr"] for b in blocks}) == len(blocks)
+    for b in blocks:    # every allocation in a block claimed by h was made by h (no borrowing needed)
+        assert {a["host"] for a in b["allocations"].values()} <= {b["host"]}
