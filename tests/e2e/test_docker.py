@@ -1,0 +1,279 @@
+"""End to end on one host: real dockerd, real etcd, the docker CLI, the kernel.
+
+The plugin runs under the test name ``l3nettest`` (see conftest.Plugin); everything the tests
+create carries the label ``l3net-test`` and is removed at the end of the session.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import BIN, TEST_IMAGE, Plugin, docker, post, wait_for
+
+D = Plugin.name
+
+
+def veths():
+    return sorted(n for n in os.listdir("/sys/class/net") if n.startswith("l3")
+                  and not n.startswith("l3t"))
+
+
+def unique(name):
+    return f"l3t-{name}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def network(plugin):
+    """A factory for l3nettest networks, removed after the test."""
+    made = []
+
+    def make(subnet=None, *extra, name=None):
+        name = name or unique("net")
+        args = ["network", "create", "-d", D, "--ipam-driver", D, "--label", "l3net-test"]
+        if subnet:
+            args += ["--subnet", subnet]
+        docker(*args, *extra, name)
+        made.append(name)
+        return name
+    yield make
+    for name in made:
+        ids = docker("ps", "-aq", "--filter", f"network={name}", check=False).stdout.split()
+        if ids:
+            docker("rm", "-f", *ids, check=False)
+        docker("network", "rm", name, check=False)
+
+
+def run(net, *args, name=None, cmd=("sleep", "600")):
+    name = name or unique("c")
+    docker("run", "-d", "--label", "l3net-test", "--name", name, "--net", net, *args,
+           TEST_IMAGE, *cmd)
+    return name
+
+
+def ip_of(container, net):
+    out = docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", container).stdout
+    return json.loads(out)[net]["IPAddress"]
+
+
+def sh(container, script, check=True):
+    return docker("exec", container, "sh", "-c", script, check=check)
+
+
+def pings(container, address):
+    return sh(container, f"ping -c1 -W2 {address}", check=False).returncode == 0
+
+
+def l3netctl(plugin, *args):
+    res = subprocess.run([os.path.join(BIN, "l3netctl"), "--etcd-endpoints", plugin.etcd_url,
+                          "--etcd-prefix", plugin.prefix, *args],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def allocations(plugin):
+    """Every address the IPAM holds, from etcd (via the CLI, so the CLI is tested too)."""
+    return json.loads(l3netctl(plugin, "ipam", "show", "--json"))
+
+
+# --------------------------------------------------------------------------------------------
+def test_network_create_and_inspect(network):
+    net = network("10.60.0.0/16")
+    info = json.loads(docker("network", "inspect", net).stdout)[0]
+    assert info["Driver"] == D and info["IPAM"]["Driver"] == D
+    assert info["IPAM"]["Config"][0]["Subnet"] == "10.60.0.0/16"
+
+
+def test_other_ipam_driver_rejected(plugin):
+    res = docker("network", "create", "-d", D, "--subnet", "10.61.0.0/16", unique("bad"), check=False)
+    assert res.returncode != 0 and f"--ipam-driver {D}" in res.stderr
+
+
+def test_two_containers_ping_and_talk_tcp(network):
+    net = network("10.62.0.0/16")
+    a, b = run(net), run(net)
+    ip_b = ip_of(b, net)
+    assert pings(a, ip_b) and pings(b, ip_of(a, net))
+    sh(b, "nc -l -p 8080 -e echo l3net-hello >/dev/null 2>&1 &")
+    out = wait_for(lambda: "l3net-hello" in sh(a, f"nc -w 2 {ip_b} 8080 </dev/null", check=False).stdout,
+                   20, "TCP reply from the other container")
+    assert out
+
+
+def test_routes_in_container_and_host_no_bridge(network):
+    net = network("10.63.0.0/16")
+    c = run(net)
+    ip = ip_of(c, net)
+    routes = sh(c, "ip -4 route").stdout
+    assert "default via 169.254.1.1 dev eth0" in routes
+    assert "169.254.1.1 dev eth0" in routes
+    assert f"inet {ip}/32" in sh(c, "ip -4 addr show eth0").stdout
+    host_route = subprocess.run(["ip", "-4", "route", "show", f"{ip}/32"], capture_output=True,
+                                text=True).stdout
+    dev = host_route.split("dev ")[1].split()[0]
+    assert dev.startswith("l3") and "scope link" in host_route
+    assert os.path.exists(f"/sys/class/net/{dev}")
+    assert not os.path.exists(f"/sys/class/net/{dev}/master"), "host side must not be in a bridge"
+    with open(f"/proc/sys/net/ipv4/conf/{dev}/proxy_arp") as f:
+        assert f.read().strip() == "1"
+    with open(f"/proc/sys/net/ipv4/neigh/{dev}/proxy_delay") as f:
+        assert f.read().strip() == "0"
+
+
+def test_fixed_ip_and_duplicate(network):
+    net = network("10.64.0.0/16")
+    c = run(net, "--ip", "10.64.9.9")
+    assert ip_of(c, net) == "10.64.9.9"
+    res = docker("run", "--rm", "--label", "l3net-test", "--net", net, "--ip", "10.64.9.9",
+                 TEST_IMAGE, "true", check=False)
+    assert res.returncode != 0 and "address 10.64.9.9 is already in use" in res.stderr
+    other = run(net)
+    assert pings(other, "10.64.9.9")
+
+
+def test_connect_and_disconnect_running_container(network, plugin):
+    net = network("10.65.0.0/16")
+    peer = run(net)
+    c = run("bridge")
+    docker("network", "connect", net, c)
+    ip = ip_of(c, net)
+    assert f"inet {ip}/32" in sh(c, "ip -4 addr").stdout
+    assert pings(c, ip_of(peer, net))
+    before = veths()
+    docker("network", "disconnect", net, c)
+    assert ip not in sh(c, "ip -4 addr").stdout
+    wait_for(lambda: len(veths()) == len(before) - 1, 10, "host veth removed after disconnect")
+    assert ip not in [a["address"] for a in allocations_of(plugin, net)]
+
+
+def allocations_of(plugin, net):
+    return [a for a in allocations(plugin) if a["pool"] == subnet_of(net)]
+
+
+def subnet_of(net):
+    return json.loads(docker("network", "inspect", net).stdout)[0]["IPAM"]["Config"][0]["Subnet"]
+
+
+def test_stop_and_start(network, plugin):
+    net = network("10.66.0.0/16")
+    peer = run(net)
+    c = run(net)
+    docker("stop", "-t", "0", c)
+    assert len(allocations_of(plugin, net)) == 1
+    docker("start", c)
+    assert pings(c, ip_of(peer, net))
+    assert len(allocations_of(plugin, net)) == 2
+
+
+def test_network_without_subnet(network):
+    net = network()
+    subnet = subnet_of(net)
+    assert subnet.startswith("10.250.") and subnet.endswith("/24")
+    a, b = run(net), run(net)
+    assert pings(a, ip_of(b, net))
+    net2 = network()
+    assert subnet_of(net2) != subnet
+
+
+def test_twenty_parallel_containers(network):
+    net = network("10.67.0.0/16")
+    names = [unique("par") for _ in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(lambda n: run(net, name=n), names))
+    ips = [ip_of(n, net) for n in names]
+    assert len(set(ips)) == 20 and all(ip.startswith("10.67.") for ip in ips)
+    for i, n in enumerate(names):   # every container reaches its neighbour
+        assert pings(n, ips[(i + 1) % 20]), f"{n} cannot reach {ips[(i + 1) % 20]}"
+
+
+def test_small_network_survives_30_cycles(network, plugin):
+    net = network("10.68.0.0/28")
+    before = veths()
+    for i in range(30):
+        res = docker("run", "--rm", "--label", "l3net-test", "--net", net, TEST_IMAGE, "true",
+                     check=False)
+        assert res.returncode == 0, f"cycle {i}: {res.stderr}"
+    assert veths() == before
+    assert allocations_of(plugin, net) == []
+
+
+def test_network_rm_busy_then_ok(network, plugin):
+    net = network("10.69.0.0/24")
+    c = run(net)
+    res = docker("network", "rm", net, check=False)
+    assert res.returncode != 0 and "active endpoints" in res.stderr
+    docker("rm", "-f", c)
+    docker("network", "rm", net)
+    assert "10.69.0.0/24" not in l3netctl(plugin, "pool", "list", "--json")
+
+
+def test_malformed_requests_on_the_socket(plugin, network):
+    net = network("10.70.0.0/24")
+    c = run(net)
+    before = (veths(), allocations(plugin))
+    cases = [
+        ("NetworkDriver.CreateEndpoint", b"{garbage"),
+        ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": "a" * 63, "EndpointID": "b" * 64}).encode()),
+        ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": "../../etc", "EndpointID": "x;y"}).encode()),
+        ("NetworkDriver.Join", json.dumps({"NetworkID": 1, "EndpointID": None}).encode()),
+        ("IpamDriver.RequestPool", json.dumps({"Pool": "10.70.0.0/99"}).encode()),
+        ("IpamDriver.RequestPool", json.dumps({"Pool": "a;reboot"}).encode()),
+        ("IpamDriver.RequestAddress", json.dumps({"PoolID": "10.70.0.0/24", "Address": "1.2.3"}).encode()),
+        ("IpamDriver.ReleasePool", b"[]"),
+        ("NetworkDriver.DeleteEndpoint", b"\x00\x01\x02"),
+    ]
+    for method, raw in cases:
+        status, body = post(plugin.socket, method, raw)
+        assert status == 500 and isinstance(body, dict) and body.get("Err"), (method, body)
+    # a truncated request and a bare connection that sends nothing
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(plugin.socket)
+        s.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+    assert (veths(), allocations(plugin)) == before
+    assert plugin.call("Plugin.Activate")[0] == 200
+    assert pings(c, ip_of(c, net))
+
+
+def test_plugin_kill9_and_restart_with_running_containers(plugin, network):
+    net = network("10.71.0.0/24")
+    a, b = run(net), run(net)
+    ip_b = ip_of(b, net)
+    plugin.kill9()
+    assert pings(a, ip_b), "the data path does not depend on the plugin process"
+    plugin.start()
+    c = run(net)
+    assert pings(c, ip_b)
+    before = veths()
+    docker("stop", "-t", "0", a, b)
+    assert len(veths()) == len(before) - 2
+    docker("rm", "-f", a, b, c)
+    assert allocations_of(plugin, net) == []
+
+
+def test_etcd_paused_fails_fast_then_recovers(plugin, etcd, network):
+    net = network("10.72.0.0/24")
+    before = (veths(), len(docker("ps", "-aq").stdout.split()))
+    etcd.pause()
+    try:
+        start = time.monotonic()
+        res = docker("run", "--rm", "--label", "l3net-test", "--net", net, TEST_IMAGE, "true",
+                     check=False, timeout=60)
+        elapsed = time.monotonic() - start
+        assert res.returncode != 0
+        assert "etcd" in res.stderr and "did not answer" in res.stderr, res.stderr
+        assert elapsed < 30, f"docker run took {elapsed:.1f}s to fail"
+        assert veths() == before[0]
+    finally:
+        etcd.resume()
+    assert len(docker("ps", "-aq").stdout.split()) == before[1]
+    res = wait_for(lambda: docker("run", "--rm", "--label", "l3net-test", "--net", net, TEST_IMAGE,
+                                  "true", check=False).returncode == 0, 30, "docker run after SIGCONT")
+    assert res
+    assert allocations_of(plugin, net) == []
