@@ -43,17 +43,36 @@ class Ipam:
         self.block_prefix = int(block_prefix)
         self._locks = {}
         self._locks_guard = threading.Lock()
+        # Caches that save an etcd read per call. A pool's block size never changes while the
+        # pool exists; this host's block affinities change only through this object (an
+        # operator removing a node's blocks does so when the node is gone).
+        self._block_prefix = {}
+        self._mine = {}
 
     # -- small helpers -------------------------------------------------
     def _load(self, key):
         value, rev = self.store.get(key)
         return (json.loads(value) if value is not None else None), rev
 
-    def _pool(self, pool):
-        record, _ = self._load(self.keys.pool(pool))
-        if record is None:
-            raise L3netError(f"pool {pool} does not exist in l3net (was it released?)")
-        return record
+    def _pool_block_prefix(self, pool, required=True):
+        """The effective block prefix of an existing pool (cached), or None if it is gone."""
+        prefix = self._block_prefix.get(str(pool))
+        if prefix is None:
+            record, _ = self._load(self.keys.pool(pool))
+            if record is None:
+                if required:
+                    raise L3netError(f"pool {pool} does not exist in l3net (was it released?)")
+                return None
+            prefix = self._block_prefix[str(pool)] = P.effective_block_prefix(pool, record["block_prefix"])
+        return prefix
+
+    def _my_blocks(self, pool):
+        mine = self._mine.get(str(pool))
+        if mine is None:
+            mine = {key_cidr(k.rsplit("/", 1)[1])
+                    for k, v, _ in self.store.get_prefix(self.keys.affinities(self.host)) if v == str(pool)}
+            self._mine[str(pool)] = mine
+        return mine
 
     def _pool_cidrs(self):
         return [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in self.store.get_prefix(self.keys.pools())]
@@ -110,7 +129,9 @@ class Ipam:
                                  f"{record['block_prefix']}, not {opts['block_prefix']}")
             record["refs"][self.host] = record["refs"].get(self.host, 0) + 1
             return record
-        return self._update_pool(cidr, join)
+        record = self._update_pool(cidr, join)
+        self._block_prefix[str(cidr)] = P.effective_block_prefix(cidr, record["block_prefix"])
+        return record
 
     def _claim_auto_pool(self, opts):
         """Pick a free /24 (default) of the default range and create it, first come first served."""
@@ -123,6 +144,7 @@ class Ipam:
             record["refs"][self.host] = 1
             key = self.keys.pool(cidr)
             if self.store.txn({key: 0}, put={key: json.dumps(record, sort_keys=True)}):
+                self._block_prefix[str(cidr)] = P.effective_block_prefix(cidr, record["block_prefix"])
                 return cidr
         raise L3netError("too much contention choosing a default pool; try again")
 
@@ -148,20 +170,21 @@ class Ipam:
             value, rev = self.store.get(key)
             if value is not None and not json.loads(value)["refs"] and \
                     not self.store.get_prefix(self.keys.blocks(pool)):
-                self.store.txn({key: rev}, delete=[key])
+                if self.store.txn({key: rev}, delete=[key]):
+                    self._block_prefix.pop(str(pool), None)
 
     def _free_empty_blocks(self, pool):
         for key, value, rev in self.store.get_prefix(self.keys.blocks(pool)):
             block = json.loads(value)
             if block["host"] == self.host and not block["allocations"]:
-                self.store.txn({key: rev}, delete=[key, self.keys.affinity(self.host, block["cidr"])])
+                if self.store.txn({key: rev}, delete=[key, self.keys.affinity(self.host, block["cidr"])]):
+                    self._my_blocks(pool).discard(block["cidr"])
 
     # -- addresses -----------------------------------------------------
     def request_address(self, pool_id, address="", options=None):
         """RequestAddress: returns "ip/32". ``address`` set = exactly that one (or an error)."""
         pool, rng = P.parse_pool_id(pool_id)
-        record = self._pool(pool)
-        block_prefix = P.effective_block_prefix(pool, record["block_prefix"])
+        block_prefix = self._pool_block_prefix(pool)
         options = options or {}
         if address:
             try:
@@ -197,6 +220,8 @@ class Ipam:
             block["allocations"][str(ip)] = B.allocation(handle, self.host)
             puts[key] = json.dumps(block, sort_keys=True)
             if self.store.txn({key: rev}, put=puts):
+                if len(puts) > 1:
+                    self._my_blocks(pool).add(str(cidr))
                 return ip
         raise L3netError(f"too much contention allocating {ip}; try again")
 
@@ -227,9 +252,7 @@ class Ipam:
             return self._locks.setdefault(str(pool), threading.Lock())
 
     def _from_own_blocks(self, pool, rng, handle):
-        mine = [IPNetwork(key_cidr(k.rsplit("/", 1)[1]))
-                for k, v, _ in self.store.get_prefix(self.keys.affinities(self.host)) if v == str(pool)]
-        for cidr in sorted(mine):
+        for cidr in sorted(IPNetwork(c) for c in self._my_blocks(pool)):
             if cidr.first <= rng.last and rng.first <= cidr.last:
                 ip = self._allocate_in(pool, rng, cidr, handle, owner=self.host)
                 if ip is not None:
@@ -253,6 +276,7 @@ class Ipam:
             if self.store.txn({key: 0}, put={key: json.dumps(block, sort_keys=True),
                                              self.keys.affinity(self.host, cidr): str(pool)}):
                 log.info("claimed block %s of pool %s", cidr, pool)
+                self._my_blocks(pool).add(str(cidr))
                 return ip
         return None
 
@@ -262,6 +286,7 @@ class Ipam:
         for _ in range(MAX_ATTEMPTS):
             block, rev = self._load(key)
             if block is None or (owner is not None and block["host"] != owner):
+                self._my_blocks(pool).discard(str(cidr))
                 return None
             ip = B.free_address(block, pool, rng)
             if ip is None:
@@ -279,10 +304,10 @@ class Ipam:
             raise L3netError(f"invalid address {address!r}") from None
         if ip not in pool:
             return None, ip
-        record, _ = self._load(self.keys.pool(pool))
-        if record is None:
+        block_prefix = self._pool_block_prefix(pool, required=False)
+        if block_prefix is None:
             return None, ip
-        cidr = B.block_of(ip, pool, P.effective_block_prefix(pool, record["block_prefix"]))
+        cidr = B.block_of(ip, pool, block_prefix)
         return self.keys.block(pool, cidr), ip
 
     def release_address(self, pool_id, address):
@@ -300,20 +325,20 @@ class Ipam:
                 return
         raise L3netError(f"too much contention releasing {ip}; try again")
 
-    def set_handle(self, pool, address, handle):
-        """Record who holds an address (the endpoint, once CreateEndpoint knows it)."""
+    def set_handle(self, pool, address, handle, also_put=None):
+        """Record who holds an address (the endpoint, once CreateEndpoint knows it), in one
+        transaction with ``also_put`` (the caller's own records), which is written in any case."""
+        also_put = also_put or {}
         key, ip = self._locate(pool, address)
-        if key is None:
-            return False
         for _ in range(MAX_ATTEMPTS):
-            block, rev = self._load(key)
+            block, rev = self._load(key) if key else (None, 0)
             held = (block or {}).get("allocations", {}).get(str(ip))
-            if held is None:
-                return False
-            if held["handle"] == handle:
-                return True
+            if held is None or held["handle"] == handle:
+                if also_put:
+                    self.store.txn({}, put=also_put)
+                return held is not None
             held["handle"] = handle
-            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True)}):
+            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True), **also_put}):
                 return True
         raise L3netError(f"too much contention on {ip}; try again")
 

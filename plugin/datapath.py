@@ -14,6 +14,9 @@ to the host, which routes it. No bridge, no encapsulation.
 
 import errno
 import logging
+import os
+import queue
+import threading
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -40,51 +43,61 @@ def _sysctl(path, value):
         f.write(str(value))
 
 
-def _index(ipr, ifname):
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
+_local = threading.local()
+
+
+def _ipr():
+    """One netlink socket per thread, kept open: opening one costs about a millisecond."""
+    ipr = getattr(_local, "ipr", None)
+    if ipr is None:
+        ipr = _local.ipr = IPRoute()
+    return ipr
+
+
+def _index(ifname):
+    try:
+        return _ipr().link("get", ifname=ifname)[0]["index"]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
 
 
 def link_exists(ifname):
-    with IPRoute() as ipr:
-        return _index(ipr, ifname) is not None
+    return _index(ifname) is not None
 
 
-def link_mac(ifname):
-    with IPRoute() as ipr:
-        idx = _index(ipr, ifname)
-        if idx is None:
-            return None
-        return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+def random_mac():
+    """A locally administered unicast MAC (what the kernel would pick, chosen by us so the
+    container side's address is known without asking netlink again)."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 
 
-def create_veth(host_if, temp_if):
-    """Create the pair; return the MAC of the container side."""
-    with IPRoute() as ipr:
-        try:
-            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": temp_if})
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise L3netError(f"failed to create veth {host_if}: {e}") from None
-        idx = _index(ipr, temp_if)
-        if idx is None:
-            raise L3netError(f"failed to create veth {host_if}: peer {temp_if} missing")
-        return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+def create_veth(host_if, temp_if, mac):
+    """Create the pair, host side up, container side with ``mac``. Returns the host index."""
+    try:
+        _ipr().link("add", ifname=host_if, kind="veth", state="up",
+                    peer={"ifname": temp_if, "address": mac})
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise L3netError(f"failed to create veth {host_if}: {e}") from None
+        _ipr().link("set", ifname=host_if, state="up")
+    idx = _index(host_if)
+    if idx is None:
+        raise L3netError(f"failed to create veth {host_if}: it vanished")
+    return idx
 
 
-def setup_host_veth(host_if, address):
-    """Bring the host side up as the container's router and route the /32 to it."""
-    with IPRoute() as ipr:
-        idx = _index(ipr, host_if)
-        if idx is None:
-            raise L3netError(f"host interface {host_if} disappeared")
-        ipr.link("set", index=idx, state="up")
-        # proxy_arp: answer the container's ARP for 169.254.1.1 with our MAC.
-        # proxy_delay=0: answer at once (the default delays proxy replies by up to 0.8 s).
-        _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", 1)
-        _sysctl(f"net/ipv4/neigh/{host_if}/proxy_delay", 0)
-        _sysctl(f"net/ipv4/conf/{host_if}/forwarding", 1)
-        ipr.route("replace", dst=f"{address}/32", oif=idx, scope=253, proto=ROUTE_PROTO)
+def setup_host_veth(host_if, idx, address):
+    """Make the host side the container's router and route the /32 to it."""
+    # proxy_arp: answer the container's ARP for 169.254.1.1 with our MAC.
+    # proxy_delay=0: answer at once (the default delays proxy replies by up to 0.8 s).
+    _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", 1)
+    _sysctl(f"net/ipv4/neigh/{host_if}/proxy_delay", 0)
+    _sysctl(f"net/ipv4/conf/{host_if}/forwarding", 1)
+    _ipr().route("replace", dst=f"{address}/32", oif=idx, scope=253, proto=ROUTE_PROTO)
 
 
 def enable_forwarding():
@@ -94,22 +107,53 @@ def enable_forwarding():
 def delete_veth(host_if):
     """Delete the pair (and with it the /32 route). Idempotent: the device may already be gone
     (a container whose netns died takes its veth with it, and dockerd may re-send the call)."""
-    with IPRoute() as ipr:
-        idx = _index(ipr, host_if)
-        if idx is None:
+    try:
+        _ipr().link("del", ifname=host_if)
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
             return False
-        try:
-            ipr.link("del", index=idx)
-        except NetlinkError as e:
-            if e.code != errno.ENODEV:
-                raise L3netError(f"failed to delete {host_if}: {e}") from None
-        return True
+        raise L3netError(f"failed to delete {host_if}: {e}") from None
+    return True
 
 
 def list_host_veths():
-    with IPRoute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    names = [link.get_attr("IFLA_IFNAME") for link in _ipr().get_links()]
     return [n for n in names if n and n.startswith(HOST_PREFIX) and not n.startswith(TEMP_PREFIX)]
+
+
+class Reaper:
+    """Deletes veths in a background thread. The kernel needs ~25 ms to delete a veth (it
+    waits for an RCU grace period); dockerd only logs DeleteEndpoint's result, so there is no
+    reason to make ``docker rm`` wait for it. ``then`` runs after each deletion (the driver
+    removes the endpoint record there, so a crash before it leaves a record to finish from)."""
+
+    def __init__(self):
+        self._queue = queue.Queue()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def submit(self, host_if, then=None):
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="l3net-reaper", daemon=True)
+                self._thread.start()
+        self._queue.put((host_if, then))
+
+    def _run(self):
+        while True:
+            host_if, then = self._queue.get()
+            try:
+                delete_veth(host_if)
+                if then is not None:
+                    then()
+            except Exception:  # noqa: BLE001 - keep reaping; the record stays to retry from
+                log.exception("background deletion of %s failed", host_if)
+            finally:
+                self._queue.task_done()
+
+    def wait(self):
+        """Block until everything submitted so far is done (tests, shutdown)."""
+        self._queue.join()
 
 
 class Datapath:
@@ -119,20 +163,26 @@ class Datapath:
     temp_ifname = staticmethod(temp_ifname)
     link_exists = staticmethod(link_exists)
 
-    def create(self, endpoint_id, address):
+    def create(self, endpoint_id, address, mac=None):
         """Create the veth for an endpoint and route ``address`` to it. Rolls back on failure.
         Returns the container side's MAC."""
         host_if, temp_if = host_ifname(endpoint_id), temp_ifname(endpoint_id)
-        mac = create_veth(host_if, temp_if)
+        mac = mac or random_mac()
         try:
-            setup_host_veth(host_if, address)
+            setup_host_veth(host_if, create_veth(host_if, temp_if, mac), address)
         except Exception:
             delete_veth(host_if)
             raise
         return mac
 
+    def __init__(self):
+        self.reaper = Reaper()
+
     def delete(self, endpoint_id):
         return delete_veth(host_ifname(endpoint_id))
+
+    def delete_later(self, endpoint_id, then=None):
+        self.reaper.submit(host_ifname(endpoint_id), then)
 
     def prepare_host(self):
         """Host-wide settings routed containers need: IPv4 forwarding and a FORWARD accept."""

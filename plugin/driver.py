@@ -36,6 +36,10 @@ class Driver:
         self.datapath = datapath
         self.host = host
         self.name = name
+        # Read-through caches of this host's records (etcd stays the truth: only this process
+        # writes them, and a restarted process starts empty and reads etcd).
+        self._networks = {}
+        self._endpoints = {}
 
     # -- records ----------------------------------------------------------
     def _get(self, key):
@@ -43,10 +47,27 @@ class Driver:
         return json.loads(value) if value is not None else None
 
     def network(self, network_id):
-        return self._get(self.keys.network(self.host, network_id))
+        record = self._networks.get(network_id)
+        if record is None:
+            record = self._get(self.keys.network(self.host, network_id))
+            if record is not None:
+                self._networks[network_id] = record
+        return record
 
     def endpoint(self, endpoint_id):
-        return self._get(self.keys.endpoint(self.host, endpoint_id))
+        record = self._endpoints.get(endpoint_id)
+        if record is None:
+            record = self._get(self.keys.endpoint(self.host, endpoint_id))
+            if record is not None:
+                self._endpoints[endpoint_id] = record
+        return record
+
+    def resume(self):
+        """After a restart: finish deletions a previous process had accepted but not done."""
+        for record in self.endpoints():
+            if record.get("deleting"):
+                log.info("finishing deletion of endpoint %s", record["id"][:12])
+                self._delete_later(record)
 
     # -- networks ---------------------------------------------------------
     def create_network(self, network_id, ipv4_data, ipv6_data, options):
@@ -80,10 +101,12 @@ class Driver:
             "created": time.time(),
         }
         self.store.put(self.keys.network(self.host, network_id), json.dumps(record, sort_keys=True))
+        self._networks[network_id] = record
         log.info("network %s created with pools %s", network_id[:12], ",".join(pools))
 
     def delete_network(self, network_id):
         self.store.delete(self.keys.network(self.host, network_id))
+        self._networks.pop(network_id, None)
 
     # -- endpoints --------------------------------------------------------
     def create_endpoint(self, network_id, endpoint_id, address, mac):
@@ -99,29 +122,32 @@ class Driver:
         if pool is None:
             raise L3netError(f"address {address} is not in the network's pools "
                              f"({', '.join(network['pools'])})")
-        existing = self.endpoint(endpoint_id)
-        if existing is not None:
+        # A re-sent call finds its veth: only then is the record worth reading.
+        existing = self.endpoint(endpoint_id) if self.datapath.link_exists(
+            self.datapath.host_ifname(endpoint_id)) else None
+        if existing is not None and not existing.get("deleting"):
             if existing["address"] != str(address):
                 raise L3netError(f"endpoint {endpoint_id[:12]} already exists with address "
                                  f"{existing['address']}")
-            if self.datapath.link_exists(existing["host_ifname"]):
-                # dockerd re-sent the call: answer as the first time.
-                return {} if mac else {"MacAddress": existing["mac"]}
-        created_mac = self.datapath.create(endpoint_id, str(address))
+            # dockerd re-sent the call: answer as the first time.
+            return {} if mac else {"MacAddress": existing["mac"]}
+        created_mac = self.datapath.create(endpoint_id, str(address), mac)
         record = {
             "id": endpoint_id,
             "network": network_id,
             "address": str(address),
             "pool": pool,
-            "mac": mac or created_mac,
+            "mac": created_mac,
             "host_ifname": self.datapath.host_ifname(endpoint_id),
             "temp_ifname": self.datapath.temp_ifname(endpoint_id),
             "created": time.time(),
         }
+        key = self.keys.endpoint(self.host, endpoint_id)
         try:
-            self.store.put(self.keys.endpoint(self.host, endpoint_id),
-                           json.dumps(record, sort_keys=True))
-            self.ipam.set_handle(IPNetwork(pool), address, f"endpoint:{endpoint_id}")
+            # One transaction: the endpoint record and the address's holder.
+            self.ipam.set_handle(IPNetwork(pool), address, f"endpoint:{endpoint_id}",
+                                 also_put={key: json.dumps(record, sort_keys=True)})
+            self._endpoints[endpoint_id] = record
         except Exception:
             self.datapath.delete(endpoint_id)
             try:
@@ -154,11 +180,28 @@ class Driver:
         """Nothing to undo: the veth stays until DeleteEndpoint (dockerd moves it back first)."""
 
     def delete_endpoint(self, network_id, endpoint_id):
-        """Idempotent: a second call, or one for an endpoint whose container died, succeeds."""
+        """Idempotent: a second call, or one for an endpoint whose container died, succeeds.
+
+        The record is marked ``deleting`` and the veth deleted in the background (see
+        datapath.Reaper); the record goes once the veth is gone. A crash in between leaves a
+        marked record that :meth:`resume` finishes."""
         record = self.endpoint(endpoint_id)
-        self.datapath.delete(endpoint_id)
-        if record is not None:
-            self.store.delete(self.keys.endpoint(self.host, endpoint_id))
+        if record is None:
+            self.datapath.delete_later(endpoint_id)
+            return
+        if not record.get("deleting"):
+            record = dict(record, deleting=True)
+            self.store.put(self.keys.endpoint(self.host, endpoint_id), json.dumps(record, sort_keys=True))
+            self._endpoints[endpoint_id] = record
+        self._delete_later(record)
+
+    def _delete_later(self, record):
+        key = self.keys.endpoint(self.host, record["id"])
+
+        def forget():
+            self.store.delete(key)
+            self._endpoints.pop(record["id"], None)
+        self.datapath.delete_later(record["id"], then=forget)
 
     def oper_info(self, network_id, endpoint_id):
         record = self.endpoint(endpoint_id)

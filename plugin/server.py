@@ -9,6 +9,8 @@ import logging
 import os
 import stat
 import sys
+import threading
+import time
 
 import click
 from gunicorn.app.base import BaseApplication
@@ -33,6 +35,17 @@ def build(cfg):
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
     driver = Driver(store, keys, ipam, Datapath(), cfg.hostname, cfg.driver_name)
     return create_app(driver, ipam), driver, ipam
+
+
+def resume(driver):
+    """Finish what a previous process left half done; etcd may be down, so retry a while."""
+    for attempt in range(30):
+        try:
+            driver.resume()
+            return
+        except L3netError as e:
+            log.warning("resume: %s (retrying)", e)
+            time.sleep(min(10, 1 + attempt))
 
 
 def setup_logging(level):
@@ -85,7 +98,8 @@ class PluginServer(BaseApplication):
 
     def load(self):
         setup_logging(self.node_cfg.log_level)
-        app, _, _ = build(self.node_cfg)
+        app, driver, _ = build(self.node_cfg)
+        threading.Thread(target=resume, args=(driver,), name="l3net-resume", daemon=True).start()
         return app
 
 

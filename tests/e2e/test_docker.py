@@ -199,7 +199,7 @@ def test_small_network_survives_30_cycles(network, plugin):
         res = docker("run", "--rm", "--label", "l3net-test", "--net", net, TEST_IMAGE, "true",
                      check=False)
         assert res.returncode == 0, f"cycle {i}: {res.stderr}"
-    assert veths() == before
+    wait_for(lambda: veths() == before, 10, "host veths back to where they were")
     assert allocations_of(plugin, net) == []
 
 
@@ -252,7 +252,7 @@ def test_plugin_kill9_and_restart_with_running_containers(plugin, network):
     assert pings(c, ip_b)
     before = veths()
     docker("stop", "-t", "0", a, b)
-    assert len(veths()) == len(before) - 2
+    wait_for(lambda: len(veths()) == len(before) - 2, 10, "the stopped containers' veths gone")
     docker("rm", "-f", a, b, c)
     assert allocations_of(plugin, net) == []
 

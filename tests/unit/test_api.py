@@ -28,14 +28,19 @@ class FakeDatapath:
     def link_exists(self, name):
         return name in self.links
 
-    def create(self, endpoint_id, address):
+    def create(self, endpoint_id, address, mac=None):
         if self.fail_create:
             raise RuntimeError("netlink exploded")
         self.links[self.host_ifname(endpoint_id)] = address
-        return "aa:bb:cc:dd:ee:ff"
+        return mac or "aa:bb:cc:dd:ee:ff"
 
     def delete(self, endpoint_id):
         return self.links.pop(self.host_ifname(endpoint_id), None) is not None
+
+    def delete_later(self, endpoint_id, then=None):
+        self.delete(endpoint_id)
+        if then:
+            then()
 
     def prepare_host(self):
         pass

@@ -1,0 +1,23 @@
+# l3net: `make run` sets the host up and serves the plugin; `make test` runs every test.
+VENV := .venv
+SHELL := /bin/bash
+
+.PHONY: setup run test unit bench clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/l3net-plugin
+
+test: setup
+	L3NET_REQUIRE_E2E=1 $(VENV)/bin/pytest -q tests
+
+unit: setup
+	$(VENV)/bin/pytest -q tests/unit
+
+bench: setup
+	$(VENV)/bin/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
