@@ -48,6 +48,7 @@ class Ipam:
         # operator removing a node's blocks does so when the node is gone).
         self._block_prefix = {}
         self._mine = {}
+        self._blocks = {}     # block key -> (JSON, revision) as last read or written here
 
     # -- small helpers -------------------------------------------------
     def _load(self, key):
@@ -179,6 +180,7 @@ class Ipam:
             if block["host"] == self.host and not block["allocations"]:
                 if self.store.txn({key: rev}, delete=[key, self.keys.affinity(self.host, block["cidr"])]):
                     self._my_blocks(pool).discard(block["cidr"])
+                    self._remember(key, None, 0)
 
     # -- addresses -----------------------------------------------------
     def request_address(self, pool_id, address="", options=None):
@@ -205,25 +207,26 @@ class Ipam:
         if int(ip) in B.reserved(pool):
             raise L3netError(f"address {ip} is the network or broadcast address of {pool}")
         cidr = B.block_of(ip, pool, block_prefix)
-        key = self.keys.block(pool, cidr)
-        for _ in range(MAX_ATTEMPTS):
-            block, rev = self._load(key)
-            puts = {}
+        affinity = self.keys.affinity(self.host, cidr)
+        claimed = []
+
+        def take(block):
+            extra = {}
+            claimed.clear()
             if block is None:
-                block = B.new_block(cidr, pool, self.host)
-                puts[self.keys.affinity(self.host, cidr)] = str(pool)
+                block, extra = B.new_block(cidr, pool, self.host), {affinity: str(pool)}
+                claimed.append(True)
             held = block["allocations"].get(str(ip))
             if held is not None:
                 if held["handle"] == handle and handle.startswith("gateway:"):
-                    return ip  # the same gateway requested again (re-sent call): harmless
+                    return ip, None, None  # the same gateway requested again (re-sent call)
                 raise L3netError(f"address {ip} is already in use")
             block["allocations"][str(ip)] = B.allocation(handle, self.host)
-            puts[key] = json.dumps(block, sort_keys=True)
-            if self.store.txn({key: rev}, put=puts):
-                if len(puts) > 1:
-                    self._my_blocks(pool).add(str(cidr))
-                return ip
-        raise L3netError(f"too much contention allocating {ip}; try again")
+            return ip, block, extra
+        result = self._update_block(self.keys.block(pool, cidr), take)
+        if claimed:
+            self._my_blocks(pool).add(str(cidr))
+        return result
 
     def auto_assign(self, pool, rng, block_prefix, handle):
         ip = self._from_own_blocks(pool, rng, handle)
@@ -273,8 +276,11 @@ class Ipam:
                 continue
             block["allocations"][str(ip)] = B.allocation(handle, self.host)
             key = self.keys.block(pool, cidr)
-            if self.store.txn({key: 0}, put={key: json.dumps(block, sort_keys=True),
-                                             self.keys.affinity(self.host, cidr): str(pool)}):
+            text = json.dumps(block, sort_keys=True)
+            revision = self.store.txn({key: 0}, put={key: text,
+                                                     self.keys.affinity(self.host, cidr): str(pool)})
+            if revision:
+                self._remember(key, text, revision)
                 log.info("claimed block %s of pool %s", cidr, pool)
                 self._my_blocks(pool).add(str(cidr))
                 return ip
@@ -282,19 +288,62 @@ class Ipam:
 
     def _allocate_in(self, pool, rng, cidr, handle, owner):
         """One free address of an existing block (CAS, retried), or None when it is full."""
-        key = self.keys.block(pool, cidr)
-        for _ in range(MAX_ATTEMPTS):
-            block, rev = self._load(key)
+        def take(block):
             if block is None or (owner is not None and block["host"] != owner):
                 self._my_blocks(pool).discard(str(cidr))
-                return None
+                return None, None, None
             ip = B.free_address(block, pool, rng)
             if ip is None:
-                return None
+                return None, None, None
             block["allocations"][str(ip)] = B.allocation(handle, self.host)
-            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True)}):
-                return ip
-        raise L3netError(f"too much contention on block {cidr}; try again")
+            return ip, block, None
+        return self._update_block(self.keys.block(pool, cidr), take)
+
+    # -- the block cache and the one CAS loop every block change goes through --
+    def _read_block(self, key, fresh):
+        if not fresh:
+            cached = self._blocks.get(key)
+            if cached is not None:
+                return json.loads(cached[0]), cached[1]
+        value, rev = self.store.get(key)
+        self._remember(key, value, rev)
+        return (json.loads(value) if value is not None else None), rev
+
+    def _remember(self, key, value, rev):
+        with self._locks_guard:
+            if value is None:
+                self._blocks.pop(key, None)
+            elif rev > self._blocks.get(key, (None, 0))[1]:   # never replace newer with older
+                self._blocks[key] = (value, rev)
+
+    def _update_block(self, key, change):
+        """Read a block (from the cache first), let ``change(block)`` decide, write it with CAS.
+
+        ``change`` returns (result, block to write or None, extra puts). A cached copy may be
+        stale: a conflict, and any decision made without writing ("full", "not allocated",
+        "already in use"), is taken again on a fresh read before it counts."""
+        fresh = False
+        for _ in range(MAX_ATTEMPTS):
+            block, rev = self._read_block(key, fresh)
+            try:
+                result, new, extra = change(block)
+            except L3netError:
+                if fresh:
+                    raise
+                fresh = True
+                continue
+            if new is None:
+                if fresh:
+                    return result
+                fresh = True
+                continue
+            text = json.dumps(new, sort_keys=True)
+            revision = self.store.txn({key: rev}, put={key: text, **(extra or {})})
+            if revision:
+                self._remember(key, text, revision)
+                return result
+            fresh = True
+        raise L3netError(f"too much contention on {key.rsplit('/', 1)[1]}; try again")
 
     def _locate(self, pool, address):
         """(key, IPAddress) of the block record that would hold ``address``, or None."""
@@ -316,31 +365,32 @@ class Ipam:
         key, ip = self._locate(pool, address)
         if key is None:
             return
-        for _ in range(MAX_ATTEMPTS):
-            block, rev = self._load(key)
+
+        def drop(block):
             if block is None or str(ip) not in block["allocations"]:
-                return
+                return None, None, None
             del block["allocations"][str(ip)]
-            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True)}):
-                return
-        raise L3netError(f"too much contention releasing {ip}; try again")
+            return None, block, None
+        self._update_block(key, drop)
 
     def set_handle(self, pool, address, handle, also_put=None):
         """Record who holds an address (the endpoint, once CreateEndpoint knows it), in one
         transaction with ``also_put`` (the caller's own records), which is written in any case."""
-        also_put = also_put or {}
         key, ip = self._locate(pool, address)
-        for _ in range(MAX_ATTEMPTS):
-            block, rev = self._load(key) if key else (None, 0)
+        found = []
+
+        def mark(block):
             held = (block or {}).get("allocations", {}).get(str(ip))
             if held is None or held["handle"] == handle:
-                if also_put:
-                    self.store.txn({}, put=also_put)
-                return held is not None
+                return None, None, None
             held["handle"] = handle
-            if self.store.txn({key: rev}, put={key: json.dumps(block, sort_keys=True), **also_put}):
-                return True
-        raise L3netError(f"too much contention on {ip}; try again")
+            found.append(True)
+            return None, block, also_put
+        if key is not None:
+            self._update_block(key, mark)
+        if not found and also_put:
+            self.store.txn({}, put=also_put)
+        return bool(found)
 
     def holder(self, pool, address):
         key, ip = self._locate(pool, address)

@@ -39,12 +39,18 @@ def reserved(pool):
     return {pool.first, pool.last}
 
 
+def ip_int(text):
+    """Dotted quad -> int, without netaddr's (measurable) parsing cost."""
+    a, b, c, d = text.split(".")
+    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+
+
 def free_address(block, pool, rng):
     """The lowest free address of ``block`` inside ``rng``, or None."""
     net = IPNetwork(block["cidr"])
     first, last = max(net.first, rng.first), min(net.last, rng.last)
     skip = reserved(pool)
-    used = {int(IPAddress(a)) for a in block["allocations"]}
+    used = {ip_int(a) for a in block["allocations"]}
     for value in range(first, last + 1):
         if value not in skip and value not in used:
             return IPAddress(value, 4)

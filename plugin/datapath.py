@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import queue
+import socket
 import threading
 
 from pyroute2 import IPRoute
@@ -28,6 +29,10 @@ log = logging.getLogger("l3net.datapath")
 HOST_PREFIX = "l3"      # l3 + 11 hex chars: host side, named from the endpoint ID
 TEMP_PREFIX = "l3t"     # l3t + 11 hex chars: container side until dockerd moves it ("t" is not hex)
 ROUTE_PROTO = 4         # "static": the /32 routes we install
+
+
+class LinkExists(L3netError):
+    """The endpoint's veth is already there (a re-sent call, or a leftover)."""
 
 
 def host_ifname(endpoint_id):
@@ -55,12 +60,12 @@ def _ipr():
 
 
 def _index(ifname):
+    """Interface index in this process's network namespace, or None. (An ioctl: about 100
+    times cheaper than asking netlink, which decodes the whole link message.)"""
     try:
-        return _ipr().link("get", ifname=ifname)[0]["index"]
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return None
-        raise
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None
 
 
 def link_exists(ifname):
@@ -81,9 +86,9 @@ def create_veth(host_if, temp_if, mac):
         _ipr().link("add", ifname=host_if, kind="veth", state="up",
                     peer={"ifname": temp_if, "address": mac})
     except NetlinkError as e:
-        if e.code != errno.EEXIST:
-            raise L3netError(f"failed to create veth {host_if}: {e}") from None
-        _ipr().link("set", ifname=host_if, state="up")
+        if e.code == errno.EEXIST:
+            raise LinkExists(f"interface {host_if} or {temp_if} already exists") from None
+        raise L3netError(f"failed to create veth {host_if}: {e}") from None
     idx = _index(host_if)
     if idx is None:
         raise L3netError(f"failed to create veth {host_if}: it vanished")
@@ -168,8 +173,9 @@ class Datapath:
         Returns the container side's MAC."""
         host_if, temp_if = host_ifname(endpoint_id), temp_ifname(endpoint_id)
         mac = mac or random_mac()
+        idx = create_veth(host_if, temp_if, mac)
         try:
-            setup_host_veth(host_if, create_veth(host_if, temp_if, mac), address)
+            setup_host_veth(host_if, idx, address)
         except Exception:
             delete_veth(host_if)
             raise

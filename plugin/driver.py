@@ -17,6 +17,7 @@ from netaddr import IPNetwork
 
 from ipam import pools as P
 
+from .datapath import LinkExists
 from .errors import L3netError
 
 log = logging.getLogger("l3net.driver")
@@ -29,11 +30,12 @@ NETWORK_OPTIONS = {}
 
 
 class Driver:
-    def __init__(self, store, keys, ipam, datapath, host, name="l3net"):
+    def __init__(self, store, keys, ipam, datapath, journal, host, name="l3net"):
         self.store = store
         self.keys = keys
         self.ipam = ipam
         self.datapath = datapath
+        self.journal = journal
         self.host = host
         self.name = name
         # Read-through caches of this host's records (etcd stays the truth: only this process
@@ -64,10 +66,9 @@ class Driver:
 
     def resume(self):
         """After a restart: finish deletions a previous process had accepted but not done."""
-        for record in self.endpoints():
-            if record.get("deleting"):
-                log.info("finishing deletion of endpoint %s", record["id"][:12])
-                self._delete_later(record)
+        for endpoint_id in self.journal.pending():
+            log.info("finishing deletion of endpoint %s", endpoint_id[:12])
+            self._delete_later(endpoint_id)
 
     # -- networks ---------------------------------------------------------
     def create_network(self, network_id, ipv4_data, ipv6_data, options):
@@ -122,16 +123,25 @@ class Driver:
         if pool is None:
             raise L3netError(f"address {address} is not in the network's pools "
                              f"({', '.join(network['pools'])})")
-        # A re-sent call finds its veth: only then is the record worth reading.
-        existing = self.endpoint(endpoint_id) if self.datapath.link_exists(
-            self.datapath.host_ifname(endpoint_id)) else None
-        if existing is not None and not existing.get("deleting"):
+        existing = self._endpoints.get(endpoint_id)
+        if existing is None or existing.get("deleting"):
+            try:
+                created_mac = self.datapath.create(endpoint_id, str(address), mac)
+                existing = None
+            except LinkExists:
+                # Its veth is there: a re-sent call (maybe to a restarted plugin), or a
+                # leftover of an attempt that died before writing its record.
+                existing = self.endpoint(endpoint_id)
+                if existing is None or existing.get("deleting"):
+                    self.datapath.delete(endpoint_id)
+                    created_mac = self.datapath.create(endpoint_id, str(address), mac)
+                    existing = None
+        if existing is not None:
             if existing["address"] != str(address):
                 raise L3netError(f"endpoint {endpoint_id[:12]} already exists with address "
                                  f"{existing['address']}")
             # dockerd re-sent the call: answer as the first time.
             return {} if mac else {"MacAddress": existing["mac"]}
-        created_mac = self.datapath.create(endpoint_id, str(address), mac)
         record = {
             "id": endpoint_id,
             "network": network_id,
@@ -182,26 +192,21 @@ class Driver:
     def delete_endpoint(self, network_id, endpoint_id):
         """Idempotent: a second call, or one for an endpoint whose container died, succeeds.
 
-        The record is marked ``deleting`` and the veth deleted in the background (see
-        datapath.Reaper); the record goes once the veth is gone. A crash in between leaves a
-        marked record that :meth:`resume` finishes."""
-        record = self.endpoint(endpoint_id)
-        if record is None:
-            self.datapath.delete_later(endpoint_id)
-            return
-        if not record.get("deleting"):
-            record = dict(record, deleting=True)
-            self.store.put(self.keys.endpoint(self.host, endpoint_id), json.dumps(record, sort_keys=True))
-            self._endpoints[endpoint_id] = record
-        self._delete_later(record)
+        The deletion is written to the local journal (no etcd round trip on the way out of
+        ``docker rm``) and done in the background: the veth (see datapath.Reaper), then the
+        endpoint record, then the journal entry. A crash in between is finished by resume()."""
+        self.journal.add(endpoint_id)
+        record = self._endpoints.get(endpoint_id)
+        if record is not None:
+            self._endpoints[endpoint_id] = dict(record, deleting=True)
+        self._delete_later(endpoint_id)
 
-    def _delete_later(self, record):
-        key = self.keys.endpoint(self.host, record["id"])
-
+    def _delete_later(self, endpoint_id):
         def forget():
-            self.store.delete(key)
-            self._endpoints.pop(record["id"], None)
-        self.datapath.delete_later(record["id"], then=forget)
+            self.store.delete(self.keys.endpoint(self.host, endpoint_id))
+            self._endpoints.pop(endpoint_id, None)
+            self.journal.remove(endpoint_id)
+        self.datapath.delete_later(endpoint_id, then=forget)
 
     def oper_info(self, network_id, endpoint_id):
         record = self.endpoint(endpoint_id)

@@ -28,12 +28,14 @@ def build(cfg):
     from .app import create_app
     from .datapath import Datapath
     from .driver import Driver
+    from .journal import Journal
     from .keys import Keys
 
     store = make_store(cfg)
     keys = Keys(cfg.etcd_prefix)
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
-    driver = Driver(store, keys, ipam, Datapath(), cfg.hostname, cfg.driver_name)
+    driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
+                    cfg.driver_name)
     return create_app(driver, ipam), driver, ipam
 
 

@@ -6,8 +6,9 @@ Everything above this module (IPAM, driver) sees only these five calls::
     get_prefix(prefix)          -> [(key, value, revision), ...]  sorted by key
     put(key, value)
     delete(key)
-    txn(expect, put, delete)    -> True if every key in ``expect`` still had the given
-                                   revision (0 = must not exist) and the writes were applied
+    txn(expect, put, delete)    -> the new revision (> 0) if every key in ``expect`` still had
+                                   the given revision (0 = must not exist) and the writes were
+                                   applied, else 0; the revision lets callers cache what they wrote
 
 Values are strings (JSON by convention). Every etcd call is bounded by ``timeout`` seconds;
 a failure to reach etcd raises :class:`StoreError` with a message fit for the user.
@@ -55,7 +56,7 @@ class MemoryStore:
                 self._data[key] = (value, self._rev)
             for key in delete or []:
                 self._data.pop(key, None)
-            return True
+            return self._rev
 
 
 def parse_endpoints(endpoints):
@@ -167,14 +168,19 @@ class EtcdStore:
         self._call(self.client.delete, key)
 
     def txn(self, expect, put=None, delete=None):
+        from etcd3 import etcdrpc
+
         c = self.client
         t = c.transactions
-        compare = [(t.version(k) == 0) if rev == 0 else (t.mod(k) == rev)
+        compare = [((t.version(k) == 0) if rev == 0 else (t.mod(k) == rev)).build_message()
                    for k, rev in expect.items()]
         ops = [t.put(k, v) for k, v in (put or {}).items()]
         ops += [t.delete(k) for k in delete or []]
-        ok, _ = self._call(c.transaction, compare=compare, success=ops, failure=[])
-        return ok
+        # The library's transaction() drops the response header; we want its revision.
+        request = etcdrpc.TxnRequest(compare=compare, success=c._ops_to_requests(ops), failure=[])
+        response = self._call(lambda: c.kvstub.Txn(request, c.timeout, credentials=c.call_credentials,
+                                                   metadata=c.metadata))
+        return response.header.revision if response.succeeded else 0
 
     def close(self):
         if self._client is not None:

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from ipam.allocator import Ipam
 from plugin.app import create_app
+from plugin.datapath import LinkExists
 from plugin.driver import Driver
+from plugin.journal import Journal
 from plugin.keys import Keys
 from plugin.store import MemoryStore
 
@@ -31,6 +33,8 @@ class FakeDatapath:
     def create(self, endpoint_id, address, mac=None):
         if self.fail_create:
             raise RuntimeError("netlink exploded")
+        if self.host_ifname(endpoint_id) in self.links:
+            raise LinkExists("exists")
         self.links[self.host_ifname(endpoint_id)] = address
         return mac or "aa:bb:cc:dd:ee:ff"
 
@@ -47,12 +51,12 @@ class FakeDatapath:
 
 
 @pytest.fixture
-def node():
+def node(tmp_path):
     store = MemoryStore()
     keys = Keys("/l3net")
     ipam = Ipam(store, keys, "h1")
     dp = FakeDatapath()
-    driver = Driver(store, keys, ipam, dp, "h1")
+    driver = Driver(store, keys, ipam, dp, Journal(str(tmp_path)), "h1")
     app = create_app(driver, ipam)
     app.testing = True
 
