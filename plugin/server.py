@@ -15,8 +15,10 @@ import time
 import click
 from gunicorn.app.base import BaseApplication
 
+from . import __version__
 from .config import RUN_DIR, Config, default_host_ip, etcd_options, make_store
 from .errors import L3netError
+from .store import describe_endpoints, parse_endpoints
 
 log = logging.getLogger("l3net")
 
@@ -67,9 +69,9 @@ class PluginServer(BaseApplication):
         def when_ready(server):
             # Docker's plugin sockets: root-owned, group may connect, nobody else.
             os.chmod(sock, 0o660)
-            log.info("l3net-plugin %s serving %s as driver %r (host %s, etcd %s%s)",
-                     __import__("plugin").__version__, sock, cfg.driver_name, cfg.hostname,
-                     cfg.etcd_endpoints, cfg.etcd_prefix)
+            log.info("l3net-plugin %s serving %s as driver %r (host %s, etcd %s, prefix %s)",
+                     __version__, sock, cfg.driver_name, cfg.hostname,
+                     describe_endpoints(cfg.etcd_endpoints), cfg.etcd_prefix)
 
         def post_fork(server, worker):
             from .datapath import Datapath
@@ -147,7 +149,6 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
                  block_size=block_size, threads=threads, log_level=log_level)
     try:
         cfg.check()
-        from .store import parse_endpoints
         parse_endpoints(cfg.etcd_endpoints)
         from ipam.pools import parse_cidr
         parse_cidr(cfg.default_pool, "--default-pool")

@@ -81,6 +81,13 @@ def parse_endpoints(endpoints):
     return result
 
 
+def describe_endpoints(endpoints):
+    """Endpoints as URLs fit for logs (any user:password@ in the configured URL is dropped)."""
+    if isinstance(endpoints, str):
+        endpoints = parse_endpoints(endpoints)
+    return ",".join(f"{'https' if s else 'http'}://{h}:{p}" for h, p, s in endpoints)
+
+
 class EtcdStore:
     """The store over etcd v3 (python3-etcd3). The gRPC client is created on first use,
     so that a store built before gunicorn forks opens its channel in the worker."""
@@ -95,7 +102,7 @@ class EtcdStore:
         self._lock = threading.Lock()
 
     def describe(self):
-        return ",".join(f"{'https' if s else 'http'}://{h}:{p}" for h, p, s in self.endpoints)
+        return describe_endpoints(self.endpoints)
 
     def _make_client(self):
         import etcd3

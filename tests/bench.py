@@ -80,16 +80,16 @@ def main():
     ratio = l3_med / br_med
     own = statistics.median(per_container)
     print(f"\nl3net bench, {RUNS} interleaved runs each, medians")
-    print(f"  docker run --rm --net bridge   true: {br_med * 1000:7.1f} ms   (baseline)")
-    print(f"  docker run --rm --net <user bridge> true : {ubr_med * 1000:7.1f} ms   (baseline 2)")
-    print(f"  docker run --rm --net <l3net>  true: {l3_med * 1000:7.1f} ms")
-    print(f"  ratio l3net / bridge              : {ratio:7.3f}      (goal <= 1.10) "
-          f"{'OK' if ratio <= 1.10 else 'MISSED'}")
-    print(f"  ratio l3net / user-defined bridge : {l3_med / ubr_med:7.3f}")
-    print(f"  plugin time per container         : {own:7.1f} ms   (goal <= 15 ms) "
-          f"{'OK' if own <= 15 else 'MISSED'}")
-    for call, ms in per_call.items():
-        print(f"    {call:32s} {ms:6.1f} ms")
+    rows = [
+        ("docker run --rm --net bridge", f"{br_med * 1000:7.1f} ms", "baseline"),
+        ("docker run --rm --net <user-defined bridge>", f"{ubr_med * 1000:7.1f} ms", "baseline 2"),
+        ("docker run --rm --net <l3net network>", f"{l3_med * 1000:7.1f} ms", ""),
+        ("ratio l3net / bridge", f"{ratio:7.3f}   ", "goal <= 1.10: " + ("OK" if ratio <= 1.10 else "MISSED")),
+        ("ratio l3net / user-defined bridge", f"{l3_med / ubr_med:7.3f}   ", ""),
+        ("plugin time per container", f"{own:7.1f} ms", "goal <= 15 ms: " + ("OK" if own <= 15 else "MISSED")),
+    ] + [(f"  {call}", f"{ms:7.1f} ms", "") for call, ms in per_call.items()]
+    for label, value, note in rows:
+        print(f"  {label:45s} {value}  {note}")
     return 0
 
 

@@ -137,6 +137,19 @@ def test_fixed_ip_and_duplicate(network):
     assert pings(other, "10.64.9.9")
 
 
+def test_ip_range_gateway_and_aux_addresses(network, plugin):
+    net = network("10.73.0.0/24", "--ip-range", "10.73.0.128/28", "--gateway", "10.73.0.129",
+                  "--aux-address", "router=10.73.0.130")
+    held = {a["address"]: a["handle"] for a in allocations_of(plugin, net)}
+    assert held["10.73.0.129"].startswith("gateway:") and "10.73.0.130" in held
+    names = [run(net) for _ in range(3)]
+    ips = [ip_of(n, net) for n in names]
+    for ip in ips:
+        last = int(ip.split(".")[-1])
+        assert 128 <= last <= 143 and ip not in ("10.73.0.129", "10.73.0.130"), ips
+    assert pings(names[0], ips[1])
+
+
 def test_connect_and_disconnect_running_container(network, plugin):
     net = network("10.65.0.0/16")
     peer = run(net)

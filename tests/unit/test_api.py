@@ -234,3 +234,35 @@ def test_fuzz_never_crashes(node, method, payload):
     if status == 500:
         assert body["Err"] and "Traceback" not in body["Err"]
         assert not body["Err"].startswith("internal error"), body["Err"]
+
+
+def test_restarted_plugin_answers_resent_create_endpoint_and_finishes_deletions(node, tmp_path):
+    """A new driver over the same store and journal (a restarted plugin) answers a re-sent
+    CreateEndpoint from its veth and record, and finishes a deletion the old one accepted."""
+    pool_id = setup_network(node)
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id}))["Address"]
+    body = {"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr}}
+    first = ok(node.call("NetworkDriver.CreateEndpoint", body))
+
+    keys = Keys("/l3net")
+    journal = Journal(str(tmp_path))
+    restarted = Driver(node.store, keys, Ipam(node.store, keys, "h1"), node.dp, journal, "h1")
+    app = create_app(restarted, restarted.ipam)
+    resp = app.test_client().post("/NetworkDriver.CreateEndpoint", data=json.dumps(body))
+    assert resp.status_code == 200 and resp.get_json() == first
+    assert len(node.dp.links) == 1
+
+    journal.add(EP)                      # the old process accepted DeleteEndpoint, then died
+    restarted.resume()
+    assert node.dp.links == {}
+    assert journal.pending() == []
+    assert node.store.get(keys.endpoint("h1", EP)) == (None, 0)
+
+
+def test_leftover_veth_without_record_is_replaced(node):
+    pool_id = setup_network(node)
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id}))["Address"]
+    node.dp.links["l3" + EP[:11]] = "10.20.9.9"     # from an attempt that died before its record
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,
+                                                  "Interface": {"Address": addr}}))
+    assert node.dp.links == {"l3" + EP[:11]: addr.split("/")[0]}
