@@ -72,6 +72,13 @@ def link_exists(ifname):
     return _index(ifname) is not None
 
 
+def link_mac(ifname):
+    try:
+        return _ipr().link("get", ifname=ifname)[0].get_attr("IFLA_ADDRESS")
+    except NetlinkError:
+        return None
+
+
 def random_mac():
     """A locally administered unicast MAC (what the kernel would pick, chosen by us so the
     container side's address is known without asking netlink again)."""
@@ -137,22 +144,31 @@ class Reaper:
         self._thread = None
         self._lock = threading.Lock()
 
-    def submit(self, host_if, then=None):
+    RETRIES = 5
+
+    def submit(self, host_if, then=None, attempt=0):
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="l3net-reaper", daemon=True)
                 self._thread.start()
-        self._queue.put((host_if, then))
+        self._queue.put((host_if, then, attempt))
 
     def _run(self):
         while True:
-            host_if, then = self._queue.get()
+            host_if, then, attempt = self._queue.get()
             try:
                 delete_veth(host_if)
                 if then is not None:
                     then()
-            except Exception:  # noqa: BLE001 - keep reaping; the record stays to retry from
-                log.exception("background deletion of %s failed", host_if)
+            except Exception as e:  # noqa: BLE001 - keep reaping; retry later, then leave it
+                if attempt < self.RETRIES:   # to the journal (finished at the next start)
+                    log.warning("background deletion of %s failed (%s); retrying", host_if, e)
+                    timer = threading.Timer(2 ** attempt, self.submit, (host_if, then, attempt + 1))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    log.error("background deletion of %s failed: %s; left to the next start",
+                              host_if, e)
             finally:
                 self._queue.task_done()
 
