@@ -44,8 +44,12 @@ def temp_ifname(endpoint_id):
 
 
 def _sysctl(path, value):
-    with open(f"/proc/sys/{path}", "w") as f:
-        f.write(str(value))
+    try:
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(str(value))
+    except OSError as e:
+        raise L3netError(f"cannot set {path.replace('/', '.')}={value}: {e.strerror} "
+                         "(l3net needs a writable /proc/sys)") from None
 
 
 _local = threading.local()
@@ -113,6 +117,10 @@ def setup_host_veth(host_if, idx, address):
 
 
 def enable_forwarding():
+    """IPv4 forwarding on (dockerd usually did it already: then nothing is written)."""
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        if f.read().strip() == "1":
+            return
     _sysctl("net/ipv4/ip_forward", 1)
 
 
