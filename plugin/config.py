@@ -37,6 +37,7 @@ class Config:
     default_pool: str = "10.250.0.0/16"
     default_pool_size: int = 24
     block_size: int = 26
+    bgp: bool = True
     threads: int = 16
     log_level: str = "info"
 

@@ -7,6 +7,10 @@ Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3n
     <prefix>/ipam/affinity/<host>/<block>      "<pool cidr>": the blocks a host owns
     <prefix>/hosts/<host>/networks/<id>        Docker network created on that host (JSON)
     <prefix>/hosts/<host>/endpoints/<id>       endpoint (veth) on that host (JSON)
+    <prefix>/nodes/<host>                      node registry: address, AS, last seen (leased)
+    <prefix>/bgp/config                        cluster BGP settings: default AS, mesh on/off
+    <prefix>/bgp/peers/<ip>                    global BGP peers (route reflectors, ToR routers)
+    <prefix>/bgp/nodes/<host>                  per-node BGP settings: AS, peers
 
 ``<pool>`` and ``<block>`` are CIDRs with the ``/`` written as ``-`` (``10.20.0.0-16``), so a
 CIDR never adds a path level. Host names are validated before they reach a key (no ``/``).
@@ -66,3 +70,22 @@ class Keys:
 
     def endpoint(self, host, endpoint_id):
         return f"{self.endpoints(host)}{endpoint_id}"
+
+    # Nodes and BGP -------------------------------------------------------
+    def nodes(self):
+        return f"{self.prefix}/nodes/"
+
+    def node(self, host):
+        return f"{self.nodes()}{host}"
+
+    def bgp_config(self):
+        return f"{self.prefix}/bgp/config"
+
+    def bgp_peers(self):
+        return f"{self.prefix}/bgp/peers/"
+
+    def bgp_peer(self, ip):
+        return f"{self.bgp_peers()}{ip}"
+
+    def bgp_node(self, host):
+        return f"{self.prefix}/bgp/nodes/{host}"

@@ -24,11 +24,13 @@ log = logging.getLogger("l3net")
 
 
 def build(cfg):
-    """Wire the parts of a node together; returns (app, driver, ipam)."""
+    """Wire the parts of a node together; returns (app, driver, ipam, agent)."""
     from ipam.allocator import Ipam
 
     from .app import create_app
     from .datapath import Datapath
+    from .agent import Agent
+    from .bird import Bird
     from .driver import Driver
     from .journal import Journal
     from .keys import Keys
@@ -38,7 +40,9 @@ def build(cfg):
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
     driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name)
-    return create_app(driver, ipam), driver, ipam
+    bird = Bird(cfg.state_dir) if cfg.bgp else None
+    agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird)
+    return create_app(driver, ipam), driver, ipam, agent
 
 
 def resume(driver):
@@ -80,6 +84,13 @@ class PluginServer(BaseApplication):
             except (OSError, L3netError) as e:
                 log.warning("could not prepare the host for routing: %s", e)
 
+        def worker_exit(server, worker):
+            # A stopped plugin is a stopped node: BIRD goes too, so peers withdraw our routes
+            # at once. (A plugin killed with -9 leaves BIRD running; the next one adopts it.)
+            agent = getattr(self, "agent", None)
+            if agent is not None:
+                agent.stop()
+
         settings = {
             "bind": [f"unix:{sock}"],
             "workers": 1,
@@ -93,6 +104,7 @@ class PluginServer(BaseApplication):
             "loglevel": cfg.log_level,
             "when_ready": when_ready,
             "post_fork": post_fork,
+            "worker_exit": worker_exit,
             "proc_name": "l3net-plugin",
         }
         if "control_socket_disable" in self.cfg.settings:   # gunicorn >= 24
@@ -102,8 +114,10 @@ class PluginServer(BaseApplication):
 
     def load(self):
         setup_logging(self.node_cfg.log_level)
-        app, driver, _ = build(self.node_cfg)
+        app, driver, _, agent = build(self.node_cfg)
         threading.Thread(target=resume, args=(driver,), name="l3net-resume", daemon=True).start()
+        agent.start()
+        self.agent = agent
         return app
 
 
@@ -133,12 +147,14 @@ def prepare_paths(cfg):
               help="Prefix length of a pool chosen without --subnet.")
 @click.option("--block-size", envvar="L3NET_BLOCK_SIZE", type=int, default=Config.block_size,
               show_default=True, help="Prefix length of the blocks a host claims.")
+@click.option("--no-bgp", "no_bgp", is_flag=True, envvar="L3NET_NO_BGP",
+              help="Run without BGP (a single host, or routes managed elsewhere).")
 @click.option("--threads", envvar="L3NET_THREADS", type=int, default=Config.threads, show_default=True)
 @click.option("--log-level", envvar="L3NET_LOG_LEVEL", default=Config.log_level, show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
-         default_pool_size, block_size, threads, log_level):
+         default_pool_size, block_size, no_bgp, threads, log_level):
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level)
     cfg = Config(etcd_endpoints=etcd_endpoints, etcd_prefix=etcd_prefix, etcd_timeout=etcd_timeout,
@@ -146,7 +162,7 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
                  etcd_user=etcd_user, etcd_password=etcd_password, hostname=hostname,
                  host_ip=host_ip, socket=socket_path, state_dir=state_dir,
                  default_pool=default_pool, default_pool_size=default_pool_size,
-                 block_size=block_size, threads=threads, log_level=log_level)
+                 block_size=block_size, bgp=not no_bgp, threads=threads, log_level=log_level)
     try:
         cfg.check()
         parse_endpoints(cfg.etcd_endpoints)
@@ -156,6 +172,8 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
             raise L3netError("--block-size must be 8..32 and --default-pool-size 8..30")
         if not cfg.host_ip:
             cfg.host_ip = default_host_ip()
+        if not cfg.host_ip and cfg.bgp:
+            raise L3netError("cannot tell this host's address (no default route): pass --host-ip")
         prepare_paths(cfg)
     except (L3netError, OSError) as e:
         click.echo(f"l3net-plugin: {e}", err=True)

@@ -1,11 +1,12 @@
 """The datastore: a small key/value interface with compare-and-swap, over etcd or memory.
 
-Everything above this module (IPAM, driver) sees only these five calls::
+Everything above this module (IPAM, driver, agent) sees only these calls::
 
     get(key)                    -> (value | None, revision)     revision 0 = absent
     get_prefix(prefix)          -> [(key, value, revision), ...]  sorted by key
-    put(key, value)
+    put(key, value, lease=None)
     delete(key)
+    lease(ttl), refresh(lease)  keys put with ``lease=`` vanish when it is not refreshed
     txn(expect, put, delete)    -> the new revision (> 0) if every key in ``expect`` still had
                                    the given revision (0 = must not exist) and the writes were
                                    applied, else 0; the revision lets callers cache what they wrote
@@ -40,11 +41,19 @@ class MemoryStore:
         with self._lock:
             return sorted((k, v, r) for k, (v, r) in self._data.items() if k.startswith(prefix))
 
-    def put(self, key, value):
+    def put(self, key, value, lease=None):
         self.txn({}, put={key: value})
+        if lease is not None:
+            lease.keys.add(key)
 
     def delete(self, key):
         self.txn({}, delete=[key])
+
+    def lease(self, ttl):
+        return _MemoryLease(self, ttl)
+
+    def refresh(self, lease):
+        return not lease.expired
 
     def txn(self, expect, put=None, delete=None):
         with self._lock:
@@ -57,6 +66,18 @@ class MemoryStore:
             for key in delete or []:
                 self._data.pop(key, None)
             return self._rev
+
+
+class _MemoryLease:
+    """A lease that lives until a test calls expire()."""
+
+    def __init__(self, store, ttl):
+        self.store, self.ttl, self.keys, self.expired = store, ttl, set(), False
+
+    def expire(self):
+        self.expired = True
+        for key in self.keys:
+            self.store.delete(key)
 
 
 def parse_endpoints(endpoints):
@@ -168,8 +189,17 @@ class EtcdStore:
         items = self._call(lambda: list(self.client.get_prefix(prefix, sort_order="ascend")))
         return [(self._dec(m.key), self._dec(v), m.mod_revision) for v, m in items]
 
-    def put(self, key, value):
-        self._call(self.client.put, key, value)
+    def put(self, key, value, lease=None):
+        self._call(self.client.put, key, value, lease=lease)
+
+    def lease(self, ttl):
+        """A new etcd lease of ``ttl`` seconds (keys put with it vanish when it expires)."""
+        return self._call(self.client.lease, int(ttl))
+
+    def refresh(self, lease):
+        """Keep the lease alive; False if it had already expired."""
+        responses = self._call(lambda: list(lease.refresh()))
+        return bool(responses) and responses[0].TTL > 0
 
     def delete(self, key):
         self._call(self.client.delete, key)

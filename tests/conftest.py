@@ -164,7 +164,7 @@ class Plugin:
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "l3net-plugin"), "--socket", self.socket,
              "--etcd-endpoints", self.etcd_url, "--etcd-prefix", self.prefix,
-             "--state-dir", self.state, "--hostname", "e2e-host"],
+             "--state-dir", self.state, "--hostname", "e2e-host", "--no-bgp"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.ready, 30, "l3net-plugin to answer on its socket")
 

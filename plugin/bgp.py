@@ -1,0 +1,126 @@
+"""BIRD 2 configuration for a node, rendered from desired state (pure; golden-tested).
+
+What a node announces, and why:
+  * one route per block it owns (a local ``blackhole`` for the aggregate: addresses of the
+    block with no container are dropped here instead of looping, and the covering route exists
+    for the other hosts);
+  * a /32 for every local container whose address lies outside its blocks (a borrowed address,
+    or an ``--ip`` that moved here). Those are learned from the kernel: the driver's
+    ``proto static`` /32 routes, restricted to the pools;
+  * nothing else: import and export are both restricted to the pools, so a misconfigured peer
+    cannot hijack host routes and we leak nothing but container addresses.
+
+Learned routes go to the kernel as ``proto bird`` with the owning host as next hop.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+DEFAULT_AS = 64512
+HOLD_TIME = 9           # seconds; a dead peer's routes go after this (a killed BIRD: at once)
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    ip: str
+    asn: int
+    multihop: bool = False
+
+
+@dataclass
+class BgpState:
+    node: str
+    router_id: str
+    asn: int = DEFAULT_AS
+    pools: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+    peers: list = field(default_factory=list)
+    hold_time: int = HOLD_TIME
+
+
+def protocol_name(peer):
+    """BIRD protocol names are identifiers: derive one from the peer, unique per address."""
+    return "l3_" + re.sub(r"[^A-Za-z0-9]", "_", peer.ip)
+
+
+def prefix_set(prefixes, plus=True):
+    """A BIRD prefix set literal (callers handle the empty case: BIRD has no empty set)."""
+    return "[ " + ", ".join(f"{p}{'+' if plus else ''}" for p in sorted(prefixes)) + " ]"
+
+
+def render(state):
+    s = state
+    pools_def = prefix_set(s.pools) if s.pools else None
+    blocks_def = prefix_set(s.blocks, plus=False) if s.blocks else None
+    lines = [
+        f"# BIRD configuration of l3net node {s.node}. Rendered by l3net-plugin; any edit is",
+        "# overwritten on the next change.",
+        f"router id {s.router_id};",
+        "log stderr { warning, error, fatal };",
+        "",
+        "function l3net_pool() {",
+        f"  return {'net ~ ' + pools_def if pools_def else 'false'};",
+        "}",
+        "",
+        "function l3net_own_block() {",
+        f"  return {'net ~ ' + blocks_def if blocks_def else 'false'};",
+        "}",
+        "",
+        "protocol device {",
+        "  scan time 10;",
+        "}",
+        "",
+        "# The aggregates of the blocks this node owns.",
+        "protocol static l3net_blocks {",
+        "  ipv4;",
+    ]
+    lines += [f"  route {b} blackhole;" for b in sorted(s.blocks)]
+    lines += [
+        "}",
+        "",
+        "# Learns the driver's container /32 routes; installs what BGP brings (proto bird).",
+        "protocol kernel l3net_kernel {",
+        "  learn;",
+        "  scan time 10;",
+        "  ipv4 {",
+        "    import filter { if l3net_pool() && net.len = 32 then accept; reject; };",
+        "    export filter {",
+        "      if proto = \"l3net_blocks\" then accept;",
+        "      if source = RTS_BGP && l3net_pool() then accept;",
+        "      reject;",
+        "    };",
+        "  };",
+        "}",
+        "",
+        "filter l3net_export {",
+        "  if !l3net_pool() then reject;",
+        "  if proto = \"l3net_blocks\" then accept;",
+        "  if proto = \"l3net_kernel\" && net.len = 32 && !l3net_own_block() then accept;",
+        "  reject;",
+        "}",
+        "",
+        "template bgp l3net_peer {",
+        f"  local as {s.asn};",
+        f"  hold time {s.hold_time};",
+        f"  keepalive time {max(1, s.hold_time // 3)};",
+        "  connect retry time 5;",
+        "  ipv4 {",
+        "    import filter { if l3net_pool() then accept; reject; };",
+        "    export filter l3net_export;",
+        "    next hop self;",
+        "  };",
+        "}",
+        "",
+    ]
+    for peer in sorted(s.peers, key=lambda p: (p.ip, p.name)):
+        lines += [
+            f"# {peer.name}",
+            f"protocol bgp {protocol_name(peer)} from l3net_peer {{",
+            f"  neighbor {peer.ip} as {peer.asn};",
+            f"  source address {s.router_id};",
+            "  multihop;" if peer.multihop else "  direct;",
+            "}",
+            "",
+        ]
+    return "\n".join(lines)

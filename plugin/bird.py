@@ -1,0 +1,123 @@
+"""BIRD 2 as a supervised child: write and check its config, start it, reconfigure, restart.
+
+Files: the config under the state dir (``bird.conf``), the control socket and pid file under
+``/run/l3net``. A BIRD left running by a previous plugin process (plugin killed, BIRD not) is
+adopted through its pid file instead of started twice, so routes survive a plugin restart.
+Every command is bounded by a timeout; none goes through a shell.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import time
+
+from .errors import L3netError
+
+log = logging.getLogger("l3net.bird")
+
+TIMEOUT = 15
+
+
+class Bird:
+    def __init__(self, state_dir, run_dir="/run/l3net", bird="bird", birdc="birdc"):
+        self.conf = os.path.join(state_dir, "bird.conf")
+        self.logfile = os.path.join(state_dir, "bird.log")
+        self.socket = os.path.join(run_dir, "bird.ctl")
+        self.pidfile = os.path.join(run_dir, "bird.pid")
+        self.bird, self.birdc = bird, birdc
+        self.proc = None
+        self.current = None
+        os.makedirs(run_dir, exist_ok=True)
+
+    def _run(self, args, what):
+        try:
+            res = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
+        except FileNotFoundError:
+            raise L3netError(f"{args[0]} not found: install bird2 (or run with --no-bgp)") from None
+        except subprocess.TimeoutExpired:
+            raise L3netError(f"{what} did not finish within {TIMEOUT}s") from None
+        return res
+
+    def pid(self):
+        """The pid of our running BIRD, or None."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc.pid
+        try:
+            with open(self.pidfile) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            if cmd and os.path.basename(cmd[0].decode()) == os.path.basename(self.bird) and \
+                    self.socket.encode() in cmd:
+                return pid
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def apply(self, text):
+        """Make BIRD run with config ``text``: check it, then start or reconfigure."""
+        running = self.pid() is not None
+        if text == self.current and running:
+            return False
+        tmp = self.conf + ".new"
+        with open(tmp, "w") as f:
+            f.write(text)
+        res = self._run([self.bird, "-p", "-c", tmp], "bird -p")
+        if res.returncode != 0:
+            raise L3netError(f"rendered BIRD config is invalid: {res.stderr.strip() or res.stdout.strip()}")
+        os.replace(tmp, self.conf)
+        if running:
+            res = self._run([self.birdc, "-s", self.socket, "configure"], "birdc configure")
+            if res.returncode != 0 or "Reconfigur" not in res.stdout:
+                raise L3netError(f"birdc configure failed: {res.stdout.strip()} {res.stderr.strip()}")
+            log.info("BIRD reconfigured")
+        else:
+            self.start()
+        self.current = text
+        return True
+
+    def start(self):
+        try:
+            os.unlink(self.socket)
+        except FileNotFoundError:
+            pass
+        # -f: foreground, so it is our child and we see it die. Its log goes to a file (a pipe
+        # nobody drains would stall it).
+        with open(self.logfile, "a") as logf:
+            self.proc = subprocess.Popen([self.bird, "-f", "-c", self.conf, "-s", self.socket,
+                                          "-P", self.pidfile], stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=logf, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                with open(self.logfile) as f:
+                    err = "".join(f.readlines()[-3:]).strip()
+                raise L3netError(f"BIRD exited at start: {err}")
+            if os.path.exists(self.socket):
+                log.info("BIRD started (pid %d)", self.proc.pid)
+                return
+            time.sleep(0.05)
+        raise L3netError("BIRD did not open its control socket within 10s")
+
+    def stop(self):
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.pid() is not None:
+            if self.proc is not None:
+                self.proc.poll()
+            time.sleep(0.05)
+        self.current = None
+
+    def show(self, *what):
+        """``birdc show ...`` output (for l3netctl and tests)."""
+        res = self._run([self.birdc, "-s", self.socket, "show", *what], "birdc show")
+        if res.returncode != 0:
+            raise L3netError(f"birdc show {' '.join(what)} failed: {res.stdout.strip()} {res.stderr.strip()}")
+        return res.stdout

@@ -1,0 +1,100 @@
+"""BGP: rendered BIRD config against golden files and `bird -p`; desired state from etcd data."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plugin.agent import Registry, desired_bgp
+from plugin.bgp import BgpState, Peer, render
+from plugin.keys import Keys
+from plugin.store import MemoryStore
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+MESH = BgpState(node="h1", router_id="198.18.0.11", pools=["10.20.0.0/16", "10.250.0.0/24"],
+                blocks=["10.20.0.0/26", "10.20.0.64/26"],
+                peers=[Peer("h2", "198.18.0.12", 64512), Peer("h3", "198.18.0.13", 64512),
+                       Peer("tor1", "198.18.0.1", 65000, multihop=True)])
+EMPTY = BgpState(node="lonely", router_id="192.0.2.7")
+has_bird = pytest.mark.skipif(not shutil.which("bird"), reason="bird2 not installed")
+
+
+@pytest.mark.parametrize("state,name", [(MESH, "bird-mesh.conf"), (EMPTY, "bird-empty.conf")])
+def test_render_matches_golden(state, name):
+    with open(os.path.join(GOLDEN, name)) as f:
+        assert render(state) == f.read()
+
+
+def bird_accepts(text, tmp_path):
+    path = tmp_path / "bird.conf"
+    path.write_text(text)
+    res = subprocess.run(["bird", "-p", "-c", str(path)], capture_output=True, text=True, timeout=30)
+    return res.returncode == 0, res.stderr + res.stdout
+
+
+@has_bird
+@pytest.mark.parametrize("state", [MESH, EMPTY])
+def test_bird_accepts_rendered_config(state, tmp_path):
+    ok, err = bird_accepts(render(state), tmp_path)
+    assert ok, err
+
+
+cidrs = st.tuples(st.integers(1, 223), st.integers(0, 255), st.integers(16, 30)).map(
+    lambda t: f"{t[0]}.{t[1]}.0.0/{t[2]}")
+ips = st.tuples(st.integers(1, 223), st.integers(0, 255), st.integers(1, 254)).map(
+    lambda t: f"{t[0]}.{t[1]}.0.{t[2]}")
+
+
+@has_bird
+@settings(max_examples=25, deadline=None)
+@given(pools=st.lists(cidrs, max_size=4, unique=True), blocks=st.lists(cidrs, max_size=4, unique=True),
+       peers=st.lists(st.tuples(ips, st.integers(1, 4294967295), st.booleans()), max_size=4,
+                      unique_by=lambda p: p[0]),
+       name=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True))
+def test_bird_accepts_any_state(tmp_path_factory, pools, blocks, peers, name):
+    state = BgpState(node=name, router_id="192.0.2.1", pools=pools, blocks=blocks,
+                     peers=[Peer(f"n{i}", ip, asn, mh) for i, (ip, asn, mh) in enumerate(peers)])
+    ok, err = bird_accepts(render(state), tmp_path_factory.mktemp("bird"))
+    assert ok, err
+
+
+def test_desired_state_full_mesh_from_registry():
+    store, keys = MemoryStore(), Keys("/t")
+    for name, ip in [("h1", "198.18.0.11"), ("h2", "198.18.0.12"), ("h3", "198.18.0.13")]:
+        Registry(store, keys, name, ip).heartbeat(64512)
+    store.put(keys.pool("10.20.0.0/16"), "{}")
+    store.put(keys.affinity("h1", "10.20.0.0/26"), "10.20.0.0/16")
+    store.put(keys.affinity("h2", "10.20.0.64/26"), "10.20.0.0/16")
+    state, asn = desired_bgp(store, keys, "h1", "198.18.0.11")
+    assert asn == 64512 and state.router_id == "198.18.0.11"
+    assert sorted(p.ip for p in state.peers) == ["198.18.0.12", "198.18.0.13"]
+    assert state.pools == ["10.20.0.0/16"] and state.blocks == ["10.20.0.0/26"]
+
+
+def test_desired_state_options_mesh_off_global_and_node_peers():
+    store, keys = MemoryStore(), Keys("/t")
+    Registry(store, keys, "h1", "198.18.0.11").heartbeat(64512)
+    Registry(store, keys, "h2", "198.18.0.12").heartbeat(64512)
+    store.put(keys.bgp_config(), json.dumps({"as": 64600, "mesh": False}))
+    store.put(keys.bgp_peer("198.18.0.1"), json.dumps({"ip": "198.18.0.1", "as": 65000, "name": "rr1"}))
+    store.put(keys.bgp_node("h1"), json.dumps({"as": 64601, "peers": [{"ip": "198.18.0.2", "as": 65001}]}))
+    state, asn = desired_bgp(store, keys, "h1", "198.18.0.11")
+    assert asn == 64601
+    assert {(p.ip, p.asn, p.multihop) for p in state.peers} == {("198.18.0.1", 65000, True),
+                                                                ("198.18.0.2", 65001, True)}
+
+
+def test_expired_lease_removes_node():
+    store, keys = MemoryStore(), Keys("/t")
+    reg = Registry(store, keys, "h2", "198.18.0.12")
+    reg.heartbeat(64512)
+    reg._lease.expire()
+    state, _ = desired_bgp(store, keys, "h1", "198.18.0.11")
+    assert state.peers == []
+    reg.heartbeat(64512, force=True)            # back: a new lease, the record again
+    state, _ = desired_bgp(store, keys, "h1", "198.18.0.11")
+    assert [p.ip for p in state.peers] == ["198.18.0.12"]
