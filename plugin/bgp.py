@@ -44,15 +44,16 @@ def protocol_name(peer):
     return "l3_" + re.sub(r"[^A-Za-z0-9]", "_", peer.ip)
 
 
-def prefix_set(prefixes, plus=True):
-    """A BIRD prefix set literal (callers handle the empty case: BIRD has no empty set)."""
-    return "[ " + ", ".join(f"{p}{'+' if plus else ''}" for p in sorted(prefixes)) + " ]"
+def prefix_set(prefixes):
+    """A BIRD prefix set matching the prefixes and everything inside them (``10.0.0.0/8+``).
+    Callers handle the empty case: BIRD has no empty set literal."""
+    return "[ " + ", ".join(f"{p}+" for p in sorted(prefixes)) + " ]"
 
 
 def render(state):
     s = state
     pools_def = prefix_set(s.pools) if s.pools else None
-    blocks_def = prefix_set(s.blocks, plus=False) if s.blocks else None
+    blocks_def = prefix_set(s.blocks) if s.blocks else None
     lines = [
         f"# BIRD configuration of l3net node {s.node}. Rendered by l3net-plugin; any edit is",
         "# overwritten on the next change.",

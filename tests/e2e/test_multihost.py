@@ -1,0 +1,129 @@
+"""Three hosts on one machine (tests/testbed.py): one network across hosts, routes by BGP.
+
+Every host runs its own dockerd and l3net-plugin (with BIRD); they share one etcd. No tunnel
+anywhere: a packet to a container on another host leaves through the underlay with that host
+as the next hop.
+"""
+
+import json
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import REQUIRE, wait_for
+from tests.testbed import NET, Testbed
+
+SUBNET = "10.40.0.0/16"
+
+
+@pytest.fixture(scope="module")
+def bed(docker_ready):
+    bed = Testbed(3, prefix=f"/l3bed-{uuid.uuid4().hex[:6]}")
+    try:
+        bed.up()
+    except Exception as e:  # noqa: BLE001
+        bed.cleanup()
+        if REQUIRE:
+            raise
+        pytest.skip(f"test bed could not start: {e}")
+    try:
+        for host in bed.hosts:
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                        "--subnet", SUBNET, "web")
+        yield bed
+    finally:
+        bed.cleanup()
+
+
+@pytest.fixture
+def containers(bed):
+    """Start containers on hosts; all removed after the test."""
+    started = []
+
+    def start(host, *args, name=None):
+        name = name or f"c-{uuid.uuid4().hex[:8]}"
+        host.docker("run", "-d", "--name", name, "--net", "web", *args,
+                    "l3net-test/busybox", "sleep", "600")
+        started.append((host, name))
+        return name, ip_of(host, name)
+    yield start
+    for host, name in started:
+        host.docker("rm", "-f", name, check=False)
+
+
+def ip_of(host, name):
+    out = host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", name).stdout
+    return json.loads(out)["web"]["IPAddress"]
+
+
+def pings(host, name, address):
+    return host.docker("exec", name, "ping", "-c1", "-W1", address, check=False).returncode == 0
+
+
+def routes(host):
+    return host.sh("ip", "-4", "route").stdout
+
+
+def test_every_container_reaches_every_other_across_hosts(bed, containers):
+    running = [(h, *containers(h)) for h in bed.hosts for _ in range(2)]
+    for src_host, src, _ in running:
+        for _, _, dst_ip in running:
+            wait_for(lambda: pings(src_host, src, dst_ip), 20,
+                     f"{src} on {src_host.name} to reach {dst_ip}")
+
+
+def test_routes_come_from_bgp_via_the_peer_and_no_tunnel(bed, containers):
+    h1, h2, h3 = bed.hosts
+    name, ip = containers(h2)
+    wait_for(lambda: re.search(rf"via {re.escape(h2.ip)} dev eth0 proto bird", routes(h1)), 20,
+             "a BGP route on host 1 via host 2")
+    got = h1.sh("ip", "route", "get", ip).stdout
+    assert f"via {h2.ip} dev eth0" in got, got
+    # host 2 announces its block, not a /32 per container inside it
+    assert not re.search(rf"^{re.escape(ip)} via", routes(h1), re.M), routes(h1)
+    assert re.search(r"^blackhole 10\.40\.\S+/26 proto bird", routes(h2), re.M), routes(h2)
+    for host in bed.hosts:
+        links = host.sh("ip", "-d", "link", "show").stdout
+        for kind in ("vxlan", "ipip", "gre", "geneve", "wireguard", "sit"):
+            assert f" {kind} " not in links, f"{kind} device on {host.name}"
+        protocols = host.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols").stdout
+        assert protocols.count("Established") == 2, protocols
+
+
+def test_ip_moves_from_host1_to_host2(bed, containers):
+    h1, h2, h3 = bed.hosts
+    watcher, _ = containers(h3)
+    moving = "10.40.250.250"
+    name, _ = containers(h1, "--ip", moving)
+    wait_for(lambda: pings(h3, watcher, moving), 20, "the address on host 1 from host 3")
+    h1.docker("rm", "-f", name)
+    containers(h2, "--ip", moving)
+    start = time.monotonic()
+    wait_for(lambda: pings(h3, watcher, moving), 15, "the moved address on host 2 from host 3")
+    elapsed = time.monotonic() - start
+    assert re.search(rf"^{re.escape(moving)} via {re.escape(h2.ip)} ", routes(h3), re.M), routes(h3)
+    print(f"moved address reachable again after {elapsed:.2f}s")
+
+
+def test_parallel_starts_on_all_hosts_get_unique_addresses(bed, containers):
+    jobs = [h for h in bed.hosts for _ in range(5)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda h: containers(h)[1], jobs))
+    assert len(set(got)) == len(got) == 15, got
+
+
+def test_dead_node_routes_withdrawn_then_restored(bed, containers):
+    h1, h2, h3 = bed.hosts
+    name1, _ = containers(h1)
+    _, ip2 = containers(h2)
+    wait_for(lambda: pings(h1, name1, ip2), 20, "host 2's container from host 1")
+    h2.kill_plugin()
+    hold = 9
+    wait_for(lambda: h2.ip not in routes(h1) and h2.ip not in routes(h3), hold + 5,
+             "host 2's routes withdrawn on hosts 1 and 3")
+    assert not pings(h1, name1, ip2)
+    h2.start_plugin()
+    wait_for(lambda: pings(h1, name1, ip2), 30, "host 2's container reachable again")

@@ -1,0 +1,219 @@
+"""A multi-host test bed on one machine: N simulated hosts, one shared etcd.
+
+Per host:
+  * a network namespace ``l3bedN``, wired by a veth to the bridge ``l3bed0`` in the root
+    namespace (the underlay, 198.18.0.0/24: the bridge is .1, host N is .10+N), default route
+    via the bridge;
+  * a private mount namespace with a tmpfs on ``/run`` (its own plugin socket, BIRD socket,
+    xtables lock, docker exec root), held open by an anchor process; every process of the host
+    is started with ``nsenter -t <anchor> -m -n`` (not ``ip netns exec``, which remounts /sys
+    and hides the cgroup mounts dockerd needs);
+  * its own dockerd (own --data-root, -H socket, pidfile) and its own l3net-plugin.
+One etcd listens on the bridge address. Everything is torn down by ``down()``, also after a
+failure half way through ``up()``.
+
+Used by the multi-host tests and by ``make demo``.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+BRIDGE = "l3bed0"
+NET = "198.18.0"
+TEST_IMAGE = "l3net-test/busybox:latest"
+
+
+def run(*args, check=True, timeout=60, **kw):
+    res = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def wait_until(predicate, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - keep polling
+            pass
+        time.sleep(interval)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Host:
+    def __init__(self, bed, index):
+        self.bed = bed
+        self.index = index
+        self.name = f"l3bed{index}"
+        self.ip = f"{NET}.{10 + index}"
+        self.dir = os.path.join(bed.dir, self.name)
+        self.anchor = None
+        self.dockerd = None
+        self.plugin = None
+
+    # -- running things inside the host -------------------------------------
+    def nsenter(self):
+        return ["nsenter", "-t", str(self.anchor.pid), "-m", "-n"]
+
+    def sh(self, *args, check=True, timeout=60):
+        return run(*self.nsenter(), *args, check=check, timeout=timeout)
+
+    def docker(self, *args, check=True, timeout=120):
+        return run("docker", "-H", self.docker_host, *args, check=check, timeout=timeout)
+
+    @property
+    def docker_host(self):
+        # The host's docker socket, reached through its mount namespace.
+        return f"unix:///proc/{self.anchor.pid}/root/run/docker.sock"
+
+    # -- life cycle ---------------------------------------------------------
+    def up(self):
+        os.makedirs(self.dir, exist_ok=True)
+        run("ip", "netns", "add", self.name)
+        run("ip", "link", "add", f"vb-{self.name}", "type", "veth", "peer", "name", f"ve-{self.name}")
+        run("ip", "link", "set", f"vb-{self.name}", "master", BRIDGE, "up")
+        run("ip", "link", "set", f"ve-{self.name}", "netns", self.name)
+        ns = ["ip", "-n", self.name]
+        run(*ns, "link", "set", f"ve-{self.name}", "name", "eth0")
+        run(*ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        run(*ns, "link", "set", "eth0", "up")
+        run(*ns, "link", "set", "lo", "up")
+        run(*ns, "route", "add", "default", "via", f"{NET}.1")
+        self.anchor = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "-m", "--propagation", "private",
+             "sh", "-c", "mount -t tmpfs tmpfs /run && mkdir -p /run/docker/plugins /run/l3net "
+                         "&& echo ready && exec sleep infinity"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            text=True, start_new_session=True)
+        if self.anchor.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"{self.name}: the namespace anchor did not start")
+        log = open(os.path.join(self.dir, "dockerd.log"), "w")
+        self.dockerd = subprocess.Popen(
+            [*self.nsenter(), "dockerd", "--data-root", os.path.join(self.dir, "docker"),
+             "-H", "unix:///run/docker.sock", "--pidfile", "/run/docker.pid"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: self.docker("info", check=False, timeout=10).returncode == 0, 90,
+                   f"dockerd on {self.name}")
+        if self.docker("image", "inspect", TEST_IMAGE, check=False).returncode != 0:
+            run(os.path.join(ROOT, "scripts", "test-image.sh"), timeout=120,
+                env={**os.environ, "DOCKER_HOST": self.docker_host})
+        self.start_plugin()
+
+    def start_plugin(self, *extra):
+        log = open(os.path.join(self.dir, "plugin.log"), "a")
+        self.plugin = subprocess.Popen(
+            [*self.nsenter(), os.path.join(BIN, "l3net-plugin"), "--etcd-endpoints", self.bed.etcd_url,
+             "--etcd-prefix", self.bed.prefix, "--hostname", self.name, "--host-ip", self.ip,
+             "--state-dir", os.path.join(self.dir, "state"), *extra],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: self.sh("test", "-S", "/run/docker/plugins/l3net.sock",
+                                   check=False).returncode == 0, 30, f"plugin on {self.name}")
+
+    def kill_plugin(self):
+        """kill -9 the plugin and its BIRD (a node dying)."""
+        if self.plugin is not None:
+            try:
+                os.killpg(self.plugin.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.plugin.wait(10)
+            self.plugin = None
+        self.sh("pkill", "-9", "-x", "bird", check=False)
+
+    def down(self):
+        if self.anchor is not None:
+            if self.plugin is not None:
+                try:
+                    os.killpg(self.plugin.pid, signal.SIGTERM)
+                    self.plugin.wait(15)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(self.plugin.pid, signal.SIGKILL)
+            ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
+            if ids:
+                self.docker("rm", "-f", *ids, check=False, timeout=120)
+            if self.dockerd is not None:
+                self.dockerd.terminate()
+                try:
+                    self.dockerd.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.dockerd.kill()
+            # Whatever else runs in the host's mount namespace (bird, containerd shims).
+            self.sh("sh", "-c", "pkill -9 -x bird; pkill -9 containerd-shim; true", check=False)
+            os.killpg(self.anchor.pid, signal.SIGKILL)
+            self.anchor.wait(10)
+        run("ip", "netns", "del", self.name, check=False)
+        run("ip", "link", "del", f"vb-{self.name}", check=False)
+
+
+class Testbed:
+    __test__ = False   # not a test class, whatever pytest thinks of the name
+
+    def __init__(self, n=3, workdir=None, prefix="/l3bed"):
+        self.dir = workdir or tempfile.mkdtemp(prefix="l3bed-")
+        self.prefix = prefix
+        self.hosts = [Host(self, i) for i in range(1, n + 1)]
+        self.etcd = None
+        self.etcd_url = None
+
+    def up(self):
+        try:
+            self._up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _up(self):
+        self.down_leftovers()
+        run("ip", "link", "add", BRIDGE, "type", "bridge")
+        run("ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE)
+        run("ip", "link", "set", BRIDGE, "up")
+        # dockerd's FORWARD policy is DROP and br_netfilter sends bridged frames through it.
+        run("iptables", "-I", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
+        port = 23790
+        self.etcd_url = f"http://{NET}.1:{port}"
+        log = open(os.path.join(self.dir, "etcd.log"), "w")
+        self.etcd = subprocess.Popen(
+            ["etcd", "--name", "l3bed", "--data-dir", os.path.join(self.dir, "etcd"),
+             "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
+             "--listen-peer-urls", f"http://127.0.0.1:{port + 1}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{port + 1}",
+             "--initial-cluster", f"l3bed=http://127.0.0.1:{port + 1}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: run("etcdctl", "--endpoints", self.etcd_url, "endpoint", "health",
+                               check=False, timeout=5).returncode == 0, 30, "etcd")
+        with ThreadPoolExecutor(len(self.hosts)) as pool:
+            list(pool.map(lambda h: h.up(), self.hosts))
+
+    def down(self):
+        for host in self.hosts:
+            try:
+                host.down()
+            except Exception as e:  # noqa: BLE001 - tear down the rest anyway
+                print(f"testbed: {host.name}: {e}", file=sys.stderr)
+        if self.etcd is not None:
+            os.killpg(self.etcd.pid, signal.SIGKILL)
+            self.etcd.wait(10)
+            self.etcd = None
+        self.down_leftovers()
+
+    def down_leftovers(self):
+        run("iptables", "-D", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT", check=False)
+        run("ip", "link", "del", BRIDGE, check=False)
+        for host in self.hosts:
+            run("ip", "netns", "del", host.name, check=False)
+            run("ip", "link", "del", f"vb-{host.name}", check=False)
+
+    def cleanup(self):
+        self.down()
+        shutil.rmtree(self.dir, ignore_errors=True)
