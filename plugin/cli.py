@@ -35,6 +35,9 @@ def emit(rows, columns, as_json, title=None):
         table.add_column(col)
     for row in rows:
         table.add_row(*[str(row.get(c.lower().replace(" ", "_"), "")) for c in columns])
+    if not rows:
+        Console().print("(none)")
+        return
     Console().print(table)
 
 
@@ -106,6 +109,164 @@ def endpoint_list(obj, as_json):
                          "host": key.split("/hosts/")[1].split("/")[0], "address": e["address"],
                          "interface": e["host_ifname"]})
     emit(rows, ["Endpoint", "Network", "Host", "Address", "Interface"], as_json)
+
+
+@cli.group()
+def node():
+    """Nodes of the cluster (the registry each l3net-plugin keeps alive)."""
+
+
+@node.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def node_list(obj, as_json):
+    import time
+
+    from .agent import nodes
+    now = time.time()
+    blocks = {}
+    for key, _, _ in obj.store.get_prefix(obj.keys.prefix + "/ipam/affinity/"):
+        host = key.split("/ipam/affinity/")[1].split("/")[0]
+        blocks[host] = blocks.get(host, 0) + 1
+    rows = [{"name": n["name"], "address": n["ip"], "as": n.get("as"),
+             "last_seen": f"{now - n['last_seen']:.0f}s ago", "blocks": blocks.get(n["name"], 0)}
+            for n in sorted(nodes(obj.store, obj.keys), key=lambda n: n["name"])]
+    emit(rows, ["Name", "Address", "AS", "Last seen", "Blocks"], as_json)
+
+
+def asn_type(value):
+    try:
+        asn = int(value)
+    except (TypeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not an AS number") from None
+    if not 1 <= asn <= 4294967295:
+        raise click.BadParameter("AS numbers are 1..4294967295")
+    return asn
+
+
+def ip_type(value):
+    from .validate import ipv4
+    try:
+        return str(ipv4(value, "peer address"))
+    except L3netError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def node_type(value):
+    from .validate import hostname
+    try:
+        return hostname(value)
+    except L3netError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@cli.group()
+def bgp():
+    """BGP settings: AS numbers, the node-to-node mesh, route reflectors and other peers.
+
+    \b
+    The default full mesh opens a session between every two nodes: n*(n-1)/2 sessions, fine
+    up to some tens of nodes. Beyond that, run route reflectors (or peer with top-of-rack
+    routers): `l3netctl bgp peer add RR_IP --as AS`, then `l3netctl bgp config --no-mesh`.
+    """
+
+
+def _update_json(obj, key, change):
+    from .agent import read_json
+    record = read_json(obj.store, key, {})
+    change(record)
+    obj.store.put(key, json.dumps(record, sort_keys=True))
+    return record
+
+
+@bgp.command("config")
+@click.option("--as", "asn", type=asn_type, help="Default AS number of the nodes.")
+@click.option("--mesh/--no-mesh", default=None, help="Node-to-node full mesh on or off.")
+@click.option("--hold-time", type=click.IntRange(3, 65535), help="BGP hold time in seconds.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def bgp_config(obj, asn, mesh, hold_time, as_json):
+    """Show, or change, the cluster's BGP settings."""
+    from .agent import bgp_settings
+
+    def change(record):
+        for key, value in (("as", asn), ("mesh", mesh), ("hold_time", hold_time)):
+            if value is not None:
+                record[key] = value
+    if any(v is not None for v in (asn, mesh, hold_time)):
+        _update_json(obj, obj.keys.bgp_config(), change)
+    cluster, _ = bgp_settings(obj.store, obj.keys, "-")
+    emit([{"as": cluster["as"], "mesh": cluster["mesh"], "hold_time": cluster["hold_time"]}],
+         ["AS", "Mesh", "Hold time"], as_json)
+
+
+@bgp.command("node")
+@click.argument("name", type=node_type)
+@click.option("--as", "asn", type=asn_type, help="This node's own AS number.")
+@click.pass_obj
+def bgp_node(obj, name, asn):
+    """Set a node's AS number (default: the cluster's)."""
+    record = _update_json(obj, obj.keys.bgp_node(name), lambda r: r.update({"as": asn}))
+    click.echo(f"node {name}: AS {record['as'] or 'cluster default'}")
+
+
+@bgp.group()
+def peer():
+    """BGP peers outside the mesh: route reflectors, top-of-rack routers."""
+
+
+@peer.command("add")
+@click.argument("ip", type=ip_type)
+@click.option("--as", "asn", type=asn_type, required=True, help="The peer's AS number.")
+@click.option("--node", type=node_type, help="Only this node peers with it (default: every node).")
+@click.option("--name", default=None, help="A label for the peer.")
+@click.pass_obj
+def peer_add(obj, ip, asn, node, name):
+    record = {"ip": ip, "as": asn, "name": name or ip}
+    if node:
+        def change(r):
+            r.setdefault("peers", [])
+            r["peers"] = [p for p in r["peers"] if p["ip"] != ip] + [record]
+        _update_json(obj, obj.keys.bgp_node(node), change)
+    else:
+        obj.store.put(obj.keys.bgp_peer(ip), json.dumps(record, sort_keys=True))
+    click.echo(f"peer {ip} AS {asn} added for {'node ' + node if node else 'every node'}")
+
+
+@peer.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def peer_list(obj, as_json):
+    rows = [dict(json.loads(v), scope="global") for _, v, _ in obj.store.get_prefix(obj.keys.bgp_peers())]
+    for key, value, _ in obj.store.get_prefix(obj.keys.prefix + "/bgp/nodes/"):
+        for p in json.loads(value).get("peers", []):
+            rows.append(dict(p, scope="node " + key.rsplit("/", 1)[1]))
+    emit(rows, ["IP", "AS", "Name", "Scope"], as_json)
+
+
+@peer.command("remove")
+@click.argument("ip", type=ip_type)
+@click.option("--node", type=node_type, help="Remove the peer of this node (default: the global one).")
+@click.pass_obj
+def peer_remove(obj, ip, node):
+    if node:
+        _update_json(obj, obj.keys.bgp_node(node),
+                     lambda r: r.update({"peers": [p for p in r.get("peers", []) if p["ip"] != ip]}))
+    else:
+        if obj.store.get(obj.keys.bgp_peer(ip))[0] is None:
+            raise L3netError(f"no global peer {ip}")
+        obj.store.delete(obj.keys.bgp_peer(ip))
+    click.echo(f"peer {ip} removed")
+
+
+@bgp.command("status")
+@click.option("--socket", "sock", default="/run/l3net/bird.ctl", show_default=True)
+def bgp_status(sock):
+    """This node's BGP sessions, as BIRD reports them."""
+    from .bird import Bird
+    bird = Bird.__new__(Bird)
+    bird.birdc, bird.socket = "birdc", sock
+    click.echo(bird.show("protocols").rstrip())
 
 
 def main():
