@@ -2,7 +2,7 @@
 VENV := .venv
 SHELL := /bin/bash
 
-.PHONY: setup run test unit bench clean
+.PHONY: setup run test unit bench demo demo-down clean
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,12 @@ unit: setup
 
 bench: setup
 	$(VENV)/bin/python -m tests.bench
+
+demo: setup
+	$(VENV)/bin/python scripts/demo.py
+
+demo-down:
+	$(VENV)/bin/python scripts/demo.py down
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

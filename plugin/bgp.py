@@ -105,6 +105,7 @@ def render(state):
         f"  local as {s.asn};",
         f"  hold time {s.hold_time};",
         f"  keepalive time {max(1, s.hold_time // 3)};",
+        "  connect delay time 1;",
         "  connect retry time 5;",
         "  ipv4 {",
         "    import filter { if l3net_pool() then accept; reject; };",

@@ -15,6 +15,7 @@ failure half way through ``up()``.
 Used by the multi-host tests and by ``make demo``.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -174,6 +175,7 @@ class Testbed:
         return self
 
     def _up(self):
+        os.makedirs(self.dir, exist_ok=True)
         self.down_leftovers()
         run("ip", "link", "add", BRIDGE, "type", "bridge")
         run("ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE)
@@ -217,3 +219,57 @@ class Testbed:
     def cleanup(self):
         self.down()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- a bed that outlives its process (make demo / make demo-down) ----------
+    def save(self, path):
+        state = {"dir": self.dir, "prefix": self.prefix, "etcd": self.etcd.pid, "etcd_url": self.etcd_url,
+                 "hosts": [{"index": h.index, "anchor": h.anchor.pid, "dockerd": h.dockerd.pid,
+                            "plugin": h.plugin.pid if h.plugin else None} for h in self.hosts]}
+        with open(path, "w") as f:
+            json.dump(state, f)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            state = json.load(f)
+        bed = cls(len(state["hosts"]), workdir=state["dir"], prefix=state["prefix"])
+        bed.etcd, bed.etcd_url = _Adopted(state["etcd"]), state["etcd_url"]
+        for host, saved in zip(bed.hosts, state["hosts"]):
+            host.anchor, host.dockerd = _Adopted(saved["anchor"]), _Adopted(saved["dockerd"])
+            host.plugin = _Adopted(saved["plugin"]) if saved["plugin"] else None
+        return bed
+
+
+class _Adopted:
+    """Enough of subprocess.Popen for down() on a process another run started."""
+
+    def __init__(self, pid):
+        self.pid = pid
+
+    def _alive(self):
+        return os.path.exists(f"/proc/{self.pid}")
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def send_signal(self, sig):
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout=None):
+        deadline = time.monotonic() + (timeout or 3600)
+        while self._alive():
+            try:   # reap it if it happens to be our child
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return 0
+            except ChildProcessError:
+                pass
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+        return 0
