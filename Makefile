@@ -18,6 +18,7 @@ unit: setup
 
 bench: setup
 	$(VENV)/bin/python -m tests.bench
+	$(VENV)/bin/python -m tests.bench_net
 
 demo: setup
 	$(VENV)/bin/python scripts/demo.py

@@ -127,3 +127,15 @@ def test_dead_node_routes_withdrawn_then_restored(bed, containers):
     assert not pings(h1, name1, ip2)
     h2.start_plugin()
     wait_for(lambda: pings(h1, name1, ip2), 30, "host 2's container reachable again")
+
+
+def test_bird_that_dies_is_restarted(bed, containers):
+    h1, _, h3 = bed.hosts
+    name1, _ = containers(h1)
+    _, ip3 = containers(h3)
+    wait_for(lambda: pings(h1, name1, ip3), 20, "host 3's container from host 1")
+    h3.sh("pkill", "-9", "-x", "bird")
+    wait_for(lambda: h3.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols",
+                           check=False).stdout.count("Established") == 2, 30,
+             "BIRD on host 3 restarted with both sessions up")
+    wait_for(lambda: pings(h1, name1, ip3), 20, "host 3's container reachable again")

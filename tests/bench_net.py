@@ -1,0 +1,228 @@
+"""``make bench`` (network part): cross-host container throughput, packet rate and latency of
+l3net against baselines built in the same run between the same two simulated hosts.
+
+Paths, all between host 1 and host 2 of a 2-host test bed (tests/testbed.py):
+  (a) underlay      host to host, no container: the ceiling of the machine
+  (b) routed        hand-built: a namespace per side, veth, /32, proxy ARP, static routes, no
+                    filtering: the limit for any veth-based container network
+  (c) vxlan         an overlay: namespaces on a bridge with a VXLAN device per host
+                    (what flannel or Docker overlay do)
+  (d) docker-nat    Docker without an overlay: a --net bridge container reaching a port
+                    published (-p) by a --net bridge container on the other host
+  (e) l3net         containers on an l3net network on each host
+Tools run in the right namespace with nsenter: the host's iperf3 and ping.
+Also measured: how long a new container's route takes to reach the other host.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.testbed import Testbed, run, wait_until  # noqa: E402
+
+RUNS = int(os.environ.get("L3NET_BENCH_RUNS", "5"))
+SECONDS = int(os.environ.get("L3NET_BENCH_SECONDS", "4"))
+
+
+class Endpoint:
+    """Somewhere to run a tool: a command prefix that enters the namespace."""
+
+    def __init__(self, prefix, ip, port=None, ping_ip=None):
+        self.prefix, self.ip, self.port, self.ping_ip = prefix, ip, port, ping_ip
+
+    def run(self, *args, timeout=60):
+        return run(*self.prefix, *args, timeout=timeout)
+
+    def popen(self, *args):
+        return subprocess.Popen([*self.prefix, *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def netns_of_pid(pid):
+    return ["nsenter", "-t", str(pid), "-n"]
+
+
+def measure_all(paths):
+    """{name: (TCP Gbit/s, UDP 64-byte delivered kpps, RTT ms)}, medians over RUNS rounds.
+    Rounds are interleaved across paths, so slow drifts of the machine hit every path alike."""
+    servers = []
+    try:
+        for port, (client, server) in enumerate(paths.values(), start=5301):
+            servers.append(server.popen("iperf3", "-s", "-p", str(server.port or port)))
+        for port, (client, server) in enumerate(paths.values(), start=5301):
+            port = server.port or port
+            wait_until(lambda: client.run("iperf3", "-c", server.ip, "-p", str(port), "-n", "1K",
+                                          timeout=10).returncode == 0, 15, "iperf3 server")
+        tcp = {name: [] for name in paths}
+        udp = {name: [] for name in paths}
+        for _ in range(RUNS):
+            for port, (name, (client, server)) in enumerate(paths.items(), start=5301):
+                port = str(server.port or port)
+                out = json.loads(client.run("iperf3", "-c", server.ip, "-p", port, "-t", str(SECONDS),
+                                            "-J", timeout=SECONDS + 30).stdout)
+                tcp[name].append(out["end"]["sum_received"]["bits_per_second"] / 1e9)
+                out = json.loads(client.run("iperf3", "-c", server.ip, "-p", port, "-u", "-b", "0",
+                                            "-l", "64", "-t", str(SECONDS), "-J",
+                                            timeout=SECONDS + 30).stdout)
+                total = out["end"]["sum"]
+                udp[name].append((total["packets"] - total["lost_packets"]) / total["seconds"] / 1000)
+    finally:
+        for srv in servers:
+            srv.kill()
+            srv.wait(10)
+    results = {}
+    for name, (client, server) in paths.items():
+        ping = client.run("ping", "-c", "50", "-i", "0.01", "-q", server.ping_ip or server.ip,
+                          timeout=30).stdout
+        rtt = float(ping.split("rtt")[1].split("=")[1].split("/")[1])
+        results[name] = (statistics.median(tcp[name]), statistics.median(udp[name]), rtt)
+    return results
+
+
+def docker_dns_nat(ns):
+    """The NAT rules dockerd puts in every container of a user-defined network (its embedded
+    DNS at 127.0.0.11): they make the kernel track connections inside the namespace."""
+    n = ["ip", "netns", "exec", ns, "iptables", "-t", "nat"]
+    run(*n, "-N", "DOCKER_OUTPUT")
+    run(*n, "-A", "OUTPUT", "-d", "127.0.0.11/32", "-j", "DOCKER_OUTPUT")
+    run(*n, "-A", "DOCKER_OUTPUT", "-d", "127.0.0.11/32", "-p", "udp", "--dport", "53",
+        "-j", "DNAT", "--to-destination", "127.0.0.11:5353")
+
+
+def veth_ns(host, ns, address, gw_routes):
+    """A namespace ``ns`` (from the root) wired into ``host`` with a veth, routed /32 + proxy ARP."""
+    run("ip", "netns", "add", ns)
+    hv, cv = f"h{ns}"[:15], f"c{ns}"[:15]
+    run("ip", "link", "add", hv, "type", "veth", "peer", "name", cv)
+    run("ip", "link", "set", cv, "netns", ns)
+    run("ip", "link", "set", hv, "netns", str(host.anchor.pid))
+    n = ["ip", "-n", ns]
+    run(*n, "link", "set", cv, "name", "eth0")
+    run(*n, "addr", "add", f"{address}/32", "dev", "eth0")
+    run(*n, "link", "set", "eth0", "up")
+    run(*n, "link", "set", "lo", "up")
+    run(*n, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
+    run(*n, "route", "add", "default", "via", "169.254.1.1")
+    host.sh("ip", "link", "set", hv, "up")
+    host.sh("sysctl", "-qw", f"net.ipv4.conf.{hv}.proxy_arp=1", f"net.ipv4.neigh.{hv}.proxy_delay=0")
+    host.sh("ip", "route", "add", f"{address}/32", "dev", hv)
+    for dst, via in gw_routes:
+        host.sh("ip", "route", "add", dst, "via", via)
+    # dockerd's FORWARD policy is DROP: the hand-built path gets its own accept, no filtering.
+    host.sh("iptables", "-I", "FORWARD", "-i", hv, "-j", "ACCEPT")
+    host.sh("iptables", "-I", "FORWARD", "-o", hv, "-j", "ACCEPT")
+    return Endpoint(["ip", "netns", "exec", ns], address)
+
+
+def vxlan_ns(host, peer, ns, address):
+    """A namespace on a bridge with a VXLAN device towards ``peer``: a flannel-style overlay."""
+    run("ip", "netns", "add", ns)
+    hv, cv = f"h{ns}"[:15], f"c{ns}"[:15]
+    run("ip", "link", "add", hv, "type", "veth", "peer", "name", cv)
+    run("ip", "link", "set", cv, "netns", ns)
+    run("ip", "link", "set", hv, "netns", str(host.anchor.pid))
+    n = ["ip", "-n", ns]
+    run(*n, "link", "set", cv, "name", "eth0")
+    run(*n, "link", "set", "eth0", "mtu", "1450")
+    run(*n, "addr", "add", f"{address}/24", "dev", "eth0")
+    run(*n, "link", "set", "eth0", "up")
+    run(*n, "link", "set", "lo", "up")
+    host.sh("ip", "link", "add", "brvx", "type", "bridge")
+    host.sh("ip", "link", "add", "vx42", "type", "vxlan", "id", "42", "local", host.ip,
+            "remote", peer.ip, "dstport", "4789")
+    for dev in ("vx42", hv):
+        host.sh("ip", "link", "set", dev, "master", "brvx", "up")
+    host.sh("ip", "link", "set", "brvx", "up")
+    host.sh("iptables", "-I", "FORWARD", "-i", "brvx", "-j", "ACCEPT")
+    return Endpoint(["ip", "netns", "exec", ns], address)
+
+
+def container_endpoint(host, name, network):
+    info = json.loads(host.docker("inspect", name).stdout)[0]
+    ip = info["NetworkSettings"]["Networks"][network]["IPAddress"]
+    return Endpoint(netns_of_pid(info["State"]["Pid"]), ip)
+
+
+def route_propagation(h1, h2, rounds=5):
+    """Seconds from `docker run --ip X` on host 2 (X outside its blocks: a new /32 route) until
+    host 1 has a route to X; median."""
+    times = []
+    for i in range(rounds):
+        ip = f"10.41.{200 + i}.{10 + i}"
+        name = f"prop-{uuid.uuid4().hex[:6]}"
+        start = time.monotonic()
+        h2.docker("run", "-d", "--name", name, "--net", "l3bench", "--ip", ip,
+                  "l3net-test/busybox", "sleep", "600")
+        wait_until(lambda: f"via {h2.ip} " in h1.sh("ip", "route", "get", ip).stdout, 30,
+                   f"route to {ip} on host 1", interval=0.02)
+        times.append(time.monotonic() - start)
+        h2.docker("rm", "-f", name)
+    return statistics.median(times)
+
+
+def main():
+    bed = Testbed(2, prefix=f"/l3bench-{uuid.uuid4().hex[:6]}")
+    namespaces = ["rt1", "rt2", "rd1", "rd2", "vx1", "vx2"]
+    paths = {}
+    try:
+        bed.up()
+        h1, h2 = bed.hosts
+        paths["(a) underlay host-host"] = (Endpoint(h1.nsenter()[:3] + ["-n"], h1.ip),
+                                           Endpoint(h2.nsenter()[:3] + ["-n"], h2.ip))
+        paths["(b) hand-built routed veth"] = (
+            veth_ns(h1, "rt1", "10.97.1.1", [("10.97.2.1/32", h2.ip)]),
+            veth_ns(h2, "rt2", "10.97.2.1", [("10.97.1.1/32", h1.ip)]))
+        paths["(b') (b) + Docker's DNS NAT rules"] = (
+            veth_ns(h1, "rd1", "10.97.3.1", [("10.97.4.1/32", h2.ip)]),
+            veth_ns(h2, "rd2", "10.97.4.1", [("10.97.3.1/32", h1.ip)]))
+        docker_dns_nat("rd1")
+        docker_dns_nat("rd2")
+        paths["(c) VXLAN overlay"] = (vxlan_ns(h1, h2, "vx1", "10.96.0.1"),
+                                      vxlan_ns(h2, h1, "vx2", "10.96.0.2"))
+        h2.docker("run", "-d", "--name", "natsrv", "-p", "5202:5202", "-p", "5202:5202/udp",
+                  "l3net-test/busybox", "sleep", "3600")
+        h1.docker("run", "-d", "--name", "natcli", "l3net-test/busybox", "sleep", "3600")
+        srv = container_endpoint(h2, "natsrv", "bridge")
+        paths["(d) docker bridge + -p (NAT)"] = (container_endpoint(h1, "natcli", "bridge"),
+                                                 Endpoint(srv.prefix, h2.ip, port=5202))
+        for host in bed.hosts:
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                        "--subnet", "10.41.0.0/16", "l3bench")
+        h1.docker("run", "-d", "--name", "l3a", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
+        h2.docker("run", "-d", "--name", "l3b", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
+        a, b = container_endpoint(h1, "l3a", "l3bench"), container_endpoint(h2, "l3b", "l3bench")
+        wait_until(lambda: a.run("ping", "-c1", "-W1", b.ip, timeout=5).returncode == 0, 30, "l3net path")
+        paths["(e) l3net"] = (a, b)
+        results = measure_all(paths)
+        propagation = route_propagation(h1, h2)
+    finally:
+        for ns in namespaces:
+            run("ip", "netns", "del", ns, check=False)
+        bed.cleanup()
+
+    base = results["(b) hand-built routed veth"]
+    l3 = results["(e) l3net"]
+    print(f"\nl3net network bench: {RUNS} interleaved rounds x {SECONDS}s per figure, medians; "
+          "host 1 -> host 2")
+    print(f"  {'path':36s} {'TCP Gbit/s':>10s} {'64B UDP kpps':>13s} {'RTT ms':>8s}   l3net/this: TCP  pps")
+    for name, (tcp, pps, rtt) in results.items():
+        print(f"  {name:36s} {tcp:10.2f} {pps:13.1f} {rtt:8.3f}   {l3[0] / tcp:15.2f}x {l3[1] / pps:4.2f}x")
+    over = all(l3[i] > results[k][i] for k in ("(c) VXLAN overlay", "(d) docker bridge + -p (NAT)")
+               for i in (0, 1))
+    print(f"  goals vs (b): TCP >= 0.95x: {'OK' if l3[0] >= 0.95 * base[0] else 'MISSED'}, "
+          f"64B pps >= 0.90x: {'OK' if l3[1] >= 0.90 * base[1] else 'MISSED'}; "
+          f"above (c) and (d) on both: {'OK' if over else 'MISSED'}")
+    print(f"  new container's route on the other host after (median of 5): {propagation:.2f}s "
+          f"(goal < 2s) {'OK' if propagation < 2 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
