@@ -399,6 +399,45 @@ class Ipam:
         block, _ = self._load(key)
         return (block or {}).get("allocations", {}).get(str(ip))
 
+    def release_host(self, host):
+        """Forget a node that is gone for good: release every address it held, free its
+        blocks (a block still holding other hosts' addresses stays, owned by nobody) and drop
+        its pool references. Returns (addresses released, blocks freed)."""
+        released = freed = 0
+        for key, value, rev in self.store.get_prefix(self.keys.all_blocks()):
+            for _ in range(MAX_ATTEMPTS):
+                block = json.loads(value)
+                mine = [ip for ip, a in block["allocations"].items() if a["host"] == host]
+                owned = block["host"] == host
+                if not mine and not owned:
+                    break
+                for ip in mine:
+                    del block["allocations"][ip]
+                deletes, puts = [], {}
+                if owned:
+                    deletes.append(self.keys.affinity(host, block["cidr"]))
+                    block["host"] = ""
+                if owned and not block["allocations"]:
+                    deletes.append(key)
+                else:
+                    puts[key] = json.dumps(block, sort_keys=True)
+                if self.store.txn({key: rev}, put=puts, delete=deletes):
+                    released += len(mine)
+                    freed += owned
+                    self._blocks.pop(key, None)
+                    break
+                value, rev = self.store.get(key)
+                if value is None:
+                    break
+        for pool in self.pools():
+            if host in pool["refs"]:
+                def drop(record):
+                    if record is not None:
+                        record["refs"].pop(host, None)
+                    return record
+                self._update_pool(pool["cidr"], drop)
+        return released, freed
+
     # -- reading -------------------------------------------------------
     def pools(self):
         return [json.loads(v) for _, v, _ in self.store.get_prefix(self.keys.pools())]

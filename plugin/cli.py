@@ -134,6 +134,26 @@ def node_list(obj, as_json):
     emit(rows, ["Name", "Address", "AS", "Last seen", "Blocks"], as_json)
 
 
+@node.command("remove")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Even if the node is still registered (alive).")
+@click.pass_obj
+def node_remove(obj, name, force):
+    """Release a node that is gone for good: its addresses, blocks, records and BGP settings.
+
+    Only for a node that will not come back: a live container there could otherwise see its
+    address handed to another container."""
+    name = node_type(name)
+    if obj.store.get(obj.keys.node(name))[0] is not None and not force:
+        raise L3netError(f"node {name} is still registered (alive?): stop it first, or pass --force")
+    released, freed = obj.ipam().release_host(name)
+    for key, _, _ in obj.store.get_prefix(obj.keys.host(name)):
+        obj.store.delete(key)
+    obj.store.delete(obj.keys.bgp_node(name))
+    obj.store.delete(obj.keys.node(name))
+    click.echo(f"node {name} removed: {released} addresses released, {freed} blocks freed")
+
+
 def asn_type(value):
     try:
         asn = int(value)

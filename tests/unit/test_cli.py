@@ -51,3 +51,23 @@ def test_unreachable_etcd_is_one_clear_line():
                                       "pool", "list"])
     assert result.exit_code != 0
     assert "unreachable" in str(result.exception) or "did not answer" in str(result.exception)
+
+
+def test_node_remove_refuses_a_live_node_then_releases_everything(ctl, etcd, prefix):
+    from ipam.allocator import Ipam
+    from plugin.agent import Registry
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+
+    store, keys = EtcdStore(etcd.url), Keys(prefix)
+    Registry(store, keys, "gone", "198.18.0.99").heartbeat(64512)
+    ipam = Ipam(store, keys, "gone")
+    pid, _, _ = ipam.request_pool("10.33.0.0/24")
+    ipam.request_address(pid)
+    store.put(keys.endpoint("gone", "e" * 64), "{}")
+    result = ctl("node", "remove", "gone", ok=False)
+    assert result.exit_code != 0 and "still registered" in str(result.exception)
+    assert "1 addresses released, 1 blocks freed" in ctl("node", "remove", "gone", "--force").output
+    assert store.get_prefix(keys.host("gone")) == [] and store.get(keys.node("gone"))[0] is None
+    assert json.loads(ctl("ipam", "show", "--json").output) == []
+    store.close()

@@ -238,3 +238,19 @@ def test_race_two_hosts_claim_blocks(store, prefix):
     assert len({b["cidr"] for b in blocks}) == len(blocks)
     for b in blocks:    # every allocation in a block claimed by h was made by h (no borrowing needed)
         assert {a["host"] for a in b["allocations"].values()} <= {b["host"]}
+
+
+def test_release_host_frees_a_dead_nodes_addresses_and_blocks(store, prefix):
+    a, b = make(store, "h1", prefix), make(store, "h2", prefix)
+    pid, _, _ = a.request_pool("10.20.0.0/25")            # two /26 blocks
+    b.request_pool("10.20.0.0/25")
+    a.request_address(pid)                                 # h1 owns 10.20.0.0/26
+    mine = b.request_address(pid)                          # h2 owns 10.20.0.64/26
+    addresses(b, pid, 62)                                  # h2's block full...
+    borrowed = b.request_address(pid)                      # ...so it borrows from h1's
+    assert a.release_host("h1") == (1, 1)
+    blocks = {x["cidr"]: x for x in a.blocks()}
+    assert blocks["10.20.0.0/26"]["host"] == "" and list(blocks["10.20.0.0/26"]["allocations"]) == [borrowed.split("/")[0]]
+    assert blocks["10.20.0.64/26"]["host"] == "h2" and mine.split("/")[0] in blocks["10.20.0.64/26"]["allocations"]
+    assert a.pools()[0]["refs"] == {"h2": 1}
+    assert store.get_prefix(Keys(prefix).affinities("h1")) == []
