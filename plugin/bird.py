@@ -116,8 +116,18 @@ class Bird:
         self.current = None
 
     def show(self, *what):
-        """``birdc show ...`` output (for l3netctl and tests)."""
-        res = self._run([self.birdc, "-s", self.socket, "show", *what], "birdc show")
-        if res.returncode != 0:
-            raise L3netError(f"birdc show {' '.join(what)} failed: {res.stdout.strip()} {res.stderr.strip()}")
-        return res.stdout
+        return show(self.socket, *what, birdc=self.birdc)
+
+
+def show(socket, *what, birdc="birdc"):
+    """``birdc show ...`` output (for l3netctl and tests)."""
+    try:
+        res = subprocess.run([birdc, "-s", socket, "show", *what], capture_output=True, text=True,
+                             timeout=TIMEOUT)
+    except FileNotFoundError:
+        raise L3netError(f"{birdc} not found: install bird2") from None
+    except subprocess.TimeoutExpired:
+        raise L3netError(f"birdc did not answer within {TIMEOUT}s") from None
+    if res.returncode != 0:
+        raise L3netError(f"birdc show {' '.join(what)} failed: {res.stdout.strip()} {res.stderr.strip()}")
+    return res.stdout

@@ -283,10 +283,8 @@ def peer_remove(obj, ip, node):
 @click.option("--socket", "sock", default="/run/l3net/bird.ctl", show_default=True)
 def bgp_status(sock):
     """This node's BGP sessions, as BIRD reports them."""
-    from .bird import Bird
-    bird = Bird.__new__(Bird)
-    bird.birdc, bird.socket = "birdc", sock
-    click.echo(bird.show("protocols").rstrip())
+    from .bird import show
+    click.echo(show(sock, "protocols").rstrip())
 
 
 def main():

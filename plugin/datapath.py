@@ -136,11 +136,6 @@ def delete_veth(host_if):
     return True
 
 
-def list_host_veths():
-    names = [link.get_attr("IFLA_IFNAME") for link in _ipr().get_links()]
-    return [n for n in names if n and n.startswith(HOST_PREFIX) and not n.startswith(TEMP_PREFIX)]
-
-
 class Reaper:
     """Deletes veths in a background thread. The kernel needs ~25 ms to delete a veth (it
     waits for an RCU grace period); dockerd only logs DeleteEndpoint's result, so there is no
@@ -190,7 +185,6 @@ class Datapath:
 
     host_ifname = staticmethod(host_ifname)
     temp_ifname = staticmethod(temp_ifname)
-    link_exists = staticmethod(link_exists)
 
     def create(self, endpoint_id, address, mac=None):
         """Create the veth for an endpoint and route ``address`` to it. Rolls back on failure.

@@ -27,9 +27,6 @@ class FakeDatapath:
     host_ifname = staticmethod(lambda eid: "l3" + eid[:11])
     temp_ifname = staticmethod(lambda eid: "l3t" + eid[:11])
 
-    def link_exists(self, name):
-        return name in self.links
-
     def create(self, endpoint_id, address, mac=None):
         if self.fail_create:
             raise RuntimeError("netlink exploded")
