@@ -139,3 +139,52 @@ def test_bird_that_dies_is_restarted(bed, containers):
                            check=False).stdout.count("Established") == 2, 30,
              "BIRD on host 3 restarted with both sessions up")
     wait_for(lambda: pings(h1, name1, ip3), 20, "host 3's container reachable again")
+
+
+ROGUE_CONF = """
+router id {ip};
+protocol device {{ }}
+protocol static {{
+  ipv4;
+  route 0.0.0.0/0 blackhole;          # a default route: must not be imported
+  route {underlay} blackhole;          # the hosts' own network: must not be imported
+  route 10.40.99.0/24 blackhole;      # inside the pool: imported, via the router
+}}
+protocol bgp node1 {{
+  local {ip} as 65000;
+  neighbor {node_ip} as 64512;
+  multihop;
+  ipv4 {{ import all; export all; next hop self; }};
+}}
+"""
+
+
+def test_router_peer_only_pool_routes_are_imported(bed, tmp_path):
+    """A per-node peer (a top-of-rack router, here a BIRD in the root namespace) that
+    announces a default route, the underlay and a pool prefix: only the pool prefix lands."""
+    import subprocess
+
+    from tests.conftest import BIN
+    h1 = bed.hosts[0]
+    router_ip = f"{NET}.1"
+    conf = tmp_path / "rogue.conf"
+    conf.write_text(ROGUE_CONF.format(ip=router_ip, node_ip=h1.ip, underlay=f"{NET}.0/24"))
+    sock = str(tmp_path / "rogue.ctl")
+    rogue = subprocess.Popen(["bird", "-f", "-c", str(conf), "-s", sock],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctl = [f"{BIN}/l3netctl", "--etcd-endpoints", bed.etcd_url, "--etcd-prefix", bed.prefix]
+    try:
+        subprocess.run([*ctl, "bgp", "peer", "add", router_ip, "--as", "65000", "--node", h1.name,
+                        "--name", "tor"], check=True, capture_output=True, timeout=30)
+        wait_for(lambda: "10.40.99.0/24 via 198.18.0.1" in routes(h1), 30,
+                 "the pool route from the router on host 1")
+        table = routes(h1)
+        assert "default via 198.18.0.1 dev eth0 proto bird" not in table, table
+        assert table.count("default") == 1, table
+        assert f"{NET}.0/24 via" not in table, table
+    finally:
+        subprocess.run([*ctl, "bgp", "peer", "remove", router_ip, "--node", h1.name],
+                       capture_output=True, timeout=30)
+        rogue.kill()
+        rogue.wait(10)
+    wait_for(lambda: "10.40.99.0/24" not in routes(h1), 30, "the router's route gone with it")
