@@ -25,8 +25,8 @@ HEARTBEAT = 10
 class Registry:
     """This node's record under <prefix>/nodes/<name>, kept alive by a lease."""
 
-    def __init__(self, store, keys, name, ip):
-        self.store, self.keys, self.name, self.ip = store, keys, name, ip
+    def __init__(self, store, keys, name, ip, ttl=LEASE_TTL):
+        self.store, self.keys, self.name, self.ip, self.ttl = store, keys, name, ip, ttl
         self._lease = None
         self._last = 0.0
 
@@ -35,8 +35,8 @@ class Registry:
         if not force and self._lease is not None and now - self._last < HEARTBEAT:
             return
         if self._lease is None or not self.store.refresh(self._lease):
-            self._lease = self.store.lease(LEASE_TTL)
-            log.info("registered node %s (%s) with a %ds lease", self.name, self.ip, LEASE_TTL)
+            self._lease = self.store.lease(self.ttl)
+            log.info("registered node %s (%s) with a %ds lease", self.name, self.ip, self.ttl)
         record = {"name": self.name, "ip": self.ip, "as": asn, "last_seen": round(now, 3)}
         self.store.put(self.keys.node(self.name), json.dumps(record, sort_keys=True),
                        lease=self._lease)

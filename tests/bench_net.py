@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.testbed import Testbed, run, wait_until  # noqa: E402
 
-RUNS = int(os.environ.get("L3NET_BENCH_RUNS", "5"))
-SECONDS = int(os.environ.get("L3NET_BENCH_SECONDS", "4"))
+RUNS = int(os.environ.get("L3NET_BENCH_RUNS", "7"))
+SECONDS = int(os.environ.get("L3NET_BENCH_SECONDS", "5"))
 
 
 class Endpoint:

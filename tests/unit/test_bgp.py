@@ -98,3 +98,14 @@ def test_expired_lease_removes_node():
     reg.heartbeat(64512, force=True)            # back: a new lease, the record again
     state, _ = desired_bgp(store, keys, "h1", "198.18.0.11")
     assert [p.ip for p in state.peers] == ["198.18.0.12"]
+
+
+def test_node_record_vanishes_when_its_lease_is_not_renewed(etcd_store, prefix):
+    """On a real etcd: a node that stops heart-beating drops out of everyone's peer list."""
+    from tests.conftest import wait_for
+    keys = Keys(prefix)
+    Registry(etcd_store, keys, "h2", "198.18.0.12", ttl=2).heartbeat(64512)
+    state, _ = desired_bgp(etcd_store, keys, "h1", "198.18.0.11")
+    assert [p.ip for p in state.peers] == ["198.18.0.12"]
+    wait_for(lambda: desired_bgp(etcd_store, keys, "h1", "198.18.0.11")[0].peers == [], 10,
+             "the expired node to leave the peer list")
