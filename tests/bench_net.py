@@ -96,8 +96,9 @@ def docker_dns_nat(ns):
         "-j", "DNAT", "--to-destination", "127.0.0.11:5353")
 
 
-def veth_ns(host, ns, address, gw_routes):
-    """A namespace ``ns`` (from the root) wired into ``host`` with a veth, routed /32 + proxy ARP."""
+def wired_ns(host, ns):
+    """A namespace ``ns`` (made from the root) with ``eth0``, the other end of its veth in
+    ``host``. Returns (host side name, ``ip -n ns`` prefix)."""
     run("ip", "netns", "add", ns)
     hv, cv = f"h{ns}"[:15], f"c{ns}"[:15]
     run("ip", "link", "add", hv, "type", "veth", "peer", "name", cv)
@@ -105,9 +106,15 @@ def veth_ns(host, ns, address, gw_routes):
     run("ip", "link", "set", hv, "netns", str(host.anchor.pid))
     n = ["ip", "-n", ns]
     run(*n, "link", "set", cv, "name", "eth0")
+    run(*n, "link", "set", "lo", "up")
+    return hv, n
+
+
+def veth_ns(host, ns, address, gw_routes):
+    """A namespace wired into ``host`` like a container of any routed network: /32, proxy ARP."""
+    hv, n = wired_ns(host, ns)
     run(*n, "addr", "add", f"{address}/32", "dev", "eth0")
     run(*n, "link", "set", "eth0", "up")
-    run(*n, "link", "set", "lo", "up")
     run(*n, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
     run(*n, "route", "add", "default", "via", "169.254.1.1")
     host.sh("ip", "link", "set", hv, "up")
@@ -123,17 +130,10 @@ def veth_ns(host, ns, address, gw_routes):
 
 def vxlan_ns(host, peer, ns, address):
     """A namespace on a bridge with a VXLAN device towards ``peer``: a flannel-style overlay."""
-    run("ip", "netns", "add", ns)
-    hv, cv = f"h{ns}"[:15], f"c{ns}"[:15]
-    run("ip", "link", "add", hv, "type", "veth", "peer", "name", cv)
-    run("ip", "link", "set", cv, "netns", ns)
-    run("ip", "link", "set", hv, "netns", str(host.anchor.pid))
-    n = ["ip", "-n", ns]
-    run(*n, "link", "set", cv, "name", "eth0")
+    hv, n = wired_ns(host, ns)
     run(*n, "link", "set", "eth0", "mtu", "1450")
     run(*n, "addr", "add", f"{address}/24", "dev", "eth0")
     run(*n, "link", "set", "eth0", "up")
-    run(*n, "link", "set", "lo", "up")
     host.sh("ip", "link", "add", "brvx", "type", "bridge")
     host.sh("ip", "link", "add", "vx42", "type", "vxlan", "id", "42", "local", host.ip,
             "remote", peer.ip, "dstport", "4789")
