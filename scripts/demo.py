@@ -22,8 +22,9 @@ def show(title, text):
 def up():
     if os.path.exists(STATE):
         sys.exit(f"a demo is already running (state in {STATE}); run `make demo-down` first")
-    print("building 3 hosts (namespaces l3bed1..3, underlay 198.18.0.0/24, one etcd) ...")
-    bed = Testbed(3, workdir="/var/lib/l3net-demo", prefix="/l3demo").up()
+    print("building 3 hosts (namespaces l3demo1..3, underlay 198.18.1.0/24, one etcd) ...")
+    bed = Testbed(3, workdir="/var/lib/l3net-demo", prefix="/l3demo", tag="l3demo",
+                  net="198.18.1", etcd_port=23800).up()
     bed.save(STATE)
     for host in bed.hosts:     # BGP sessions up everywhere before anything is shown
         wait_until(lambda: host.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols")

@@ -1,9 +1,9 @@
 """A multi-host test bed on one machine: N simulated hosts, one shared etcd.
 
 Per host:
-  * a network namespace ``l3bedN``, wired by a veth to the bridge ``l3bed0`` in the root
-    namespace (the underlay, 198.18.0.0/24: the bridge is .1, host N is .10+N), default route
-    via the bridge;
+  * a network namespace ``<tag>N``, wired by a veth to the bridge ``<tag>0`` in the root
+    namespace (the underlay, by default 198.18.0.0/24: the bridge is .1, host N is .10+N),
+    default route via the bridge;
   * a private mount namespace with a tmpfs on ``/run`` (its own plugin socket, BIRD socket,
     xtables lock, docker exec root), held open by an anchor process; every process of the host
     is started with ``nsenter -t <anchor> -m -n`` (not ``ip netns exec``, which remounts /sys
@@ -12,7 +12,8 @@ Per host:
 One etcd listens on the bridge address. Everything is torn down by ``down()``, also after a
 failure half way through ``up()``.
 
-Used by the multi-host tests and by ``make demo``.
+Used by the multi-host tests (tag ``l3bed``) and by ``make demo`` (tag ``l3demo``, its own
+underlay and etcd port), so a running demo and a test run do not collide.
 """
 
 import json
@@ -27,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-BRIDGE = "l3bed0"
 NET = "198.18.0"
 TEST_IMAGE = "l3net-test/busybox:latest"
 
@@ -55,8 +55,8 @@ class Host:
     def __init__(self, bed, index):
         self.bed = bed
         self.index = index
-        self.name = f"l3bed{index}"
-        self.ip = f"{NET}.{10 + index}"
+        self.name = f"{bed.tag}{index}"
+        self.ip = f"{bed.net}.{10 + index}"
         self.dir = os.path.join(bed.dir, self.name)
         self.anchor = None
         self.dockerd = None
@@ -82,14 +82,14 @@ class Host:
         os.makedirs(self.dir, exist_ok=True)
         run("ip", "netns", "add", self.name)
         run("ip", "link", "add", f"vb-{self.name}", "type", "veth", "peer", "name", f"ve-{self.name}")
-        run("ip", "link", "set", f"vb-{self.name}", "master", BRIDGE, "up")
+        run("ip", "link", "set", f"vb-{self.name}", "master", self.bed.bridge, "up")
         run("ip", "link", "set", f"ve-{self.name}", "netns", self.name)
         ns = ["ip", "-n", self.name]
         run(*ns, "link", "set", f"ve-{self.name}", "name", "eth0")
         run(*ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
         run(*ns, "link", "set", "eth0", "up")
         run(*ns, "link", "set", "lo", "up")
-        run(*ns, "route", "add", "default", "via", f"{NET}.1")
+        run(*ns, "route", "add", "default", "via", f"{self.bed.net}.1")
         self.anchor = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "-m", "--propagation", "private",
              "sh", "-c", "mount -t tmpfs tmpfs /run && mkdir -p /run/docker/plugins /run/l3net "
@@ -159,9 +159,11 @@ class Host:
 class Testbed:
     __test__ = False   # not a test class, whatever pytest thinks of the name
 
-    def __init__(self, n=3, workdir=None, prefix="/l3bed"):
-        self.dir = workdir or tempfile.mkdtemp(prefix="l3bed-")
+    def __init__(self, n=3, workdir=None, prefix="/l3bed", tag="l3bed", net=NET, etcd_port=23790):
+        self.dir = workdir or tempfile.mkdtemp(prefix=f"{tag}-")
         self.prefix = prefix
+        self.tag, self.net, self.etcd_port = tag, net, etcd_port
+        self.bridge = f"{tag}0"
         self.hosts = [Host(self, i) for i in range(1, n + 1)]
         self.etcd = None
         self.etcd_url = None
@@ -177,20 +179,20 @@ class Testbed:
     def _up(self):
         os.makedirs(self.dir, exist_ok=True)
         self.down_leftovers()
-        run("ip", "link", "add", BRIDGE, "type", "bridge")
-        run("ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE)
-        run("ip", "link", "set", BRIDGE, "up")
+        run("ip", "link", "add", self.bridge, "type", "bridge")
+        run("ip", "addr", "add", f"{self.net}.1/24", "dev", self.bridge)
+        run("ip", "link", "set", self.bridge, "up")
         # dockerd's FORWARD policy is DROP and br_netfilter sends bridged frames through it.
-        run("iptables", "-I", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT")
-        port = 23790
-        self.etcd_url = f"http://{NET}.1:{port}"
+        run("iptables", "-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")
+        port = self.etcd_port
+        self.etcd_url = f"http://{self.net}.1:{port}"
         log = open(os.path.join(self.dir, "etcd.log"), "w")
         self.etcd = subprocess.Popen(
-            ["etcd", "--name", "l3bed", "--data-dir", os.path.join(self.dir, "etcd"),
+            ["etcd", "--name", self.tag, "--data-dir", os.path.join(self.dir, "etcd"),
              "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
              "--listen-peer-urls", f"http://127.0.0.1:{port + 1}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{port + 1}",
-             "--initial-cluster", f"l3bed=http://127.0.0.1:{port + 1}"],
+             "--initial-cluster", f"{self.tag}=http://127.0.0.1:{port + 1}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: run("etcdctl", "--endpoints", self.etcd_url, "endpoint", "health",
                                check=False, timeout=5).returncode == 0, 30, "etcd")
@@ -210,8 +212,9 @@ class Testbed:
         self.down_leftovers()
 
     def down_leftovers(self):
-        run("iptables", "-D", "FORWARD", "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT", check=False)
-        run("ip", "link", "del", BRIDGE, check=False)
+        run("iptables", "-D", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT",
+            check=False)
+        run("ip", "link", "del", self.bridge, check=False)
         for host in self.hosts:
             run("ip", "netns", "del", host.name, check=False)
             run("ip", "link", "del", f"vb-{host.name}", check=False)
@@ -222,7 +225,8 @@ class Testbed:
 
     # -- a bed that outlives its process (make demo / make demo-down) ----------
     def save(self, path):
-        state = {"dir": self.dir, "prefix": self.prefix, "etcd": self.etcd.pid, "etcd_url": self.etcd_url,
+        state = {"dir": self.dir, "prefix": self.prefix, "tag": self.tag, "net": self.net,
+                 "etcd_port": self.etcd_port, "etcd": self.etcd.pid, "etcd_url": self.etcd_url,
                  "hosts": [{"index": h.index, "anchor": h.anchor.pid, "dockerd": h.dockerd.pid,
                             "plugin": h.plugin.pid if h.plugin else None} for h in self.hosts]}
         with open(path, "w") as f:
@@ -232,7 +236,8 @@ class Testbed:
     def load(cls, path):
         with open(path) as f:
             state = json.load(f)
-        bed = cls(len(state["hosts"]), workdir=state["dir"], prefix=state["prefix"])
+        bed = cls(len(state["hosts"]), workdir=state["dir"], prefix=state["prefix"], tag=state["tag"],
+                  net=state["net"], etcd_port=state["etcd_port"])
         bed.etcd, bed.etcd_url = _Adopted(state["etcd"]), state["etcd_url"]
         for host, saved in zip(bed.hosts, state["hosts"]):
             host.anchor, host.dockerd = _Adopted(saved["anchor"]), _Adopted(saved["dockerd"])
