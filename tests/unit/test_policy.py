@@ -1,0 +1,85 @@
+"""Policy rendering: golden files, and random policy sets accepted by the real tools
+(ipset restore + iptables-restore --test, inside a throwaway network namespace)."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plugin.policy import PolicyState, render_ipsets, render_iptables, set_name
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+STATE = PolicyState(
+    pools=["10.20.0.0/16", "10.30.0.0/16", "10.40.0.0/24"],
+    nat_pools=["10.20.0.0/16", "10.30.0.0/16"],
+    members={"10.20.0.0/16": ["10.20.0.1", "10.20.0.65"], "10.30.0.0/16": ["10.30.0.7"]},
+    rules=[{"id": "p1", "from": "10.20.0.0/16", "to": "10.30.0.0/16", "proto": "tcp", "ports": "5432"},
+           {"id": "p2", "from": "10.40.0.0/24", "to": "10.30.0.0/16", "proto": "udp", "ports": "8000-8080"},
+           {"id": "p3", "from": "10.40.0.0/24", "to": "10.20.0.0/16", "proto": "icmp", "ports": None}],
+    host_rules=[{"id": "h1", "proto": "tcp", "ports": "53"}],
+    host_ips=["198.18.0.11", "198.18.0.12"])
+tools = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("unshare"),
+                           reason="needs root, ipset and unshare")
+
+
+@pytest.mark.parametrize("render,name", [(render_iptables, "policy.rules"), (render_ipsets, "policy.ipsets")])
+def test_rendering_matches_golden(render, name):
+    with open(os.path.join(GOLDEN, name)) as f:
+        assert render(STATE) == f.read()
+
+
+def test_rule_count_does_not_grow_with_containers():
+    many = PolicyState(**{**STATE.__dict__,
+                          "members": {"10.20.0.0/16": [f"10.20.{i // 250}.{i % 250 + 1}" for i in range(500)]}})
+    assert render_iptables(many) == render_iptables(STATE)
+    assert render_ipsets(many).count("add l3n-") == 500 + 2 + 3 + 2   # members, hosts, pools, nat
+
+
+def accepted_by_kernel_tools(state):
+    """Load the sets and test the rules in a network namespace of their own (ipsets and
+    iptables are per namespace: the host's are never touched)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sets, rules = os.path.join(tmp, "sets"), os.path.join(tmp, "rules")
+        with open(sets, "w") as f:
+            f.write(render_ipsets(state))
+        with open(rules, "w") as f:
+            f.write(render_iptables(state))
+        res = subprocess.run(["unshare", "-n", "sh", "-c",
+                              'ipset restore < "$1" && iptables-restore --test --noflush < "$2"',
+                              "sh", sets, rules], capture_output=True, text=True, timeout=60)
+    return res.returncode == 0, res.stderr
+
+
+@tools
+def test_golden_state_is_accepted_by_ipset_and_iptables():
+    ok, err = accepted_by_kernel_tools(STATE)
+    assert ok, err
+
+
+cidr = st.tuples(st.integers(1, 223), st.integers(0, 255), st.sampled_from([16, 20, 24])).map(
+    lambda t: f"{t[0]}.{t[1]}.0.0/{t[2]}")
+ports = st.one_of(st.none(), st.integers(1, 65535).map(str),
+                  st.tuples(st.integers(1, 1000), st.integers(1001, 65535)).map(lambda t: f"{t[0]}-{t[1]}"))
+
+
+@tools
+@settings(max_examples=20, deadline=None)
+@given(pools=st.lists(cidr, min_size=1, max_size=4, unique=True), data=st.data())
+def test_random_policy_sets_are_accepted(pools, data):
+    rules = [{"id": f"r{i}", "from": data.draw(st.sampled_from(pools)), "to": data.draw(st.sampled_from(pools)),
+              "proto": data.draw(st.sampled_from(["tcp", "udp", "icmp", None])), "ports": data.draw(ports)}
+             for i in range(data.draw(st.integers(0, 5)))]
+    host_rules = [{"id": f"h{i}", "proto": data.draw(st.sampled_from(["tcp", "udp"])), "ports": data.draw(ports)}
+                  for i in range(data.draw(st.integers(0, 3)))]
+    state = PolicyState(pools=pools, nat_pools=pools[:1], rules=rules, host_rules=host_rules,
+                        members={pools[0]: ["10.0.0.1"]}, host_ips=["192.0.2.1"])
+    ok, err = accepted_by_kernel_tools(state)
+    assert ok, err
+
+
+def test_set_names_fit_ipset_limit():
+    assert len(set_name("255.255.255.0/24")) <= 31
