@@ -4,7 +4,11 @@ Readable tables by default, ``--json`` for scripts; errors are one line and exit
 """
 
 import json
+import re
+import subprocess
 import sys
+import time
+import uuid
 
 import click
 from rich.console import Console
@@ -285,6 +289,131 @@ def bgp_status(sock):
     """This node's BGP sessions, as BIRD reports them."""
     from .bird import show
     click.echo(show(sock, "protocols").rstrip())
+
+
+# -- policy (issue 4: stored and listed here; enforcement comes with the agent) ------------
+PROTOS = ("tcp", "udp", "icmp")
+
+
+def port_range(value, proto):
+    """"N" or "N-M" (1..65535, N <= M), only for tcp/udp."""
+    if value is None:
+        return None
+    if proto not in ("tcp", "udp"):
+        raise click.BadParameter("--port needs --proto tcp or udp")
+    parts = str(value).split("-")
+    if len(parts) > 2 or not all(p.isdigit() for p in parts):
+        raise click.BadParameter(f"{value!r}: expected N or N-M")
+    low, high = int(parts[0]), int(parts[-1])
+    if not (1 <= low <= high <= 65535):
+        raise click.BadParameter(f"{value!r}: ports are 1..65535, low to high")
+    return f"{low}-{high}" if low != high else str(low)
+
+
+def resolve_network(obj, name):
+    """A network named by subnet, or by its Docker name (asked of the local dockerd,
+    DOCKER_HOST respected); it must be an l3net pool."""
+    from ipam.pools import parse_cidr
+    if "/" in name:
+        cidr = str(parse_cidr(name))
+    else:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", name):
+            raise L3netError(f"invalid network name {name!r}")
+        try:
+            res = subprocess.run(["docker", "network", "inspect", "--format",
+                                  "{{range .IPAM.Config}}{{.Subnet}} {{end}}", name],
+                                 capture_output=True, text=True, timeout=30)
+        except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+            raise L3netError(f"cannot ask dockerd about network {name!r}: {e}") from None
+        if res.returncode != 0:
+            raise L3netError(f"no Docker network {name!r} here: {res.stderr.strip()}")
+        subnets = res.stdout.split()
+        if len(subnets) != 1:
+            raise L3netError(f"network {name!r} has {len(subnets)} subnets; name it by subnet")
+        cidr = subnets[0]
+    if obj.store.get(obj.keys.pool(cidr))[0] is None:
+        raise L3netError(f"{cidr} is not an l3net pool")
+    return cidr
+
+
+def new_id():
+    return uuid.uuid4().hex[:8]
+
+
+@cli.group()
+def policy():
+    """Which networks may reach which (by default a network reaches only itself)."""
+
+
+@policy.command("allow")
+@click.option("--from", "src", required=True, help="Network (Docker name or subnet) that may connect.")
+@click.option("--to", "dst", required=True, help="Network it may connect to.")
+@click.option("--proto", type=click.Choice(PROTOS), help="Only this protocol (default: all).")
+@click.option("--port", "port", help="Only this port or range N-M (tcp/udp).")
+@click.pass_obj
+def policy_allow(obj, src, dst, proto, port):
+    """Let --from reach --to; prints the new rule's id last."""
+    rule = {"id": new_id(), "from": resolve_network(obj, src), "to": resolve_network(obj, dst),
+            "proto": proto, "ports": port_range(port, proto), "created": round(time.time(), 3)}
+    obj.store.put(obj.keys.policy_rule(rule["id"]), json.dumps(rule, sort_keys=True))
+    click.echo(f"allowed {rule['from']} -> {rule['to']} {proto or 'all'} {rule['ports'] or ''}".rstrip())
+    click.echo(rule["id"])
+
+
+@policy.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def policy_list(obj, as_json):
+    rows = [json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.policy_rules())]
+    emit(rows, ["Id", "From", "To", "Proto", "Ports"], as_json)
+
+
+@policy.command("remove")
+@click.argument("rule_id")
+@click.pass_obj
+def policy_remove(obj, rule_id):
+    _remove_rule(obj, obj.keys.policy_rule, rule_id)
+
+
+def _remove_rule(obj, key_of, rule_id):
+    if not re.match(r"^[0-9a-f]{8}$", rule_id) or obj.store.get(key_of(rule_id))[0] is None:
+        raise L3netError(f"no rule {rule_id!r}")
+    obj.store.delete(key_of(rule_id))
+    click.echo(f"removed {rule_id}")
+
+
+@cli.group()
+def host():
+    """Host services containers may reach (by default no cluster host is reachable)."""
+
+
+@host.command("allow")
+@click.option("--proto", type=click.Choice(("tcp", "udp")), required=True)
+@click.option("--port", "port", required=True, help="Port or range N-M.")
+@click.option("--node", type=node_type, help="Only on this node (default: every node).")
+@click.pass_obj
+def host_allow(obj, proto, port, node):
+    """Open a host service to containers; prints the new rule's id last."""
+    rule = {"id": new_id(), "proto": proto, "ports": port_range(port, proto), "node": node,
+            "created": round(time.time(), 3)}
+    obj.store.put(obj.keys.host_rule(rule["id"]), json.dumps(rule, sort_keys=True))
+    click.echo(f"containers may reach {proto}/{rule['ports']} on {node or 'every node'}")
+    click.echo(rule["id"])
+
+
+@host.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def host_list(obj, as_json):
+    rows = [json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.host_rules())]
+    emit(rows, ["Id", "Proto", "Ports", "Node"], as_json)
+
+
+@host.command("remove")
+@click.argument("rule_id")
+@click.pass_obj
+def host_remove(obj, rule_id):
+    _remove_rule(obj, obj.keys.host_rule, rule_id)
 
 
 def main():

@@ -11,6 +11,8 @@ Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3n
     <prefix>/bgp/config                        cluster BGP settings: default AS, mesh on/off
     <prefix>/bgp/peers/<ip>                    global BGP peers (route reflectors, ToR routers)
     <prefix>/bgp/nodes/<host>                  per-node BGP settings: AS, peers
+    <prefix>/policy/rules/<id>                 policy: --from network may reach --to network
+    <prefix>/policy/hosts/<id>                 host service containers may reach
 
 ``<pool>`` and ``<block>`` are CIDRs with the ``/`` written as ``-`` (``10.20.0.0-16``), so a
 CIDR never adds a path level. Host names are validated before they reach a key (no ``/``).
@@ -89,3 +91,16 @@ class Keys:
 
     def bgp_node(self, host):
         return f"{self.prefix}/bgp/nodes/{host}"
+
+    # Policy -------------------------------------------------------------
+    def policy_rules(self):
+        return f"{self.prefix}/policy/rules/"
+
+    def policy_rule(self, rule_id):
+        return f"{self.policy_rules()}{rule_id}"
+
+    def host_rules(self):
+        return f"{self.prefix}/policy/hosts/"
+
+    def host_rule(self, rule_id):
+        return f"{self.host_rules()}{rule_id}"

@@ -292,3 +292,12 @@ def test_etcd_paused_fails_fast_then_recovers(plugin, etcd, network):
                                   "true", check=False).returncode == 0, 30, "docker run after SIGCONT")
     assert res
     assert allocations_of(plugin, net) == []
+
+
+def test_policy_names_networks_by_docker_name(network, plugin):
+    net = network("10.74.0.0/24")
+    rule_id = l3netctl(plugin, "policy", "allow", "--from", net, "--to", net, "--proto", "tcp",
+                       "--port", "80").strip().splitlines()[-1]
+    rules = json.loads(l3netctl(plugin, "policy", "list", "--json"))
+    assert [(r["id"], r["from"], r["to"]) for r in rules] == [(rule_id, "10.74.0.0/24", "10.74.0.0/24")]
+    l3netctl(plugin, "policy", "remove", rule_id)

@@ -71,3 +71,43 @@ def test_node_remove_refuses_a_live_node_then_releases_everything(ctl, etcd, pre
     assert store.get_prefix(keys.host("gone")) == [] and store.get(keys.node("gone"))[0] is None
     assert json.loads(ctl("ipam", "show", "--json").output) == []
     store.close()
+
+
+def test_policy_and_host_rules_round_trip(ctl, etcd, prefix):
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+    store, keys = EtcdStore(etcd.url), Keys(prefix)
+    for cidr in ("10.20.0.0/16", "10.30.0.0/16"):
+        store.put(keys.pool(cidr), "{}")
+    out = ctl("policy", "allow", "--from", "10.20.0.0/16", "--to", "10.30.0.0/16",
+              "--proto", "tcp", "--port", "5432").output
+    rule_id = out.strip().splitlines()[-1]
+    (rule,) = json.loads(ctl("policy", "list", "--json").output)
+    assert rule["id"] == rule_id and rule["ports"] == "5432" and rule["to"] == "10.30.0.0/16"
+    host_id = ctl("host", "allow", "--proto", "udp", "--port", "53-54").output.strip().splitlines()[-1]
+    assert json.loads(ctl("host", "list", "--json").output)[0]["ports"] == "53-54"
+    ctl("policy", "remove", rule_id)
+    ctl("host", "remove", host_id)
+    assert json.loads(ctl("policy", "list", "--json").output) == []
+    assert json.loads(ctl("host", "list", "--json").output) == []
+    store.close()
+
+
+@pytest.mark.parametrize("args", [
+    ("policy", "allow", "--from", "10.20.0.0/16", "--to", "10.99.0.0/16"),          # not a pool
+    ("policy", "allow", "--from", "10.20.0.0/16", "--to", "10.20.0.0/16", "--proto", "icmp", "--port", "1"),
+    ("policy", "allow", "--from", "10.20.0.0/16", "--to", "10.20.0.0/16", "--proto", "tcp", "--port", "9-1"),
+    ("policy", "allow", "--from", "web;rm", "--to", "10.20.0.0/16"),
+    ("host", "allow", "--proto", "tcp", "--port", "70000"),
+    ("policy", "remove", "../x"),
+])
+def test_bad_policy_input_changes_nothing(ctl, etcd, prefix, args):
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+    store = EtcdStore(etcd.url)
+    store.put(Keys(prefix).pool("10.20.0.0/16"), "{}")
+    before = store.get_prefix(prefix + "/")
+    result = ctl(*args, ok=False)
+    assert result.exit_code != 0
+    assert store.get_prefix(prefix + "/") == before
+    store.close()
