@@ -15,6 +15,7 @@ import time
 
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
 from .keys import key_cidr
+from .store import get_json
 
 log = logging.getLogger("l3net.agent")
 
@@ -43,11 +44,6 @@ class Registry:
         self._last = now
 
 
-def read_json(store, key, default=None):
-    value, _ = store.get(key)
-    return json.loads(value) if value is not None else default
-
-
 def nodes(store, keys):
     return [json.loads(v) for _, v, _ in store.get_prefix(keys.nodes())]
 
@@ -55,9 +51,9 @@ def nodes(store, keys):
 def bgp_settings(store, keys, name):
     """(cluster settings, this node's settings) with defaults filled in."""
     cluster = {"as": DEFAULT_AS, "mesh": True, "hold_time": HOLD_TIME}
-    cluster.update(read_json(store, keys.bgp_config(), {}))
+    cluster.update(get_json(store, keys.bgp_config(), {}))
     node = {"as": None, "peers": []}
-    node.update(read_json(store, keys.bgp_node(name), {}))
+    node.update(get_json(store, keys.bgp_node(name), {}))
     return cluster, node
 
 

@@ -124,8 +124,6 @@ def node():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def node_list(obj, as_json):
-    import time
-
     from .agent import nodes
     now = time.time()
     blocks = {}
@@ -196,8 +194,8 @@ def bgp():
 
 
 def _update_json(obj, key, change):
-    from .agent import read_json
-    record = read_json(obj.store, key, {})
+    from .store import get_json
+    record = get_json(obj.store, key, {})
     change(record)
     obj.store.put(key, json.dumps(record, sort_keys=True))
     return record

@@ -19,6 +19,7 @@ from ipam import pools as P
 
 from .datapath import LinkExists
 from .errors import L3netError
+from .store import get_json
 
 log = logging.getLogger("l3net.driver")
 
@@ -44,25 +45,19 @@ class Driver:
         self._endpoints = {}
 
     # -- records ----------------------------------------------------------
-    def _get(self, key):
-        value, _ = self.store.get(key)
-        return json.loads(value) if value is not None else None
+    def _cached(self, cache, key, record_id):
+        record = cache.get(record_id)
+        if record is None:
+            record = get_json(self.store, key)
+            if record is not None:
+                cache[record_id] = record
+        return record
 
     def network(self, network_id):
-        record = self._networks.get(network_id)
-        if record is None:
-            record = self._get(self.keys.network(self.host, network_id))
-            if record is not None:
-                self._networks[network_id] = record
-        return record
+        return self._cached(self._networks, self.keys.network(self.host, network_id), network_id)
 
     def endpoint(self, endpoint_id):
-        record = self._endpoints.get(endpoint_id)
-        if record is None:
-            record = self._get(self.keys.endpoint(self.host, endpoint_id))
-            if record is not None:
-                self._endpoints[endpoint_id] = record
-        return record
+        return self._cached(self._endpoints, self.keys.endpoint(self.host, endpoint_id), endpoint_id)
 
     def resume(self):
         """After a restart: finish deletions a previous process had accepted but not done."""

@@ -15,6 +15,7 @@ Values are strings (JSON by convention). Every etcd call is bounded by ``timeout
 a failure to reach etcd raises :class:`StoreError` with a message fit for the user.
 """
 
+import json
 import threading
 from urllib.parse import urlsplit
 
@@ -23,6 +24,12 @@ from .errors import L3netError
 
 class StoreError(L3netError):
     """etcd could not be reached or answered with an error."""
+
+
+def get_json(store, key, default=None):
+    """The JSON record at ``key``, or ``default`` when there is none."""
+    value, _ = store.get(key)
+    return json.loads(value) if value is not None else default
 
 
 class MemoryStore:
