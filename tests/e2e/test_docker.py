@@ -65,8 +65,15 @@ def sh(container, script, check=True):
     return docker("exec", container, "sh", "-c", script, check=check)
 
 
-def pings(container, address):
-    return sh(container, f"ping -c1 -W2 {address}", check=False).returncode == 0
+def pings(container, address, within=10):
+    """True once ``container`` gets a ping reply from ``address`` (retried for ``within`` s:
+    one lost first packet must not fail a test)."""
+    deadline = time.monotonic() + within
+    while True:
+        if sh(container, f"ping -c1 -W1 {address}", check=False).returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
 
 
 def l3netctl(plugin, *args):
@@ -178,10 +185,10 @@ def test_stop_and_start(network, plugin):
     peer = run(net)
     c = run(net)
     docker("stop", "-t", "0", c)
-    assert len(allocations_of(plugin, net)) == 1
+    wait_for(lambda: len(allocations_of(plugin, net)) == 1, 10, "the stopped container's address released")
     docker("start", c)
     assert pings(c, ip_of(peer, net))
-    assert len(allocations_of(plugin, net)) == 2
+    wait_for(lambda: len(allocations_of(plugin, net)) == 2, 10, "an address for the restarted container")
 
 
 def test_network_without_subnet(network):
@@ -215,7 +222,7 @@ def test_small_network_survives_30_cycles(network, plugin):
     # Deletions of earlier tests may still be finishing in the background: no veth may be
     # left that was not there before the cycles.
     wait_for(lambda: set(veths()) <= set(before), 10, "host veths back to where they were")
-    assert allocations_of(plugin, net) == []
+    wait_for(lambda: allocations_of(plugin, net) == [], 10, "every address of the network released")
 
 
 def test_network_rm_busy_then_ok(network, plugin):
@@ -269,7 +276,7 @@ def test_plugin_kill9_and_restart_with_running_containers(plugin, network):
     docker("stop", "-t", "0", a, b)
     wait_for(lambda: len(veths()) == len(before) - 2, 10, "the stopped containers' veths gone")
     docker("rm", "-f", a, b, c)
-    assert allocations_of(plugin, net) == []
+    wait_for(lambda: allocations_of(plugin, net) == [], 10, "every address of the network released")
 
 
 def test_etcd_paused_fails_fast_then_recovers(plugin, etcd, network):
@@ -291,7 +298,7 @@ def test_etcd_paused_fails_fast_then_recovers(plugin, etcd, network):
     res = wait_for(lambda: docker("run", "--rm", "--label", "l3net-test", "--net", net, TEST_IMAGE,
                                   "true", check=False).returncode == 0, 30, "docker run after SIGCONT")
     assert res
-    assert allocations_of(plugin, net) == []
+    wait_for(lambda: allocations_of(plugin, net) == [], 10, "every address of the network released")
 
 
 def test_policy_names_networks_by_docker_name(network, plugin):

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plugin.agent import Registry, desired_bgp
@@ -50,7 +50,7 @@ ips = st.tuples(st.integers(1, 223), st.integers(0, 255), st.integers(1, 254)).m
 
 
 @has_bird
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(pools=st.lists(cidrs, max_size=4, unique=True), blocks=st.lists(cidrs, max_size=4, unique=True),
        peers=st.lists(st.tuples(ips, st.integers(1, 4294967295), st.booleans()), max_size=4,
                       unique_by=lambda p: p[0]),

@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plugin.policy import PolicyState, render_ipsets, render_iptables, set_name
@@ -67,7 +67,7 @@ ports = st.one_of(st.none(), st.integers(1, 65535).map(str),
 
 
 @tools
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(pools=st.lists(cidr, min_size=1, max_size=4, unique=True), data=st.data())
 def test_random_policy_sets_are_accepted(pools, data):
     rules = [{"id": f"r{i}", "from": data.draw(st.sampled_from(pools)), "to": data.draw(st.sampled_from(pools)),
