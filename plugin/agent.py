@@ -77,6 +77,26 @@ def desired_bgp(store, keys, name, ip):
                     peers=list(unique.values()), hold_time=cluster["hold_time"]), asn
 
 
+def desired_policy(store, keys, name):
+    """The isolation state this node should enforce, from what etcd holds now (issue 4; not
+    applied by the agent yet). Members of a network: every address allocated in its pool on
+    any host, except the gateway reservations."""
+    from .policy import PolicyState
+
+    pools = [json.loads(v) for _, v, _ in store.get_prefix(keys.pools())]
+    members = {p["cidr"]: [] for p in pools}
+    for _, value, _ in store.get_prefix(keys.all_blocks()):
+        block = json.loads(value)
+        members.setdefault(block["pool"], []).extend(
+            ip for ip, a in block["allocations"].items() if not a["handle"].startswith("gateway:"))
+    rules = [json.loads(v) for _, v, _ in store.get_prefix(keys.policy_rules())]
+    host_rules = [r for r in (json.loads(v) for _, v, _ in store.get_prefix(keys.host_rules()))
+                  if r.get("node") in (None, name)]
+    return PolicyState(pools=sorted(members), nat_pools=sorted(p["cidr"] for p in pools if p["nat_outgoing"]),
+                       members={k: sorted(v) for k, v in members.items()}, rules=rules,
+                       host_rules=host_rules, host_ips=sorted(n["ip"] for n in nodes(store, keys)))
+
+
 class Agent:
     def __init__(self, store, keys, name, ip, bird=None, interval=1.0):
         self.store, self.keys, self.name, self.ip = store, keys, name, ip

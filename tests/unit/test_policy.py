@@ -83,3 +83,36 @@ def test_random_policy_sets_are_accepted(pools, data):
 
 def test_set_names_fit_ipset_limit():
     assert len(set_name("255.255.255.0/24")) <= 31
+
+
+def test_desired_policy_from_etcd_data():
+    """Members come from every host's allocations (not gateways); host rules of other nodes
+    and pools without NAT are left out where they do not apply."""
+    import json
+
+    from ipam.allocator import Ipam
+    from plugin.agent import Registry, desired_policy
+    from plugin.keys import Keys
+    from plugin.store import MemoryStore
+
+    store, keys = MemoryStore(), Keys("/t")
+    h1, h2 = Ipam(store, keys, "h1"), Ipam(store, keys, "h2")
+    web, _, _ = h1.request_pool("10.20.0.0/24")
+    db, _, _ = h2.request_pool("10.30.0.0/24", options={"nat-outgoing": "false"})
+    h1.request_address(web, "10.20.0.1", {"RequestAddressType": "com.docker.network.gateway"})
+    a = h1.request_address(web).split("/")[0]
+    b = h2.request_address(web).split("/")[0]
+    c = h2.request_address(db).split("/")[0]
+    Registry(store, keys, "h1", "198.18.0.11").heartbeat(64512)
+    Registry(store, keys, "h2", "198.18.0.12").heartbeat(64512)
+    store.put(keys.policy_rule("aaaaaaaa"), json.dumps({"id": "aaaaaaaa", "from": "10.20.0.0/24",
+                                                        "to": "10.30.0.0/24", "proto": "tcp", "ports": "5432"}))
+    store.put(keys.host_rule("bbbbbbbb"), json.dumps({"id": "bbbbbbbb", "proto": "tcp", "ports": "53", "node": None}))
+    store.put(keys.host_rule("cccccccc"), json.dumps({"id": "cccccccc", "proto": "udp", "ports": "9", "node": "h2"}))
+    state = desired_policy(store, keys, "h1")
+    assert state.members == {"10.20.0.0/24": sorted([a, b]), "10.30.0.0/24": [c]}
+    assert state.nat_pools == ["10.20.0.0/24"] and state.pools == ["10.20.0.0/24", "10.30.0.0/24"]
+    assert [r["id"] for r in state.host_rules] == ["bbbbbbbb"]
+    assert [r["id"] for r in state.rules] == ["aaaaaaaa"]
+    assert state.host_ips == ["198.18.0.11", "198.18.0.12"]
+    render_iptables(state)          # renders without error
