@@ -299,7 +299,8 @@ class Ipam:
             return ip, block, None
         return self._update_block(self.keys.block(pool, cidr), take)
 
-    # -- the block cache and the one CAS loop every block change goes through --
+    # -- the block cache and the CAS loop for changes to one existing or new block --
+    # (claims, frees and release_host write blocks with their affinity keys directly)
     def _read_block(self, key, fresh):
         if not fresh:
             cached = self._blocks.get(key)

@@ -19,6 +19,8 @@ import uuid
 
 import pytest
 
+from tests.testbed import etcd_command
+
 REQUIRE = os.environ.get("CI") == "true" or os.environ.get("L3NET_REQUIRE_E2E") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -63,11 +65,7 @@ class Etcd:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(self.dir, "etcd.log"), "w")
         self.proc = subprocess.Popen(
-            ["etcd", "--name", "l3net-test", "--data-dir", os.path.join(self.dir, "data"),
-             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-cluster", f"l3net-test=http://127.0.0.1:{peer}"],
+            etcd_command("l3net-test", os.path.join(self.dir, "data"), self.url, peer),
             stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(self.healthy, 30, "etcd to start")
 

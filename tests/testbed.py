@@ -39,6 +39,15 @@ def run(*args, check=True, timeout=60, **kw):
     return res
 
 
+def etcd_command(name, data_dir, client_url, peer_port):
+    """A single-member etcd serving ``client_url``, its peer port on loopback."""
+    peer = f"http://127.0.0.1:{peer_port}"
+    return ["etcd", "--name", name, "--data-dir", data_dir,
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{name}={peer}"]
+
+
 def wait_until(predicate, timeout, what, interval=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,11 +197,7 @@ class Testbed:
         self.etcd_url = f"http://{self.net}.1:{port}"
         log = open(os.path.join(self.dir, "etcd.log"), "w")
         self.etcd = subprocess.Popen(
-            ["etcd", "--name", self.tag, "--data-dir", os.path.join(self.dir, "etcd"),
-             "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
-             "--listen-peer-urls", f"http://127.0.0.1:{port + 1}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{port + 1}",
-             "--initial-cluster", f"{self.tag}=http://127.0.0.1:{port + 1}"],
+            etcd_command(self.tag, os.path.join(self.dir, "etcd"), self.etcd_url, port + 1),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: run("etcdctl", "--endpoints", self.etcd_url, "endpoint", "health",
                                check=False, timeout=5).returncode == 0, 30, "etcd")
