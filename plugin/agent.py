@@ -1,20 +1,30 @@
 """The agent: the long-running half of a node, beside the API.
 
-Every ``interval`` seconds it
+When anything under the etcd prefix changes (a watch wakes it), and at least every
+``interval`` seconds, it
   1. keeps this node's registry record alive (an etcd lease: a dead node's record vanishes),
   2. computes the BGP desired state from etcd (nodes, BGP settings, pools, this node's blocks),
-  3. renders it (bgp.render) and makes BIRD run with it (bird.Bird.apply: only on change;
-     a BIRD that died is started again).
+     renders it (bgp.render) and makes BIRD run with it (bird.Bird.apply: only on change;
+     a BIRD that died is started again),
+  3. computes the policy desired state (networks and their members on every host, policies,
+     host rules, nodes) and puts it in force (firewall.Firewall.apply: only what changed),
+  4. every ``drift_every`` seconds, checks that our chains, hooks and sets are still what it
+     wrote, and writes them again if not.
 Errors are logged and retried at the next tick; nothing here can block a Docker call.
 """
 
 import json
 import logging
+import re
 import threading
 import time
 
+from netaddr import AddrFormatError, IPAddress
+
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
+from .firewall import NoFirewall
 from .keys import key_cidr
+from .policy import PolicyState
 from .store import get_json
 
 log = logging.getLogger("l3net.agent")
@@ -77,34 +87,86 @@ def desired_bgp(store, keys, name, ip):
                     peers=list(unique.values()), hold_time=cluster["hold_time"]), asn
 
 
-def desired_policy(store, keys, name):
-    """The isolation state this node should enforce, from what etcd holds now (issue 4; not
-    applied by the agent yet). Members of a network: every address allocated in its pool on
-    any host, except the gateway reservations."""
-    from .policy import PolicyState
+RULE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+PORTS = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
+NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
-    pools = [json.loads(v) for _, v, _ in store.get_prefix(keys.pools())]
+
+def _valid_rule(rule, pools, host_rule=False):
+    """Records come from etcd, written by l3netctl, but anyone with etcd access can write
+    there: only well-formed rules reach iptables-restore input (no injection by a comment)."""
+    if not isinstance(rule, dict) or not RULE_ID.match(str(rule.get("id", ""))):
+        return False
+    proto, ports = rule.get("proto"), rule.get("ports")
+    if proto not in ((("tcp", "udp")) if host_rule else (None, "tcp", "udp", "icmp")):
+        return False
+    if ports is not None and (proto not in ("tcp", "udp") or not PORTS.match(str(ports))):
+        return False
+    if host_rule:
+        node = rule.get("node")
+        return ports is not None and (node is None or bool(NODE.match(str(node))))
+    return rule.get("from") in pools and rule.get("to") in pools
+
+
+def _records(store, prefix):
+    out = []
+    for key, value, _ in store.get_prefix(prefix):
+        try:
+            out.append(json.loads(value))
+        except ValueError:
+            log.warning("ignoring %s: not JSON", key)
+    return out
+
+
+def desired_policy(store, keys, name):
+    """The isolation state this node should enforce, from what etcd holds now. Members of a
+    network: every address allocated in its pool on any host, except gateway reservations."""
+    pools = _records(store, keys.pools())
     members = {p["cidr"]: [] for p in pools}
-    for _, value, _ in store.get_prefix(keys.all_blocks()):
-        block = json.loads(value)
-        members.setdefault(block["pool"], []).extend(
-            ip for ip, a in block["allocations"].items() if not a["handle"].startswith("gateway:"))
-    rules = [json.loads(v) for _, v, _ in store.get_prefix(keys.policy_rules())]
-    host_rules = [r for r in (json.loads(v) for _, v, _ in store.get_prefix(keys.host_rules()))
-                  if r.get("node") in (None, name)]
-    return PolicyState(pools=sorted(members), nat_pools=sorted(p["cidr"] for p in pools if p["nat_outgoing"]),
+    for block in _records(store, keys.all_blocks()):
+        if block.get("pool") in members:
+            members[block["pool"]].extend(
+                ip for ip, a in block["allocations"].items() if not a["handle"].startswith("gateway:"))
+    rules, host_rules = [], []
+    for rule in _records(store, keys.policy_rules()):
+        if _valid_rule(rule, members):
+            rules.append(rule)
+        else:
+            log.warning("ignoring malformed policy rule %.200r", rule)
+    for rule in _records(store, keys.host_rules()):
+        if _valid_rule(rule, members, host_rule=True):
+            host_rules.append(rule)
+        else:
+            log.warning("ignoring malformed host rule %.200r", rule)
+    node_ips = {}
+    for n in nodes(store, keys):
+        try:
+            node_ips[n["name"]] = str(IPAddress(n["ip"], 4))
+        except (KeyError, ValueError, TypeError, AddrFormatError):
+            log.warning("ignoring node record %.200r: no IPv4 address", n)
+    return PolicyState(node=name, pools=sorted(members),
+                       nat_pools=sorted(p["cidr"] for p in pools if p.get("nat_outgoing", True)),
                        members={k: sorted(v) for k, v in members.items()}, rules=rules,
-                       host_rules=host_rules, host_ips=sorted(n["ip"] for n in nodes(store, keys)))
+                       host_rules=host_rules, nodes=node_ips)
 
 
 class Agent:
-    def __init__(self, store, keys, name, ip, bird=None, interval=1.0):
+    """Runs sync() when etcd changes (a watch on the whole prefix wakes it) and at least
+    every ``interval`` seconds (so a broken watch costs latency, not correctness), and checks
+    the kernel for drift every ``drift_every`` seconds."""
+
+    def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0):
         self.store, self.keys, self.name, self.ip = store, keys, name, ip
         self.registry = Registry(store, keys, name, ip)
         self.bird = bird
-        self.interval = interval
+        self.firewall = firewall or NoFirewall()
+        self.interval, self.drift_every = interval, drift_every
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._policy_lock = threading.Lock()
         self._thread = None
+        self._cancel_watch = None
+        self._last_drift_check = 0.0
         self.last_sync = None
         self.last_error = None
 
@@ -113,12 +175,48 @@ class Agent:
         self.registry.heartbeat(asn)
         if self.bird is not None:
             self.bird.apply(render(state))
+        self.sync_policy()
         self.last_sync = time.time()
+
+    def sync_policy(self):
+        """Read the desired policy from etcd and put it in force (also called by the driver
+        when a network is created, so its rules exist before its first container)."""
+        with self._policy_lock:
+            generation = self.firewall.generation()
+            done = self.firewall.apply(desired_policy(self.store, self.keys, self.name), generation)
+            if done:
+                log.info("%s", done)
+
+    def check_drift(self):
+        now = time.monotonic()
+        if now - self._last_drift_check < self.drift_every:
+            return
+        self._last_drift_check = now
+        reason = self.firewall.drift()
+        if reason:
+            log.warning("drift: %s; writing the policy again", reason)
+            self.sync_policy()
+
+    def _watch(self):
+        """(Re)start the etcd watch that wakes the loop; failures only mean polling."""
+        if self._cancel_watch is not None:
+            return
+        def on_change(error):
+            if error is not None:
+                self._cancel_watch = None
+            self._wake.set()
+        try:
+            self._cancel_watch = self.store.watch(self.keys.prefix + "/", on_change)
+        except Exception as e:  # noqa: BLE001 - the periodic sync still runs
+            log.debug("etcd watch not available: %s", e)
 
     def _loop(self):
         while not self._stop.is_set():
+            self._wake.clear()
             try:
+                self._watch()
                 self.sync()
+                self.check_drift()
                 if self.last_error:
                     log.info("agent back in sync")
                 self.last_error = None
@@ -126,7 +224,8 @@ class Agent:
                 if str(e) != str(self.last_error):
                     log.warning("agent sync failed: %s", e)
                 self.last_error = e
-            self._stop.wait(self.interval)
+            if self._wake.wait(self.interval):
+                self._stop.wait(0.02)      # let a burst of writes (one docker run) settle
 
     def start(self):
         self._thread = threading.Thread(target=self._loop, name="l3net-agent", daemon=True)
@@ -134,7 +233,13 @@ class Agent:
 
     def stop(self):
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self._cancel_watch is not None:
+            try:
+                self._cancel_watch()
+            except Exception:  # noqa: BLE001 - etcd may be gone already
+                pass
         if self.bird is not None:
             self.bird.stop()

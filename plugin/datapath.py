@@ -209,8 +209,6 @@ class Datapath:
         self.reaper.submit(host_ifname(endpoint_id), then)
 
     def prepare_host(self):
-        """Host-wide settings routed containers need: IPv4 forwarding and a FORWARD accept."""
-        from .firewall import ensure_forward
-
+        """Host-wide settings routed containers need: IPv4 forwarding. (What may pass is the
+        policy's business: see firewall.py.)"""
         enable_forwarding()
-        ensure_forward()

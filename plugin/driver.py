@@ -31,7 +31,8 @@ NETWORK_OPTIONS = {}
 
 
 class Driver:
-    def __init__(self, store, keys, ipam, datapath, journal, host, name="l3net"):
+    def __init__(self, store, keys, ipam, datapath, journal, host, name="l3net", firewall=None,
+                 sync_policy=None):
         self.store = store
         self.keys = keys
         self.ipam = ipam
@@ -39,6 +40,10 @@ class Driver:
         self.journal = journal
         self.host = host
         self.name = name
+        # Policy (see agent.py / firewall.py): a new network's rules are written before the
+        # network exists for Docker, a new container joins its network's ipset at once.
+        self.firewall = firewall
+        self.sync_policy = sync_policy
         # Read-through caches of this host's records (etcd stays the truth: only this process
         # writes them, and a restarted process starts empty and reads etcd).
         self._networks = {}
@@ -90,6 +95,8 @@ class Driver:
                                  f"--ipam-driver {self.name}")
             pools.append(str(cidr))
         self.datapath.prepare_host()
+        if self.sync_policy is not None:
+            self.sync_policy()
         record = {
             "id": network_id,
             "pools": pools,
@@ -160,6 +167,12 @@ class Driver:
             except Exception:  # etcd is the reason we are here; the record may not exist
                 log.warning("could not remove record of failed endpoint %s", endpoint_id[:12])
             raise
+        if self.firewall is not None:
+            try:
+                self.firewall.add_member(pool, str(address))
+            except L3netError as e:     # the agent adds it from etcd within a second anyway
+                log.warning("endpoint %s: could not add %s to its network's set: %s",
+                            endpoint_id[:12], address, e)
         return {} if mac else {"MacAddress": created_mac}
 
     def _require_endpoint(self, endpoint_id):

@@ -1,52 +1,235 @@
-"""iptables: let routed container traffic through the host's FORWARD chain.
+"""Apply policy state to this host's kernel: ipsets and iptables (the side-effect half of
+policy.py), and notice when someone changed them behind our back.
 
-dockerd sets the FORWARD policy to DROP, so a routed container would be cut off. l3net keeps
-its rules in its own chain, hooked at the top of FORWARD, written in one ``iptables-restore
---noflush`` (atomic: declaring the chain flushes and refills it in the same commit) and never
-touching Docker's chains. Isolation between networks comes in this chain later (policy).
+Everything is written with ``ipset restore`` and ``iptables-restore --noflush``: our chains
+are declared in the input, so each table's chains are flushed and refilled in one commit (no
+moment with half a rule set), and Docker's chains are never touched. Sets are rebuilt by swap
+or changed entry by entry. The order matters: sets first (rules may only name sets that
+exist), then rules, then stale sets are destroyed (a referenced set cannot be).
+
+One ``Firewall`` per node, shared by the agent (full syncs) and the driver (a new local
+container is added to its network's set at once, so its first packet passes); a lock keeps
+them from interleaving.
 """
 
 import logging
+import re
 import subprocess
+import threading
 
-from .datapath import HOST_PREFIX
+from . import policy as P
 from .errors import L3netError
 
 log = logging.getLogger("l3net.firewall")
 
-CHAIN = "L3NET-FORWARD"
 TIMEOUT = 15
-
-
-def render_forward():
-    """The filter table text for iptables-restore --noflush (pure; golden-tested)."""
-    return "\n".join([
-        "*filter",
-        f":{CHAIN} - [0:0]",
-        f"-A {CHAIN} -i {HOST_PREFIX}+ -m comment --comment \"l3net: from containers\" -j ACCEPT",
-        f"-A {CHAIN} -o {HOST_PREFIX}+ -m comment --comment \"l3net: to containers\" -j ACCEPT",
-        "COMMIT",
-        "",
-    ])
+WAIT = ["-w", "5"]          # xtables lock: wait up to 5 s for another writer (dockerd)
 
 
 def _run(args, stdin=None):
     try:
-        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
+        res = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
     except FileNotFoundError:
-        raise L3netError(f"{args[0]} not found: install iptables") from None
+        raise L3netError(f"{args[0]} not found: install iptables and ipset") from None
     except subprocess.TimeoutExpired:
         raise L3netError(f"{args[0]} did not finish within {TIMEOUT}s (xtables lock held?)") from None
-
-
-def ensure_forward():
-    """Write our chain and make sure FORWARD jumps to it first. Idempotent."""
-    res = _run(["iptables-restore", "-w", "5", "--noflush"], render_forward())
     if res.returncode != 0:
-        raise L3netError(f"iptables-restore failed: {res.stderr.strip()}")
-    hook = ["FORWARD", "-j", CHAIN]
-    if _run(["iptables", "-w", "5", "-C", *hook]).returncode != 0:
-        res = _run(["iptables", "-w", "5", "-I", *hook])
-        if res.returncode != 0:
-            raise L3netError(f"could not hook {CHAIN} into FORWARD: {res.stderr.strip()}")
-        log.info("hooked %s into FORWARD", CHAIN)
+        raise L3netError(f"{args[0]} failed: {res.stderr.strip()[:500]}")
+    return res.stdout
+
+
+def ipset_restore(text):
+    if text:
+        _run(["ipset", "restore"], text)
+
+
+def iptables_restore(text):
+    if text:
+        _run(["iptables-restore", *WAIT, "--noflush"], text)
+
+
+# Rules that may come before our hooks: Docker's DOCKER-USER (the admin's own rules, and it
+# RETURNs by default). Anything else first could accept traffic for our containers before
+# policy sees it: dockerd puts "-i docker0 ! -o docker0 -j ACCEPT" at the top of FORWARD
+# whenever it sets a bridge up, which would let --net bridge containers past isolation.
+MAY_PRECEDE = ("-j DOCKER-USER",)
+
+
+def hooks_found(saved):
+    """From ``iptables-save`` output: {hook: (count, in place)} for each of HOOKS present.
+    In place: only MAY_PRECEDE rules (or other hooks of ours) come before it in its chain."""
+    table, found, clean = None, {}, {}
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+            continue
+        for hook in P.HOOKS:
+            t, chain, ours = hook
+            if t != table or not line.startswith(f"-A {chain} "):
+                continue
+            if line == P.hook_line(chain, ours):
+                count, _ = found.get(hook, (0, False))
+                found[hook] = (count + 1, clean.get((t, chain), True))
+            elif not line.endswith(MAY_PRECEDE):
+                clean[(t, chain)] = False
+    return found
+
+
+def our_rules(saved):
+    """From ``iptables-save`` output: (table, line) of every rule in our chains and of every
+    hook into them, as the kernel prints them (what a drift check compares), a hook marked
+    when it is not in place or not alone."""
+    table, out = None, set()
+    ours = tuple(f"-A {c} " for _, _, c in P.HOOKS) + (f"-A {P.TO_CONTAINER} ", f"-A {P.FROM_CONTAINER} ",
+                                                        f"-A {P.TO_HOST} ")
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(ours):
+            out.add((table, line))
+    for (t, chain, c), (count, in_place) in hooks_found(saved).items():
+        mark = "" if in_place and count == 1 else f" (x{count}, in place: {in_place})"
+        out.add((t, P.hook_line(chain, c) + mark))
+    return out
+
+
+def hooks_to_fix(saved):
+    """[(hook, copies to delete first)] for every hook that is missing, misplaced or doubled."""
+    found = hooks_found(saved)
+    return [(h, found.get(h, (0, False))[0]) for h in P.HOOKS
+            if found.get(h, (0, False)) != (1, True)]
+
+
+def set_sizes(listing):
+    """``ipset list -t`` output -> {our set name: number of entries}."""
+    sizes, name = {}, None
+    for line in listing.splitlines():
+        if line.startswith("Name: "):
+            name = line[6:].strip()
+        elif line.startswith("Number of entries: ") and name and name.startswith(P.SET_PREFIX):
+            sizes[name] = int(line.split(":")[1])
+    return sizes
+
+
+class Firewall:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.applied = None        # the PolicyState in force (None: unknown, apply in full)
+        self._snapshot = None      # our_rules() right after our last write
+        self._generation = 0       # bumped by every local add_member
+        self._local = []           # (generation, pool, address) added since the last sync read
+        self._stale = set()        # sets to destroy (the kernel frees a set's last reference late)
+
+    # -- the agent's side ---------------------------------------------------
+    def generation(self):
+        """Call before reading the desired state from etcd; pass the value to apply()."""
+        with self._lock:
+            return self._generation
+
+    def apply(self, desired, generation=None):
+        """Make the kernel match ``desired``; cheap when nothing changed. Members a local
+        container added after the desired state was read are kept (the next read has them).
+        Returns a short description of what was done, or None."""
+        with self._lock:
+            if generation is not None:
+                for g, pool, address in self._local:
+                    if g > generation and pool in desired.members:
+                        if address not in desired.members[pool]:
+                            desired.members[pool] = sorted(desired.members[pool] + [address])
+                self._local = [x for x in self._local if x[0] > generation]
+            old = self.applied
+            rules = P.render_iptables(desired)
+            if old is not None and P.render_iptables(old) == rules and P.sets(old) == P.sets(desired):
+                self._destroy_stale()
+                return None
+            if old is None:
+                what = self._apply_full(desired, rules)
+            else:
+                what = self._apply_changes(old, desired, rules)
+            self.applied = desired
+            self._destroy_stale()
+            return what
+
+    def _apply_full(self, desired, rules):
+        ipset_restore(P.render_ipsets(desired))
+        saved = _run(["iptables-save"])
+        iptables_restore(rules + P.render_hooks(hooks_to_fix(saved)))
+        self._snapshot = our_rules(_run(["iptables-save"]))
+        wanted = set(P.sets(desired))
+        self._stale |= {n for n in set_sizes(_run(["ipset", "list", "-t"])) if n not in wanted}
+        return f"policy applied in full ({len(desired.pools)} networks, {len(desired.rules)} policies)"
+
+    def _apply_changes(self, old, desired, rules):
+        before, stale = P.render_set_changes(old, desired)
+        ipset_restore(before)
+        if P.render_iptables(old) != rules:
+            iptables_restore(rules)
+            self._snapshot = our_rules(_run(["iptables-save"]))
+        self._stale |= set(stale)
+        added = sum(len(set(v) - set(old.members.get(k, []))) for k, v in desired.members.items())
+        removed = sum(len(set(v) - set(desired.members.get(k, []))) for k, v in old.members.items())
+        return f"policy updated (+{added}/-{removed} members)"
+
+    def _destroy_stale(self):
+        """Destroy sets no rule uses any more. Right after the rule that used a set is gone,
+        nf_tables may still hold it for a moment ("in use by a kernel component"): such a set
+        stays on the list and is tried again at the next sync."""
+        for name in sorted(self._stale):
+            if name in P.sets(self.applied or P.PolicyState()):
+                self._stale.discard(name)       # wanted again
+                continue
+            try:
+                _run(["ipset", "destroy", name])
+                self._stale.discard(name)
+            except L3netError as e:
+                if "does not exist" in str(e):
+                    self._stale.discard(name)
+                else:
+                    log.debug("stale ipset %s not destroyed yet: %s", name, e)
+
+    def drift(self):
+        """What differs between the kernel and what we last applied (a reason), or None.
+        Checks our rules and hooks, and the size of each of our sets."""
+        with self._lock:
+            if self.applied is None:
+                return None
+            if our_rules(_run(["iptables-save"])) != self._snapshot:
+                reason = "iptables rules changed"
+            else:
+                sizes = set_sizes(_run(["ipset", "list", "-t"]))
+                want = {n: len(e) for n, (_, e) in P.sets(self.applied).items()}
+                bad = sorted(n for n in want if sizes.get(n) != want[n])
+                if not bad:
+                    return None
+                reason = f"ipset {bad[0]} changed"
+            self.applied = None       # the next apply() writes everything again
+            return reason
+
+    # -- the driver's side --------------------------------------------------
+    def add_member(self, pool, address):
+        """A container of ``pool`` starts here: put it in the set now (one ipset call)."""
+        name = P.set_name(pool)
+        with self._lock:
+            ipset_restore(f"create {name} hash:ip family inet -exist\nadd {name} {address} -exist\n")
+            self._generation += 1
+            self._local.append((self._generation, str(pool), str(address)))
+            if self.applied is not None and pool in self.applied.members and \
+                    address not in self.applied.members[pool]:
+                self.applied.members[pool] = sorted(self.applied.members[pool] + [address])
+
+
+class NoFirewall:
+    """For tests and hosts without policy: does nothing."""
+    applied = None
+
+    def generation(self):
+        return 0
+
+    def apply(self, desired, generation=None):
+        return None
+
+    def drift(self):
+        return None
+
+    def add_member(self, pool, address):
+        pass

@@ -1,20 +1,24 @@
 """Isolation and policy rendered as iptables-restore and ipset-restore input (pure; golden-tested).
 
 The model (issue 4): a *network* is a pool; its members are the container addresses allocated
-in it on every host, kept in one ipset per network, so the number of rules depends on networks
-and policies, never on containers.
+in it on every host, kept in one ipset per network, so the number of rules depends on networks,
+policies and nodes, never on containers.
 
   * members of a network reach each other; a policy opens ``--from`` network to ``--to``
-    network for a protocol and port range; everything else towards a container is dropped,
-    except replies to connections the container opened (conntrack);
+    network for a protocol and port range; everything else towards a container is dropped
+    (other networks, other hosts, the outside), except replies to connections the container
+    opened (conntrack). The container's own host is not filtered (it has root over the
+    container anyway, and health checks and debugging from the host keep working);
   * containers may open connections to the outside world; pools with ``nat_outgoing`` are
-    masqueraded towards destinations outside every pool;
-  * containers may not reach any cluster host (``l3n-hosts``) except host services opened by a
-    host rule; this covers their own host (INPUT) and the others (FORWARD);
+    masqueraded towards destinations outside every pool and every cluster host;
+  * containers may not reach any cluster host except services opened by a host rule. Their own
+    host is protected in INPUT (every address it has), the other nodes in FORWARD (the
+    ``l3n-hosts`` set, or the node's address for a rule that names a node), and each node's
+    INPUT also refuses remote pool addresses the same way (defence in depth);
   * a container only sends with its own address: strict reverse-path check on the host side of
     its veth (one rule, whatever the number of containers).
 
-This module is not wired into the agent yet: it is the pure half, with its tests.
+The side effects (running ipset / iptables-restore, drift checks) are in firewall.py.
 """
 
 import hashlib
@@ -26,27 +30,43 @@ FORWARD = "L3NET-FORWARD"
 TO_CONTAINER = "L3NET-TO-CONTAINER"
 FROM_CONTAINER = "L3NET-FROM-CONTAINER"
 INPUT = "L3NET-INPUT"
+TO_HOST = "L3NET-TO-HOST"
 POSTROUTING = "L3NET-POSTROUTING"
 PREROUTING = "L3NET-PREROUTING"
 HOSTS_SET = "l3n-hosts"
 POOLS_SET = "l3n-pools"
 NAT_SET = "l3n-nat-pools"
+SET_PREFIX = "l3n-"
 IFACES = f"{HOST_PREFIX}+"
+# (table, built-in chain, our chain): the jumps that hook our chains in, first in their chain.
+HOOKS = [("filter", "FORWARD", FORWARD), ("filter", "INPUT", INPUT),
+         ("nat", "POSTROUTING", POSTROUTING), ("raw", "PREROUTING", PREROUTING)]
 
 
 @dataclass
 class PolicyState:
+    node: str = ""                                     # this node's name
     pools: list = field(default_factory=list)          # every pool CIDR
     nat_pools: list = field(default_factory=list)      # pools with outgoing NAT
     members: dict = field(default_factory=dict)        # pool CIDR -> [container address]
     rules: list = field(default_factory=list)          # {"id","from","to","proto","ports"}
-    host_rules: list = field(default_factory=list)     # {"id","proto","ports"} for this node
-    host_ips: list = field(default_factory=list)       # every cluster host's address
+    host_rules: list = field(default_factory=list)     # {"id","proto","ports","node"}
+    nodes: dict = field(default_factory=dict)          # node name -> address (every node)
 
 
 def set_name(cidr):
     """ipset names are at most 31 characters: a stable digest of the pool CIDR."""
-    return "l3n-" + hashlib.sha1(str(cidr).encode()).hexdigest()[:12]
+    return SET_PREFIX + hashlib.sha1(str(cidr).encode()).hexdigest()[:12]
+
+
+def sets(state):
+    """Every ipset the state needs: {name: (type, sorted entries)}."""
+    out = {HOSTS_SET: ("hash:ip", sorted(set(state.nodes.values()))),
+           POOLS_SET: ("hash:net", sorted(set(state.pools))),
+           NAT_SET: ("hash:net", sorted(set(state.nat_pools)))}
+    for pool in state.pools:
+        out[set_name(pool)] = ("hash:ip", sorted(set(state.members.get(pool, []))))
+    return out
 
 
 def _ports(rule):
@@ -65,29 +85,48 @@ def _comment(text):
     return f' -m comment --comment "{text}"'
 
 
+def _rebuild(name, kind, entries):
+    """A set rebuilt in a temporary twin, then swapped in: a set in use is never half full."""
+    tmp = name + "-t"
+    lines = [f"create {name} {kind} family inet -exist",
+             f"create {tmp} {kind} family inet -exist",
+             f"flush {tmp}"]
+    lines += [f"add {tmp} {e}" for e in entries]
+    return lines + [f"swap {tmp} {name}", f"destroy {tmp}"]
+
+
 def render_ipsets(state):
-    """``ipset restore`` input: every set rebuilt in a temporary twin, then swapped in (a set
-    in use is never empty half way)."""
-    sets = [(HOSTS_SET, "hash:ip", state.host_ips),
-            (POOLS_SET, "hash:net", state.pools),
-            (NAT_SET, "hash:net", state.nat_pools)]
-    sets += [(set_name(p), "hash:ip", state.members.get(p, [])) for p in sorted(state.pools)]
+    """``ipset restore`` input that makes every set exactly what the state says."""
     lines = []
-    for name, kind, entries in sets:
-        tmp = name + "-t"
-        lines += [f"create {name} {kind} family inet -exist",
-                  f"create {tmp} {kind} family inet -exist",
-                  f"flush {tmp}"]
-        lines += [f"add {tmp} {e}" for e in sorted(set(entries))]
-        lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
+    for name, (kind, entries) in sets(state).items():
+        lines += _rebuild(name, kind, entries)
     return "\n".join(lines) + "\n"
+
+
+def render_set_changes(old, new):
+    """Incremental ``ipset restore`` input from state ``old`` to ``new``: new sets are built
+    whole, existing ones get only their added and removed entries (a new container costs one
+    line, whatever the size of its network). Returns (before, stale): ``before`` is applied
+    before the iptables rules, ``stale`` lists the sets to destroy after them (a set
+    referenced by a rule cannot be destroyed)."""
+    old_sets, new_sets = sets(old), sets(new)
+    lines = []
+    for name, (kind, entries) in new_sets.items():
+        if name not in old_sets or old_sets[name][0] != kind:
+            lines += _rebuild(name, kind, entries)
+            continue
+        before, after = set(old_sets[name][1]), set(entries)
+        lines += [f"del {name} {e} -exist" for e in sorted(before - after)]
+        lines += [f"add {name} {e} -exist" for e in sorted(after - before)]
+    stale = sorted(set(old_sets) - set(new_sets))
+    return ("\n".join(lines) + "\n") if lines else "", stale
 
 
 def render_iptables(state):
     """``iptables-restore --noflush`` input for the filter, nat and raw tables: our chains are
-    declared (so flushed and refilled in the same commit); Docker's are not touched."""
-    f = ["*filter", f":{FORWARD} - [0:0]", f":{TO_CONTAINER} - [0:0]",
-         f":{FROM_CONTAINER} - [0:0]", f":{INPUT} - [0:0]"]
+    declared (so flushed and refilled in the same commit); Docker's are not touched. The hooks
+    into the built-in chains are added by firewall.py, only where missing."""
+    f = ["*filter"] + [f":{c} - [0:0]" for c in (FORWARD, TO_CONTAINER, FROM_CONTAINER, INPUT, TO_HOST)]
     f += [f"-A {FORWARD} -o {IFACES} -j {TO_CONTAINER}",
           f"-A {FORWARD} -i {IFACES} -j {FROM_CONTAINER}"]
     # towards a container
@@ -105,20 +144,49 @@ def render_iptables(state):
     # from a container: not to cluster hosts (but host services opened), anything else goes
     f.append(f"-A {FROM_CONTAINER} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
     for rule in sorted(state.host_rules, key=lambda r: r["id"]):
-        f.append(f"-A {FROM_CONTAINER}{_ports(rule)} -m set --match-set {HOSTS_SET} dst"
-                 f"{_comment('host rule ' + rule['id'])} -j ACCEPT")
+        node = rule.get("node")
+        if node is None:
+            dst = f" -m set --match-set {HOSTS_SET} dst"
+        elif node in state.nodes:
+            dst = f" -d {state.nodes[node]}/32"
+        else:
+            continue        # a node that is not registered (yet): nothing to open
+        f.append(f"-A {FROM_CONTAINER}{_ports(rule)}{dst}{_comment('host rule ' + rule['id'])} -j ACCEPT")
     f.append(f"-A {FROM_CONTAINER} -m set --match-set {HOSTS_SET} dst{_comment('no hosts')} -j DROP")
     f.append(f"-A {FROM_CONTAINER} -j ACCEPT")
-    # to this host itself
-    f.append(f"-A {INPUT} -i {IFACES} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+    # to this host itself: from a local container, or from a container on another host
+    f += [f"-A {INPUT} -i {IFACES} -j {TO_HOST}",
+          f"-A {INPUT} -m set --match-set {POOLS_SET} src -j {TO_HOST}",
+          f"-A {TO_HOST} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
     for rule in sorted(state.host_rules, key=lambda r: r["id"]):
-        f.append(f"-A {INPUT} -i {IFACES}{_ports(rule)}{_comment('host rule ' + rule['id'])} -j ACCEPT")
-    f.append(f"-A {INPUT} -i {IFACES}{_comment('no host access')} -j DROP")
+        if rule.get("node") in (None, state.node):
+            f.append(f"-A {TO_HOST}{_ports(rule)}{_comment('host rule ' + rule['id'])} -j ACCEPT")
+    f.append(f"-A {TO_HOST}{_comment('no host access')} -j DROP")
     f.append("COMMIT")
     n = ["*nat", f":{POSTROUTING} - [0:0]",
          f"-A {POSTROUTING} -m set --match-set {NAT_SET} src -m set ! --match-set {POOLS_SET} dst"
-         f"{_comment('outgoing NAT')} -j MASQUERADE", "COMMIT"]
+         f" -m set ! --match-set {HOSTS_SET} dst{_comment('outgoing NAT')} -j MASQUERADE", "COMMIT"]
     r = ["*raw", f":{PREROUTING} - [0:0]",
          f"-A {PREROUTING} -i {IFACES} -m rpfilter --invert{_comment('anti-spoofing')} -j DROP",
          "COMMIT"]
     return "\n".join(f + n + r) + "\n"
+
+
+def render_hooks(fixes):
+    """``iptables-restore --noflush`` input putting the given HOOKS first in their built-in
+    chains: ``fixes`` is [(hook, copies present)]; the copies are deleted and one inserted at
+    the top, in the same commit (--noflush would otherwise add a duplicate)."""
+    lines = []
+    for table in ("filter", "nat", "raw"):
+        jumps = [(chain, ours, n) for (t, chain, ours), n in fixes if t == table]
+        if jumps:
+            lines.append(f"*{table}")
+            for chain, ours, copies in jumps:
+                lines += [f"-D {chain} -j {ours}"] * copies + [f"-I {chain} 1 -j {ours}"]
+            lines.append("COMMIT")
+    return ("\n".join(lines) + "\n") if lines else ""
+
+
+def hook_line(chain, ours):
+    """How iptables-save prints a hook."""
+    return f"-A {chain} -j {ours}"

@@ -32,16 +32,18 @@ def build(cfg):
     from .agent import Agent
     from .bird import Bird
     from .driver import Driver
+    from .firewall import Firewall
     from .journal import Journal
     from .keys import Keys
 
     store = make_store(cfg)
     keys = Keys(cfg.etcd_prefix)
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
-    driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
-                    cfg.driver_name)
     bird = Bird(cfg.state_dir) if cfg.bgp else None
-    agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird)
+    firewall = Firewall()
+    agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall)
+    driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
+                    cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
     return create_app(driver, ipam), driver, ipam, agent
 
 

@@ -10,6 +10,8 @@ Everything above this module (IPAM, driver, agent) sees only these calls::
     txn(expect, put, delete)    -> the new revision (> 0) if every key in ``expect`` still had
                                    the given revision (0 = must not exist) and the writes were
                                    applied, else 0; the revision lets callers cache what they wrote
+    watch(prefix, callback)     -> cancel(); callback(None) after every change under prefix,
+                                   callback(error) once if the watch breaks (then watch again)
 
 Values are strings (JSON by convention). Every etcd call is bounded by ``timeout`` seconds;
 a failure to reach etcd raises :class:`StoreError` with a message fit for the user.
@@ -39,6 +41,7 @@ class MemoryStore:
         self._data = {}
         self._rev = 0
         self._lock = threading.Lock()
+        self._watches = {}
 
     def get(self, key):
         with self._lock:
@@ -72,7 +75,18 @@ class MemoryStore:
                 self._data[key] = (value, self._rev)
             for key in delete or []:
                 self._data.pop(key, None)
-            return self._rev
+            rev, changed = self._rev, list(put or {}) + list(delete or [])
+            watches = list(self._watches.values())
+        for prefix, callback in watches:
+            if any(k.startswith(prefix) for k in changed):
+                callback(None)
+        return rev
+
+    def watch(self, prefix, callback):
+        token = object()
+        with self._lock:
+            self._watches[token] = (prefix, callback)
+        return lambda: self._watches.pop(token, None)
 
 
 class _MemoryLease:
@@ -210,6 +224,12 @@ class EtcdStore:
 
     def delete(self, key):
         self._call(self.client.delete, key)
+
+    def watch(self, prefix, callback):
+        def on_response(response):
+            callback(response if isinstance(response, Exception) else None)
+        watch_id = self._call(self.client.add_watch_prefix_callback, prefix, on_response)
+        return lambda: self._call(self.client.cancel_watch, watch_id)
 
     def txn(self, expect, put=None, delete=None):
         from etcd3 import etcdrpc

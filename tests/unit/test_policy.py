@@ -14,14 +14,18 @@ from plugin.policy import PolicyState, render_ipsets, render_iptables, set_name
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 STATE = PolicyState(
+    node="h1",
     pools=["10.20.0.0/16", "10.30.0.0/16", "10.40.0.0/24"],
     nat_pools=["10.20.0.0/16", "10.30.0.0/16"],
     members={"10.20.0.0/16": ["10.20.0.1", "10.20.0.65"], "10.30.0.0/16": ["10.30.0.7"]},
     rules=[{"id": "p1", "from": "10.20.0.0/16", "to": "10.30.0.0/16", "proto": "tcp", "ports": "5432"},
            {"id": "p2", "from": "10.40.0.0/24", "to": "10.30.0.0/16", "proto": "udp", "ports": "8000-8080"},
            {"id": "p3", "from": "10.40.0.0/24", "to": "10.20.0.0/16", "proto": "icmp", "ports": None}],
-    host_rules=[{"id": "h1", "proto": "tcp", "ports": "53"}],
-    host_ips=["198.18.0.11", "198.18.0.12"])
+    host_rules=[{"id": "h1", "proto": "tcp", "ports": "53", "node": None},
+                {"id": "h2", "proto": "tcp", "ports": "8080-8081", "node": "h2"},
+                {"id": "h3", "proto": "udp", "ports": "9", "node": "h1"},
+                {"id": "h4", "proto": "udp", "ports": "7", "node": "gone"}],
+    nodes={"h1": "198.18.0.11", "h2": "198.18.0.12"})
 tools = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("unshare"),
                            reason="needs root, ipset and unshare")
 
@@ -73,10 +77,11 @@ def test_random_policy_sets_are_accepted(pools, data):
     rules = [{"id": f"r{i}", "from": data.draw(st.sampled_from(pools)), "to": data.draw(st.sampled_from(pools)),
               "proto": data.draw(st.sampled_from(["tcp", "udp", "icmp", None])), "ports": data.draw(ports)}
              for i in range(data.draw(st.integers(0, 5)))]
-    host_rules = [{"id": f"h{i}", "proto": data.draw(st.sampled_from(["tcp", "udp"])), "ports": data.draw(ports)}
+    host_rules = [{"id": f"h{i}", "proto": data.draw(st.sampled_from(["tcp", "udp"])), "ports": data.draw(ports),
+                   "node": data.draw(st.sampled_from([None, "n1", "n2"]))}
                   for i in range(data.draw(st.integers(0, 3)))]
     state = PolicyState(pools=pools, nat_pools=pools[:1], rules=rules, host_rules=host_rules,
-                        members={pools[0]: ["10.0.0.1"]}, host_ips=["192.0.2.1"])
+                        members={pools[0]: ["10.0.0.1"]}, nodes={"n1": "192.0.2.1"})
     ok, err = accepted_by_kernel_tools(state)
     assert ok, err
 
@@ -112,7 +117,53 @@ def test_desired_policy_from_etcd_data():
     state = desired_policy(store, keys, "h1")
     assert state.members == {"10.20.0.0/24": sorted([a, b]), "10.30.0.0/24": [c]}
     assert state.nat_pools == ["10.20.0.0/24"] and state.pools == ["10.20.0.0/24", "10.30.0.0/24"]
-    assert [r["id"] for r in state.host_rules] == ["bbbbbbbb"]
+    assert sorted(r["id"] for r in state.host_rules) == ["bbbbbbbb", "cccccccc"]
     assert [r["id"] for r in state.rules] == ["aaaaaaaa"]
-    assert state.host_ips == ["198.18.0.11", "198.18.0.12"]
+    assert state.nodes == {"h1": "198.18.0.11", "h2": "198.18.0.12"} and state.node == "h1"
     render_iptables(state)          # renders without error
+
+
+def test_set_changes_are_incremental():
+    from plugin.policy import render_set_changes
+    old = PolicyState(**{**STATE.__dict__, "members": {"10.20.0.0/16": ["10.20.0.1", "10.20.0.65"]}})
+    new = PolicyState(**{**STATE.__dict__, "pools": ["10.20.0.0/16", "10.30.0.0/16", "10.50.0.0/24"],
+                         "members": {"10.20.0.0/16": ["10.20.0.1", "10.20.0.9"], "10.50.0.0/24": ["10.50.0.3"]}})
+    before, stale = render_set_changes(old, new)
+    web, fresh = set_name("10.20.0.0/16"), set_name("10.50.0.0/24")
+    assert f"del {web} 10.20.0.65 -exist" in before and f"add {web} 10.20.0.9 -exist" in before
+    assert f"add {fresh}-t 10.50.0.3" in before and f"swap {fresh}-t {fresh}" in before
+    assert "10.20.0.1" not in before                      # unchanged members are not touched
+    assert stale == [set_name("10.40.0.0/24")]
+    assert render_set_changes(new, new) == ("", [])
+
+
+def test_hooks_only_for_what_is_missing():
+    from plugin.policy import HOOKS, render_hooks
+    assert render_hooks([]) == ""
+    text = render_hooks([(HOOKS[0], 1), (HOOKS[2], 0)])
+    assert text == ("*filter\n-D FORWARD -j L3NET-FORWARD\n-I FORWARD 1 -j L3NET-FORWARD\nCOMMIT\n"
+                    "*nat\n-I POSTROUTING 1 -j L3NET-POSTROUTING\nCOMMIT\n")
+
+
+def test_malformed_records_in_etcd_are_ignored():
+    """Anyone with etcd access can write there; nothing malformed reaches iptables-restore."""
+    import json
+
+    from ipam.allocator import Ipam
+    from plugin.agent import desired_policy
+    from plugin.keys import Keys
+    from plugin.store import MemoryStore
+
+    store, keys = MemoryStore(), Keys("/t")
+    Ipam(store, keys, "h1").request_pool("10.20.0.0/24")
+    good = {"id": "aaaaaaaa", "from": "10.20.0.0/24", "to": "10.20.0.0/24", "proto": "tcp", "ports": "80"}
+    bad = [dict(good, id='x" -j ACCEPT\n-A FORWARD'), dict(good, ports="80\nCOMMIT"), dict(good, proto="gre"),
+           dict(good, **{"from": "10.99.0.0/24"}), dict(good, proto="icmp", ports="1"), "junk", [1]]
+    store.put(keys.policy_rule("aaaaaaaa"), json.dumps(good))
+    for i, rule in enumerate(bad):
+        store.put(keys.policy_rule(f"bad{i}"), json.dumps(rule))
+    store.put(keys.policy_rule("notjson"), "{")
+    store.put(keys.host_rule("h"), json.dumps({"id": "h", "proto": "tcp", "ports": "22", "node": "a b"}))
+    store.put(keys.host_rule("i"), json.dumps({"id": "i", "proto": "icmp", "ports": None, "node": None}))
+    state = desired_policy(store, keys, "h1")
+    assert [r["id"] for r in state.rules] == ["aaaaaaaa"] and state.host_rules == []
