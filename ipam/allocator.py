@@ -128,6 +128,9 @@ class Ipam:
             elif opts.get("block_explicit", True) and opts["block_prefix"] != record["block_prefix"]:
                 raise L3netError(f"pool {cidr} already exists with block-size "
                                  f"{record['block_prefix']}, not {opts['block_prefix']}")
+            elif opts["nat_outgoing"] is not None and opts["nat_outgoing"] != record["nat_outgoing"]:
+                raise L3netError(f"pool {cidr} already exists with nat-outgoing="
+                                 f"{str(record['nat_outgoing']).lower()}")
             record["refs"][self.host] = record["refs"].get(self.host, 0) + 1
             return record
         record = self._update_pool(cidr, join)
@@ -166,13 +169,48 @@ class Ipam:
         if record is None or record["refs"].get(self.host):
             return
         self._free_empty_blocks(pool)
-        if not record["refs"]:
+        if not record["refs"] and not record.get("pinned"):
             key = self.keys.pool(pool)
             value, rev = self.store.get(key)
             if value is not None and not json.loads(value)["refs"] and \
                     not self.store.get_prefix(self.keys.blocks(pool)):
                 if self.store.txn({key: rev}, delete=[key]):
                     self._block_prefix.pop(str(pool), None)
+
+    def add_pool(self, cidr, block_prefix=None, nat_outgoing=True):
+        """An operator's pool (``l3netctl pool add``): stays when no network uses it."""
+        cidr = P.parse_cidr(cidr)
+        if not P.MIN_POOL_PREFIX <= cidr.prefixlen <= P.MAX_POOL_PREFIX:
+            raise L3netError(f"pool {cidr}: prefix length must be between "
+                             f"/{P.MIN_POOL_PREFIX} and /{P.MAX_POOL_PREFIX}")
+        options = {"nat-outgoing": str(bool(nat_outgoing)).lower()}
+        if block_prefix is not None:
+            options["block-size"] = str(block_prefix)
+        opts = P.parse_pool_options(options)
+        clash = P.overlapping(cidr, self._pool_cidrs())
+        if clash is not None:
+            raise L3netError(f"pool {cidr} overlaps pool {clash}")
+        record = P.new_pool_record(cidr, opts["block_prefix"] or self.block_prefix, opts["nat_outgoing"])
+        record["pinned"] = True
+        key = self.keys.pool(cidr)
+        if not self.store.txn({key: 0}, put={key: json.dumps(record, sort_keys=True)}):
+            raise L3netError(f"pool {cidr} already exists")
+        return record
+
+    def remove_pool(self, cidr):
+        """Forget an operator's pool; refused while a network or an address uses it."""
+        cidr = P.parse_cidr(cidr)
+        key = self.keys.pool(cidr)
+        value, rev = self.store.get(key)
+        if value is None:
+            raise L3netError(f"no pool {cidr}")
+        record = json.loads(value)
+        if record["refs"]:
+            raise L3netError(f"pool {cidr} is used by networks on {', '.join(sorted(record['refs']))}")
+        if self.store.get_prefix(self.keys.blocks(cidr)):
+            raise L3netError(f"pool {cidr} still has allocated blocks")
+        if not self.store.txn({key: rev}, delete=[key]):
+            raise L3netError(f"pool {cidr} changed meanwhile; try again")
 
     def _free_empty_blocks(self, pool):
         for key, value, rev in self.store.get_prefix(self.keys.blocks(pool)):

@@ -77,6 +77,27 @@ def pool_list(obj, as_json):
     emit(rows, ["CIDR", "Block size", "NAT outgoing", "Auto", "Hosts", "Blocks", "Used"], as_json)
 
 
+@pool.command("add")
+@click.argument("cidr")
+@click.option("--block-size", type=int, help="Prefix length of the blocks hosts claim [default: the plugin's].")
+@click.option("--no-nat-outgoing", is_flag=True, help="Do not masquerade traffic leaving the pools.")
+@click.pass_obj
+def pool_add(obj, cidr, block_size, no_nat_outgoing):
+    """Define a pool ahead of its networks (it stays when they are gone)."""
+    record = obj.ipam().add_pool(cidr, block_size, nat_outgoing=not no_nat_outgoing)
+    click.echo(f"pool {record['cidr']} added (block size /{record['block_prefix']}, "
+               f"nat-outgoing {str(record['nat_outgoing']).lower()})")
+
+
+@pool.command("remove")
+@click.argument("cidr")
+@click.pass_obj
+def pool_remove(obj, cidr):
+    """Forget a pool no network uses."""
+    obj.ipam().remove_pool(cidr)
+    click.echo(f"pool {cidr} removed")
+
+
 @cli.group()
 def ipam():
     """Address allocation."""

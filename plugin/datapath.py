@@ -26,7 +26,8 @@ from .errors import L3netError
 
 log = logging.getLogger("l3net.datapath")
 
-HOST_PREFIX = "l3"      # l3 + 11 hex chars: host side, named from the endpoint ID
+HOST_PREFIX = "l3h"     # l3h + 11 hex chars: host side, named from the endpoint ID. Distinct
+                        # enough for the policy's "-i l3h+" matches (a bridge named l3bed0 is not ours)
 TEMP_PREFIX = "l3t"     # l3t + 11 hex chars: container side until dockerd moves it ("t" is not hex)
 ROUTE_PROTO = 4         # "static": the /32 routes we install
 

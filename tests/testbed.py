@@ -142,15 +142,17 @@ class Host:
 
     def down(self):
         if self.anchor is not None:
+            # Containers first, while the plugin still answers: without it dockerd retries
+            # each endpoint deletion for a minute.
+            ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
+            if ids:
+                self.docker("rm", "-f", *ids, check=False, timeout=120)
             if self.plugin is not None:
                 try:
                     os.killpg(self.plugin.pid, signal.SIGTERM)
                     self.plugin.wait(15)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     os.killpg(self.plugin.pid, signal.SIGKILL)
-            ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
-            if ids:
-                self.docker("rm", "-f", *ids, check=False, timeout=120)
             if self.dockerd is not None:
                 self.dockerd.terminate()
                 try:

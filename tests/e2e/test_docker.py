@@ -20,8 +20,7 @@ D = Plugin.name
 
 
 def veths():
-    return sorted(n for n in os.listdir("/sys/class/net") if n.startswith("l3")
-                  and not n.startswith("l3t"))
+    return sorted(n for n in os.listdir("/sys/class/net") if n.startswith("l3h"))
 
 
 def unique(name):
@@ -124,7 +123,7 @@ def test_routes_in_container_and_host_no_bridge(network):
     host_route = subprocess.run(["ip", "-4", "route", "show", f"{ip}/32"], capture_output=True,
                                 text=True).stdout
     dev = host_route.split("dev ")[1].split()[0]
-    assert dev.startswith("l3") and "scope link" in host_route
+    assert dev.startswith("l3h") and "scope link" in host_route
     assert os.path.exists(f"/sys/class/net/{dev}")
     assert not os.path.exists(f"/sys/class/net/{dev}/master"), "host side must not be in a bridge"
     with open(f"/proc/sys/net/ipv4/conf/{dev}/proxy_arp") as f:

@@ -24,7 +24,7 @@ class FakeDatapath:
         self.links = {}
         self.fail_create = False
 
-    host_ifname = staticmethod(lambda eid: "l3" + eid[:11])
+    host_ifname = staticmethod(lambda eid: "l3h" + eid[:11])
     temp_ifname = staticmethod(lambda eid: "l3t" + eid[:11])
 
     def create(self, endpoint_id, address, mac=None):
@@ -260,7 +260,7 @@ def test_restarted_plugin_answers_resent_create_endpoint_and_finishes_deletions(
 def test_leftover_veth_without_record_is_replaced(node):
     pool_id = setup_network(node)
     addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id}))["Address"]
-    node.dp.links["l3" + EP[:11]] = "10.20.9.9"     # from an attempt that died before its record
+    node.dp.links["l3h" + EP[:11]] = "10.20.9.9"     # from an attempt that died before its record
     ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,
                                                   "Interface": {"Address": addr}}))
-    assert node.dp.links == {"l3" + EP[:11]: addr.split("/")[0]}
+    assert node.dp.links == {"l3h" + EP[:11]: addr.split("/")[0]}

@@ -111,3 +111,33 @@ def test_bad_policy_input_changes_nothing(ctl, etcd, prefix, args):
     assert result.exit_code != 0
     assert store.get_prefix(prefix + "/") == before
     store.close()
+
+
+def err(result):
+    return str(result.exception) + result.output
+
+
+def test_pool_add_list_remove_and_nat_flag(ctl, etcd, prefix):
+    """An operator's pool: NAT off sticks (a network asking otherwise is refused), it outlives
+    its networks, and it is removed only when unused."""
+    from ipam.allocator import Ipam
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+
+    assert "nat-outgoing false" in ctl("pool", "add", "10.77.0.0/24", "--no-nat-outgoing", "--block-size", "28").output
+    pools = json.loads(ctl("pool", "list", "--json").output)
+    assert [(p["cidr"], p["nat_outgoing"], p["block_size"]) for p in pools] == [("10.77.0.0/24", False, 28)]
+    assert "already exists" in err(ctl("pool", "add", "10.77.0.0/24", ok=False))
+    assert "overlaps" in err(ctl("pool", "add", "10.77.0.0/16", ok=False))
+    store = EtcdStore(etcd.url)
+    ipam = Ipam(store, Keys(prefix), "h1")
+    with pytest.raises(Exception, match="nat-outgoing=false"):
+        ipam.request_pool("10.77.0.0/24", options={"nat-outgoing": "true"})
+    pool_id, _, _ = ipam.request_pool("10.77.0.0/24")
+    assert "used by networks on h1" in err(ctl("pool", "remove", "10.77.0.0/24", ok=False))
+    ipam.release_pool(pool_id)
+    assert json.loads(ctl("pool", "list", "--json").output)[0]["cidr"] == "10.77.0.0/24"   # pinned
+    ctl("pool", "remove", "10.77.0.0/24")
+    assert json.loads(ctl("pool", "list", "--json").output) == []
+    assert "no pool" in err(ctl("pool", "remove", "10.77.0.0/24", ok=False))
+    store.close()

@@ -1,0 +1,389 @@
+"""Isolation and policy on two hosts (tests/testbed.py), with real dockerd, etcd, BIRD,
+iptables and ipsets.
+
+Networks web, db and ops each have a container on both hosts; every container serves TCP 5432
+and 80 and UDP 5353. A truth table in the style of the Kubernetes network-policy e2e suite is
+built for every ordered pair and kind of probe, compared with what the packets do, and the
+difference printed on failure. Also: hosts are out of reach until ``host allow``, the outside
+is reachable through outgoing NAT only, spoofed sources get nothing through, Docker's own
+bridge keeps working and stays out, rules do not grow with members, drift is repaired.
+
+Probes run inside the containers' network namespaces (tests/e2e/netprobe.py): the packets
+are the containers' own.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import BIN, REQUIRE, wait_for
+from tests.testbed import TEST_IMAGE, Testbed, run
+
+NET = "198.18.2"
+SUBNETS = {"web": "10.81.0.0/24", "db": "10.82.0.0/24", "ops": "10.83.0.0/24"}
+NONAT = "10.84.0.0/24"
+OUTSIDE = f"{NET}.254"                 # "the internet": on the underlay, no route to any pool
+OUTSIDE_NS = "l3polx"
+KINDS = [("icmp", 0), ("tcp", 5432), ("tcp", 80), ("udp", 5353)]
+HOST_PORTS = (7777, 7778)
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netprobe.py")
+
+
+class Container:
+    def __init__(self, host, name, net, ip, pid):
+        self.host, self.name, self.net, self.ip, self.pid = host, name, net, ip, pid
+
+    def __repr__(self):
+        return self.name
+
+    def probe(self, targets):
+        """[(ip, proto, port)] -> [answer or None], all at once from this container."""
+        res = subprocess.run(["nsenter", "-t", str(self.pid), "-n", sys.executable, PROBE, "probe",
+                              json.dumps(targets)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def reaches(self, ip, proto="tcp", port=5432):
+        return self.probe([[ip, proto, port]])[0]
+
+
+class Bed:
+    """The two-host bed with its containers, servers and helpers."""
+
+    def __init__(self, testbed):
+        self.testbed = testbed
+        self.h1, self.h2 = testbed.hosts
+        self.servers = []
+        self.containers = {}
+
+    def serve(self, nsenter, tcp, udp):
+        proc = subprocess.Popen([*nsenter, sys.executable, PROBE, "serve", ",".join(map(str, tcp)),
+                                 ",".join(map(str, udp))], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        self.servers.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+
+    def start(self, host, net, name=None, *args, serve=True):
+        name = name or f"{net}-{uuid.uuid4().hex[:6]}"
+        host.docker("run", "-d", "--name", name, "--net", net, *args, TEST_IMAGE, "sleep", "3600")
+        info = json.loads(host.docker("inspect", name).stdout)[0]
+        ip = info["NetworkSettings"]["Networks"][net]["IPAddress"]
+        c = Container(host, name, net, ip, info["State"]["Pid"])
+        if serve:
+            self.serve(["nsenter", "-t", str(c.pid), "-n"], [5432, 80], [5353])
+        self.containers[name] = c
+        return c
+
+    def remove(self, c):
+        c.host.docker("rm", "-f", c.name, check=False)
+        self.containers.pop(c.name, None)
+
+    def ctl(self, *args, check=True):
+        res = subprocess.run([os.path.join(BIN, "l3netctl"), "--etcd-endpoints", self.testbed.etcd_url,
+                              "--etcd-prefix", self.testbed.prefix, *args], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "DOCKER_HOST": self.h1.docker_host})
+        if check:
+            assert res.returncode == 0, res.stderr
+        return res
+
+    def allow(self, *args):
+        """``l3netctl ... allow``: returns the new rule's id (the last line printed)."""
+        return self.ctl(*args).stdout.strip().splitlines()[-1]
+
+    def stop(self):
+        for proc in self.servers:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def bed(docker_ready):
+    testbed = Testbed(2, prefix=f"/l3pol-{uuid.uuid4().hex[:6]}", tag="l3pol", net=NET, etcd_port=23810)
+    try:
+        testbed.up()
+    except Exception as e:  # noqa: BLE001
+        testbed.cleanup()
+        if REQUIRE:
+            raise
+        pytest.skip(f"test bed could not start: {e}")
+    b = Bed(testbed)
+    try:
+        add_outside(testbed)
+        b.serve(["nsenter", f"--net=/run/netns/{OUTSIDE_NS}"], [8080], [])
+        for host in testbed.hosts:
+            b.serve(["nsenter", "-t", str(host.anchor.pid), "-n"], HOST_PORTS, [])
+        b.ctl("pool", "add", NONAT, "--no-nat-outgoing")
+        for host in testbed.hosts:
+            for net, subnet in [*SUBNETS.items(), ("nonat", NONAT)]:
+                host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                            "--subnet", subnet, net)
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda a: b.start(a[0], a[1], f"{a[1]}{a[2]}"),
+                          [(h, net, i) for net in SUBNETS for i, h in enumerate(testbed.hosts, 1)]))
+        yield b
+    finally:
+        b.stop()
+        testbed.cleanup()
+        run("ip", "netns", "del", OUTSIDE_NS, check=False)
+
+
+def add_outside(testbed):
+    """A namespace on the underlay standing for the internet: it knows no route to the pools."""
+    run("ip", "netns", "del", OUTSIDE_NS, check=False)
+    run("ip", "netns", "add", OUTSIDE_NS)
+    run("ip", "link", "add", "vb-l3polx", "type", "veth", "peer", "name", "ve-l3polx")
+    run("ip", "link", "set", "vb-l3polx", "master", testbed.bridge, "up")
+    run("ip", "link", "set", "ve-l3polx", "netns", OUTSIDE_NS)
+    run("ip", "-n", OUTSIDE_NS, "addr", "add", f"{OUTSIDE}/24", "dev", "ve-l3polx")
+    run("ip", "-n", OUTSIDE_NS, "link", "set", "ve-l3polx", "up")
+    run("ip", "-n", OUTSIDE_NS, "link", "set", "lo", "up")
+
+
+# -- the truth table ----------------------------------------------------------------------
+def matrix_containers(b):
+    return [b.containers[f"{net}{i}"] for net in SUBNETS for i in (1, 2)]
+
+
+def expected(b, extra=()):
+    """{(src, dst, kind): allowed}: same network, or opened by one of ``extra``
+    (src net, dst net, kind)."""
+    cs = matrix_containers(b)
+    return {(s.name, d.name, f"{p}/{port}" if port else p):
+            s.net == d.net or (s.net, d.net, (p, port)) in extra
+            for s in cs for d in cs if s is not d for p, port in KINDS}
+
+
+def actual(b):
+    cs = matrix_containers(b)
+
+    def from_one(s):
+        targets = [(d, p, port) for d in cs if d is not s for p, port in KINDS]
+        answers = s.probe([[d.ip, p, port] for d, p, port in targets])
+        return {(s.name, d.name, f"{p}/{port}" if port else p): a is not None
+                for (d, p, port), a in zip(targets, answers)}
+    got = {}
+    with ThreadPoolExecutor(len(cs)) as pool:
+        for part in pool.map(from_one, cs):
+            got.update(part)
+    return got
+
+
+def difference(want, got):
+    return [f"  {s:>5} -> {d:<5} {k:<9} expected {'allow' if want[(s, d, k)] else 'deny':5} "
+            f"got {'allow' if got[(s, d, k)] else 'deny'}"
+            for (s, d, k) in sorted(want) if want[(s, d, k)] != got[(s, d, k)]]
+
+
+def assert_matrix(b, extra=(), within=10, what="defaults"):
+    """Probe until the matrix is as expected (a change takes effect within 2 s, a denied
+    probe takes 1 s); on failure print every wrong pair. Returns the seconds it took."""
+    want, start = expected(b, extra), time.monotonic()
+    while True:
+        got = actual(b)
+        if got == want:
+            took = time.monotonic() - start
+            print(f"truth table '{what}': {len(want)} probes as expected after {took:.2f}s")
+            return took
+        if time.monotonic() - start > within:
+            pytest.fail(f"truth table '{what}': {len(difference(want, got))} of {len(want)} probes wrong:\n"
+                        + "\n".join(difference(want, got)))
+
+
+def test_truth_table_defaults_policy_removal_and_udp(bed):
+    assert_matrix(bed, what="defaults")
+    rule = bed.allow("policy", "allow", "--from", "web", "--to", "db", "--proto", "tcp", "--port", "5432")
+    assert re.match(r"^[0-9a-f]{8}$", rule)
+    assert_matrix(bed, {("web", "db", ("tcp", 5432))}, what="web->db tcp/5432")
+    bed.ctl("policy", "remove", rule)
+    assert_matrix(bed, what="after removing it")
+    rule = bed.allow("policy", "allow", "--from", "ops", "--to", SUBNETS["db"], "--proto", "udp",
+                     "--port", "5000-5400")
+    assert_matrix(bed, {("ops", "db", ("udp", 5353))}, what="ops->db udp/5000-5400")
+    bed.ctl("policy", "remove", rule)
+    rule = bed.allow("policy", "allow", "--from", "db", "--to", "ops")
+    assert_matrix(bed, {("db", "ops", k) for k in KINDS}, what="db->ops everything")
+    bed.ctl("policy", "remove", rule)
+    assert_matrix(bed, what="all removed")
+
+
+def test_policy_change_in_force_on_the_other_host_within_2s(bed):
+    web1, db2 = bed.containers["web1"], bed.containers["db2"]
+    assert web1.reaches(db2.ip) is None
+    start = time.monotonic()
+    rule = bed.allow("policy", "allow", "--from", "web", "--to", "db", "--proto", "tcp", "--port", "5432")
+    wait_for(lambda: web1.reaches(db2.ip) is not None, 2, "web1 -> db2 tcp/5432 open")
+    opened = time.monotonic() - start
+    start = time.monotonic()
+    bed.ctl("policy", "remove", rule)
+    wait_for(lambda: web1.reaches(db2.ip) is None, 3, "web1 -> db2 tcp/5432 closed")
+    print(f"policy in force after {opened:.2f}s (including the CLI), removed after "
+          f"{time.monotonic() - start:.2f}s (a refused probe takes 1 s)")
+
+
+def test_new_container_reachable_from_the_other_host_at_once(bed):
+    web1 = bed.containers["web1"]
+    c = bed.start(bed.h2, "web")
+    try:
+        start = time.monotonic()
+        wait_for(lambda: web1.reaches(c.ip) is not None, 2, "the new container from the other host")
+        assert c.reaches(web1.ip) is not None
+        print(f"new container on host 2 reachable from host 1 {time.monotonic() - start:.2f}s "
+              "after docker run returned")
+    finally:
+        bed.remove(c)
+
+
+# -- hosts, outside, spoofing, Docker's bridge ---------------------------------------------
+def test_hosts_out_of_reach_until_host_allow(bed):
+    h1, h2 = bed.h1, bed.h2
+    web1, web2 = bed.containers["web1"], bed.containers["web2"]
+    for c in (web1, web2):
+        assert c.probe([[h.ip, proto, port] for h in (h1, h2) for proto, port in
+                        [("tcp", 7777), ("tcp", 7778), ("icmp", 0)]]) == [None] * 6, c
+    rule = bed.allow("host", "allow", "--proto", "tcp", "--port", "7777")
+    only_h2 = bed.allow("host", "allow", "--proto", "tcp", "--port", "7778", "--node", h2.name)
+    try:
+        def opened(c):
+            got = c.probe([[h1.ip, "tcp", 7777], [h2.ip, "tcp", 7777], [h1.ip, "tcp", 7778],
+                           [h2.ip, "tcp", 7778], [h1.ip, "icmp", 0], [h2.ip, "icmp", 0]])
+            return [a is not None for a in got] == [True, True, False, True, False, False]
+        for c in (web1, web2):
+            wait_for(lambda: opened(c), 5, f"{c}: exactly the opened host ports")
+        # the host sees the container's own address (no NAT towards cluster hosts)
+        assert web1.reaches(h2.ip, "tcp", 7777) == f"ok {web1.ip}"
+    finally:
+        bed.ctl("host", "remove", rule)
+        bed.ctl("host", "remove", only_h2)
+    wait_for(lambda: web1.probe([[h1.ip, "tcp", 7777], [h2.ip, "tcp", 7778]]) == [None, None], 5,
+             "host ports closed again")
+
+
+def test_outside_reachable_through_nat_only(bed):
+    web1 = bed.containers["web1"]
+    assert web1.reaches(OUTSIDE, "tcp", 8080) == f"ok {bed.h1.ip}", "masqueraded to the host's address"
+    assert web1.reaches(OUTSIDE, "icmp") == "ok"
+    nonat = bed.start(bed.h1, "nonat", serve=False)
+    try:
+        assert nonat.probe([[OUTSIDE, "tcp", 8080], [OUTSIDE, "icmp", 0]]) == [None, None]
+        pools = json.loads(bed.ctl("pool", "list", "--json").stdout)
+        assert {p["cidr"]: p["nat_outgoing"] for p in pools}[NONAT] is False
+    finally:
+        bed.remove(nonat)
+
+
+def icmp_echoes_received(c):
+    """The receiving container's own count of echo requests (checked on the receiver)."""
+    snmp = subprocess.run(["nsenter", "-t", str(c.pid), "-n", "cat", "/proc/net/snmp"],
+                          capture_output=True, text=True, check=True).stdout
+    names, values = [line.split() for line in snmp.splitlines() if line.startswith("Icmp:")][:2]
+    return int(values[names.index("InEchos")])
+
+
+def test_spoofed_source_gets_nothing_through(bed):
+    web1, web2 = bed.containers["web1"], bed.containers["web2"]
+    spoofer = bed.start(bed.h1, "ops", None, "--cap-add", "NET_ADMIN", serve=False)
+    try:
+        for victim, target in [(web1, web2), (web2, web1)]:   # across hosts, and on the same host
+            before = icmp_echoes_received(target)
+            assert victim.reaches(target.ip, "icmp") == "ok"   # the counter does count
+            wait_for(lambda: icmp_echoes_received(target) >= before + 1, 5, "the real echo counted")
+            before = icmp_echoes_received(target)
+            res = spoofer.host.docker(
+                "exec", spoofer.name, "sh", "-c",
+                f"ip addr add {victim.ip}/32 dev eth0 && ping -c 3 -W 1 -I {victim.ip} {target.ip}; "
+                f"ip addr del {victim.ip}/32 dev eth0", check=False)
+            assert "0 packets received" in res.stdout, res.stdout + res.stderr
+            assert icmp_echoes_received(target) == before, f"a packet from fake {victim.ip} reached {target}"
+    finally:
+        bed.remove(spoofer)
+
+
+def test_docker_bridge_containers_work_and_stay_out(bed):
+    """Docker's chains keep working for --net bridge containers on the same host (NAT to the
+    outside), and they do not get past isolation (our FORWARD hook comes before Docker's)."""
+    web1 = bed.containers["web1"]
+    h1 = bed.h1
+    h1.docker("run", "-d", "--name", "plain", "--net", "bridge", TEST_IMAGE, "sleep", "3600")
+    try:
+        pid = json.loads(h1.docker("inspect", "plain").stdout)[0]["State"]["Pid"]
+        plain = Container(h1, "plain", "bridge", None, pid)
+        assert plain.reaches(OUTSIDE, "tcp", 8080) == f"ok {h1.ip}"
+        assert plain.probe([[web1.ip, "tcp", 5432], [web1.ip, "icmp", 0]]) == [None, None]
+    finally:
+        h1.docker("rm", "-f", "plain", check=False)
+
+
+# -- scale and drift ------------------------------------------------------------------------
+def rule_count(host):
+    return sum(1 for line in host.sh("iptables-save").stdout.splitlines() if line.startswith("-A "))
+
+
+def set_size(host, cidr):
+    """Members in the network's set on ``host``; None when there is no such set."""
+    from plugin.policy import set_name
+    res = host.sh("ipset", "list", "-t", set_name(cidr), check=False)
+    if res.returncode != 0:
+        return None
+    return int(re.search(r"Number of entries: (\d+)", res.stdout).group(1))
+
+
+def test_500_members_add_no_rules(bed):
+    """500 addresses allocated in web by another host: h1's set grows by 500, its rules do not."""
+    from ipam.allocator import Ipam
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+
+    h1, web = bed.h1, "10.85.0.0/22"
+    store = EtcdStore(bed.testbed.etcd_url)
+    ipam = Ipam(store, Keys(bed.testbed.prefix), "phantom")
+    bed.ctl("pool", "add", web)
+    pool_id, _, _ = ipam.request_pool(web)
+    wait_for(lambda: set_size(h1, web) == 0, 10, "the new network's set on host 1")
+    rules, size = rule_count(h1), set_size(h1, web)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: ipam.request_address(pool_id), range(500)))
+        wait_for(lambda: set_size(h1, web) == size + 500, 20, "500 members in host 1's set")
+        assert rule_count(h1) == rules
+    finally:
+        ipam.release_host("phantom")
+        ipam.release_pool(pool_id)
+        bed.ctl("pool", "remove", web, check=False)
+        store.close()
+    wait_for(lambda: set_size(h1, web) is None, 10, "the pool's set gone with the pool")
+
+
+def test_drift_is_repaired(bed):
+    from plugin.policy import set_name
+    h1 = bed.h1
+    web1, web2 = bed.containers["web1"], bed.containers["web2"]
+    def repaired():
+        saved = h1.sh("iptables-save").stdout
+        hook = saved.find("-A FORWARD -j L3NET-FORWARD")
+        intruder = saved.find("-A FORWARD -o l3h+ -j ACCEPT")
+        return ("-A L3NET-TO-CONTAINER -m comment" in saved and hook >= 0
+                and (intruder < 0 or hook < intruder) and (set_size(h1, SUBNETS["web"]) or 0) >= 2)
+    try:
+        for breakage in (["iptables", "-F", "L3NET-TO-CONTAINER"],
+                         ["iptables", "-D", "FORWARD", "-j", "L3NET-FORWARD"],
+                         ["ipset", "flush", set_name(SUBNETS["web"])],
+                         # someone's ACCEPT above our hook (dockerd does that when it sets up a bridge)
+                         ["iptables", "-I", "FORWARD", "1", "-o", "l3h+", "-j", "ACCEPT"]):
+            h1.sh(*breakage)
+            wait_for(repaired, 10, f"repair after {' '.join(breakage)}")
+            wait_for(lambda: web2.reaches(web1.ip) is not None, 5, "web2 -> web1 again")
+            assert bed.containers["db2"].reaches(web1.ip) is None, "isolation back too"
+    finally:
+        h1.sh("iptables", "-D", "FORWARD", "-o", "l3h+", "-j", "ACCEPT", check=False)
