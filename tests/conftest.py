@@ -33,6 +33,17 @@ def unavailable(why):
     pytest.skip(why)
 
 
+def bed_up(testbed):
+    """Start a multi-host test bed (tests/testbed.py), or skip/fail like unavailable()."""
+    try:
+        return testbed.up()
+    except Exception as e:  # noqa: BLE001
+        testbed.cleanup()
+        if REQUIRE:
+            raise
+        pytest.skip(f"test bed could not start: {e}")
+
+
 def wait_for(predicate, timeout, what, interval=0.05):
     """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout

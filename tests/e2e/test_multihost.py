@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import REQUIRE, wait_for
+from tests.conftest import bed_up, wait_for
 from tests.testbed import NET, Testbed
 
 SUBNET = "10.40.0.0/16"
@@ -21,14 +21,7 @@ SUBNET = "10.40.0.0/16"
 
 @pytest.fixture(scope="module")
 def bed(docker_ready):
-    bed = Testbed(3, prefix=f"/l3bed-{uuid.uuid4().hex[:6]}")
-    try:
-        bed.up()
-    except Exception as e:  # noqa: BLE001
-        bed.cleanup()
-        if REQUIRE:
-            raise
-        pytest.skip(f"test bed could not start: {e}")
+    bed = bed_up(Testbed(3, prefix=f"/l3bed-{uuid.uuid4().hex[:6]}"))
     try:
         for host in bed.hosts:
             host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",

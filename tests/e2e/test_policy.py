@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import BIN, REQUIRE, wait_for
+from tests.conftest import BIN, bed_up, wait_for
 from tests.testbed import TEST_IMAGE, Testbed, run
 
 NET = "198.18.2"
@@ -110,14 +110,8 @@ class Bed:
 
 @pytest.fixture(scope="module")
 def bed(docker_ready):
-    testbed = Testbed(2, prefix=f"/l3pol-{uuid.uuid4().hex[:6]}", tag="l3pol", net=NET, etcd_port=23810)
-    try:
-        testbed.up()
-    except Exception as e:  # noqa: BLE001
-        testbed.cleanup()
-        if REQUIRE:
-            raise
-        pytest.skip(f"test bed could not start: {e}")
+    testbed = bed_up(Testbed(2, prefix=f"/l3pol-{uuid.uuid4().hex[:6]}", tag="l3pol", net=NET,
+                             etcd_port=23810))
     b = Bed(testbed)
     try:
         add_outside(testbed)
