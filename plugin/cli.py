@@ -1,4 +1,4 @@
-"""``l3netctl``: look at (and later change) what l3net keeps in etcd.
+"""``l3netctl``: look at and change what l3net keeps in etcd (pools, BGP, policy, nodes).
 
 Readable tables by default, ``--json`` for scripts; errors are one line and exit status 1.
 """
@@ -310,7 +310,7 @@ def bgp_status(sock):
     click.echo(show(sock, "protocols").rstrip())
 
 
-# -- policy (issue 4: stored and listed here; enforcement comes with the agent) ------------
+# -- policy (stored in etcd here; every node's agent enforces it: agent.py, firewall.py) ----
 PROTOS = ("tcp", "udp", "icmp")
 
 

@@ -185,12 +185,18 @@ class Driver:
         record = self._require_endpoint(endpoint_id)
         if record["network"] != network_id:
             raise L3netError(f"endpoint {endpoint_id[:12]} belongs to another network")
+        network = self.network(network_id)
+        pools = network["pools"] if network else [record["pool"]]
         return {
             "InterfaceName": {"SrcName": record["temp_ifname"], "DstPrefix": "eth"},
             # The gateway is outside the container's /32: dockerd needs an on-link route to it
             # first (RouteType 1), then adds "default via 169.254.1.1".
             "Gateway": GATEWAY,
-            "StaticRoutes": [{"Destination": f"{GATEWAY}/32", "RouteType": 1}],
+            # The network's pools via this interface too: a container on several networks
+            # (say bridge first, then this one) must reach its peers here with this address,
+            # not through another network's default route, where isolation would drop it.
+            "StaticRoutes": [{"Destination": f"{GATEWAY}/32", "RouteType": 1}] +
+                            [{"Destination": p, "RouteType": 0, "NextHop": GATEWAY} for p in pools],
             "DisableGatewayService": True,
         }
 

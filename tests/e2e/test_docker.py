@@ -6,6 +6,7 @@ create carries the label ``l3net-test`` and is removed at the end of the session
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -163,6 +164,9 @@ def test_connect_and_disconnect_running_container(network, plugin):
     docker("network", "connect", net, c)
     ip = ip_of(c, net)
     assert f"inet {ip}/32" in sh(c, "ip -4 addr").stdout
+    # its default route stays on the bridge; the network's pool goes through l3net (with the
+    # container's l3net address, so isolation lets it through)
+    assert re.search(r"10\.65\.0\.0/16 via 169\.254\.1\.1 dev eth1", sh(c, "ip -4 route").stdout)
     assert pings(c, ip_of(peer, net))
     before = veths()
     docker("network", "disconnect", net, c)

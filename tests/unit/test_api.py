@@ -121,7 +121,9 @@ def test_full_lifecycle_leaves_nothing(node):
                                                  "SandboxKey": "/var/run/docker/netns/x"}))
     assert joined == {"InterfaceName": {"SrcName": "l3t" + EP[:11], "DstPrefix": "eth"},
                       "Gateway": "169.254.1.1", "DisableGatewayService": True,
-                      "StaticRoutes": [{"Destination": "169.254.1.1/32", "RouteType": 1}]}
+                      "StaticRoutes": [{"Destination": "169.254.1.1/32", "RouteType": 1},
+                                       {"Destination": "10.20.0.0/16", "RouteType": 0,
+                                        "NextHop": "169.254.1.1"}]}
     assert ok(node.call("NetworkDriver.EndpointOperInfo", {"NetworkID": NET, "EndpointID": EP}))
     for _ in range(2):
         ok(node.call("NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": EP}))

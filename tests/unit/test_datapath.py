@@ -15,7 +15,7 @@ def test_interface_names_fit_and_cannot_collide():
     eid = "c0ffee" + "0" * 58
     host, temp = D.host_ifname(eid), D.temp_ifname(eid)
     assert len(host) <= 15 and len(temp) <= 15
-    assert host == "l3c0ffee00000" and temp == "l3tc0ffee00000"
+    assert host == "l3hc0ffee00000" and temp == "l3tc0ffee00000"
     # "t" is not a hex digit: no endpoint's host side can be named like another's temp side
     assert not any(D.host_ifname(f"{c}" * 64).startswith("l3t") for c in "0123456789abcdef")
 
