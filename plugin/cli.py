@@ -435,9 +435,32 @@ def host_remove(obj, rule_id):
     _remove_rule(obj, obj.keys.host_rule, rule_id)
 
 
+ETCD_FLAGS = ("--etcd-endpoints", "--etcd-prefix", "--etcd-timeout", "--etcd-ca-cert",
+              "--etcd-cert", "--etcd-key", "--etcd-user", "--etcd-password")
+
+
+def hoist_etcd_flags(args):
+    """``l3netctl policy list --etcd-prefix /x`` works like ``l3netctl --etcd-prefix /x policy
+    list``: the etcd flags belong to the group, but every command takes them, anywhere."""
+    front, rest, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg.split("=", 1)[0] in ETCD_FLAGS:
+            take = 1 if "=" in arg else 2
+            front += args[i:i + take]
+            i += take
+            continue
+        rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def main():
     try:
-        cli(standalone_mode=False)
+        cli(args=hoist_etcd_flags(sys.argv[1:]), standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(1)
     except click.ClickException as e:

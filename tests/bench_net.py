@@ -10,8 +10,11 @@ Paths, all between host 1 and host 2 of a 2-host test bed (tests/testbed.py):
   (d) docker-nat    Docker without an overlay: a --net bridge container reaching a port
                     published (-p) by a --net bridge container on the other host
   (e) l3net         containers on an l3net network on each host
-Tools run in the right namespace with nsenter: the host's iperf3 and ping.
-Also measured: how long a new container's route takes to reach the other host.
+Tools run in the right namespace with nsenter: the host's iperf3 and ping. (e) goes through
+l3net's policy (conntrack, ipset membership, anti-spoofing), like every l3net container.
+Also measured: how long a new container's route takes to reach the other host, how long a
+new container takes to be reachable from the other host (route and ipset membership), and how
+long a policy takes to be in force on the other host.
 """
 
 import json
@@ -36,8 +39,8 @@ class Endpoint:
     def __init__(self, prefix, ip, port=None, ping_ip=None):
         self.prefix, self.ip, self.port, self.ping_ip = prefix, ip, port, ping_ip
 
-    def run(self, *args, timeout=60):
-        return run(*self.prefix, *args, timeout=timeout)
+    def run(self, *args, timeout=60, check=True):
+        return run(*self.prefix, *args, timeout=timeout, check=check)
 
     def popen(self, *args):
         return subprocess.Popen([*self.prefix, *args], stdout=subprocess.DEVNULL,
@@ -59,7 +62,7 @@ def measure_all(paths):
         for port, (client, server) in enumerate(paths.values(), start=5301):
             port = server.port or port
             wait_until(lambda: client.run("iperf3", "-c", server.ip, "-p", str(port), "-n", "1K",
-                                          timeout=10).returncode == 0, 15, "iperf3 server")
+                                          timeout=10, check=False).returncode == 0, 15, "iperf3 server")
         tcp = {name: [] for name in paths}
         udp = {name: [] for name in paths}
         for _ in range(RUNS):
@@ -167,6 +170,70 @@ def route_propagation(h1, h2, rounds=5):
     return statistics.median(times)
 
 
+PROBER = r"""
+import socket, sys, time
+ip, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+print("ready", flush=True)
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection((ip, port), 0.05).close()
+        print(time.monotonic(), flush=True)
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.01)
+sys.exit(1)
+"""
+
+
+def time_until_reachable(client, ip, port, action, timeout=15):
+    """(seconds from the start, from the end of ``action()``) until a TCP connection from
+    ``client`` to ip:port succeeds (tried every 10 ms, 50 ms each, by a prober started before
+    the action)."""
+    proc = subprocess.Popen([*client.prefix, sys.executable, "-c", PROBER, ip, str(port), str(timeout)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            text=True)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("prober did not start")
+    start = time.monotonic()
+    action()
+    end = time.monotonic()
+    out, _ = proc.communicate(timeout=timeout + 5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{ip}:{port} not reachable within {timeout}s")
+    return float(out.strip()) - start, float(out.strip()) - end
+
+
+def connects(client, ip, port):
+    return client.run(sys.executable, "-c", f"import socket; socket.create_connection(('{ip}', {port}), 0.2)",
+                      timeout=10, check=False).returncode == 0
+
+
+def policy_timings(bed, a, rounds=5):
+    """(new container reachable after docker run, policy in force after l3netctl): medians.
+    ``a`` is the l3net container on host 1; the targets run on host 2."""
+    h1, h2 = bed.hosts
+    reachable = []
+    for i in range(rounds):
+        ip, name = f"10.41.210.{10 + i}", f"new-{uuid.uuid4().hex[:6]}"
+        reachable.append(time_until_reachable(a, ip, 80, lambda: h2.docker(
+            "run", "-d", "--name", name, "--net", "l3bench", "--ip", ip, "l3net-test/busybox",
+            "nc", "-ll", "-p", "80", "-e", "/bin/echo", "ok"))[1])
+        h2.docker("rm", "-f", name)
+    h2.docker("run", "-d", "--name", "l3db", "--net", "l3bench2", "l3net-test/busybox",
+              "nc", "-ll", "-p", "5432", "-e", "/bin/echo", "ok")
+    db = container_endpoint(h2, "l3db", "l3bench2")
+    ctl = [os.path.join(os.path.dirname(sys.executable), "l3netctl"), "--etcd-endpoints", bed.etcd_url,
+           "--etcd-prefix", bed.prefix]
+    in_force, rule = [], []
+    for _ in range(rounds):
+        wait_until(lambda: not connects(a, db.ip, 5432), 10, "db closed to web")
+        in_force.append(time_until_reachable(a, db.ip, 5432, lambda: rule.append(run(
+            *ctl, "policy", "allow", "--from", "10.41.0.0/16", "--to", "10.42.0.0/16", "--proto", "tcp",
+            "--port", "5432").stdout.split()[-1]))[0])
+        run(*ctl, "policy", "remove", rule[-1])
+    return statistics.median(reachable), statistics.median(in_force)
+
+
 def main():
     bed = Testbed(2, prefix=f"/l3bench-{uuid.uuid4().hex[:6]}")
     namespaces = ["rt1", "rt2", "rd1", "rd2", "vx1", "vx2"]
@@ -195,6 +262,8 @@ def main():
         for host in bed.hosts:
             host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
                         "--subnet", "10.41.0.0/16", "l3bench")
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                        "--subnet", "10.42.0.0/16", "l3bench2")
         h1.docker("run", "-d", "--name", "l3a", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
         h2.docker("run", "-d", "--name", "l3b", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
         a, b = container_endpoint(h1, "l3a", "l3bench"), container_endpoint(h2, "l3b", "l3bench")
@@ -202,6 +271,7 @@ def main():
         paths["(e) l3net"] = (a, b)
         results = measure_all(paths)
         propagation = route_propagation(h1, h2)
+        reachable, in_force = policy_timings(bed, a)
     finally:
         for ns in namespaces:
             run("ip", "netns", "del", ns, check=False)
@@ -221,6 +291,11 @@ def main():
           f"above (c) and (d) on both: {'OK' if over else 'MISSED'}")
     print(f"  new container's route on the other host after (median of 5): {propagation:.2f}s "
           f"(goal < 2s) {'OK' if propagation < 2 else 'MISSED'}")
+    print(f"  new container on host 2 reachable from host 1 after docker run returns (median of 5): "
+          f"{reachable:.2f}s (goal < 2s) {'OK' if reachable < 2 else 'MISSED'}")
+    print(f"  policy in force on host 2 after l3netctl starts (median of 5, including the CLI's "
+          f"own start-up): {in_force:.2f}s "
+          f"(goal < 2s) {'OK' if in_force < 2 else 'MISSED'}")
     return 0
 
 

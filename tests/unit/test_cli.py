@@ -141,3 +141,23 @@ def test_pool_add_list_remove_and_nat_flag(ctl, etcd, prefix):
     assert json.loads(ctl("pool", "list", "--json").output) == []
     assert "no pool" in err(ctl("pool", "remove", "10.77.0.0/24", ok=False))
     store.close()
+
+
+def test_etcd_flags_are_taken_anywhere():
+    from plugin.cli import hoist_etcd_flags
+    assert hoist_etcd_flags(["policy", "list", "--etcd-prefix", "/x", "--json", "--etcd-endpoints=http://e:1"]) == \
+        ["--etcd-prefix", "/x", "--etcd-endpoints=http://e:1", "policy", "list", "--json"]
+    assert hoist_etcd_flags(["host", "allow", "--port", "22"]) == ["host", "allow", "--port", "22"]
+
+
+def test_l3netctl_takes_etcd_flags_after_the_command(etcd, prefix):
+    import subprocess
+    import sys
+    import os
+    ctl = os.path.join(os.path.dirname(sys.executable), "l3netctl")
+    res = subprocess.run([ctl, "policy", "list", "--json", "--etcd-endpoints", etcd.url, "--etcd-prefix", prefix],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0 and json.loads(res.stdout) == [], res.stderr
+    res = subprocess.run([ctl, "policy", "remove", "nosuchid", "--etcd-endpoints", etcd.url],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and res.stderr.strip() == "l3netctl: no rule 'nosuchid'"
