@@ -31,6 +31,7 @@ log = logging.getLogger("l3net.agent")
 
 LEASE_TTL = 30
 HEARTBEAT = 10
+DEBOUNCE = 0.1      # seconds to let a burst of etcd changes settle before a sync
 
 
 class Registry:
@@ -171,11 +172,22 @@ class Agent:
         self.last_error = None
 
     def sync(self):
-        state, asn = desired_bgp(self.store, self.keys, self.name, self.ip)
-        self.registry.heartbeat(asn)
-        if self.bird is not None:
-            self.bird.apply(render(state))
-        self.sync_policy()
+        """BGP and policy are synced independently: a BIRD problem must not freeze the
+        firewall, nor the reverse. The first error is raised after both were tried."""
+        errors = []
+        try:
+            state, asn = desired_bgp(self.store, self.keys, self.name, self.ip)
+            self.registry.heartbeat(asn)
+            if self.bird is not None:
+                self.bird.apply(render(state))
+        except Exception as e:  # noqa: BLE001 - reported below, after the policy sync
+            errors.append(e)
+        try:
+            self.sync_policy()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+        if errors:
+            raise errors[0]
         self.last_sync = time.time()
 
     def sync_policy(self):
@@ -206,7 +218,10 @@ class Agent:
                 self._cancel_watch = None
             self._wake.set()
         try:
-            self._cancel_watch = self.store.watch(self.keys.prefix + "/", on_change)
+            # Hosts' network and endpoint records alone change nothing the agent computes
+            # (an endpoint's address is in its block, written in the same transaction).
+            self._cancel_watch = self.store.watch(self.keys.prefix + "/", on_change,
+                                                  ignore=(self.keys.prefix + "/hosts/",))
         except Exception as e:  # noqa: BLE001 - the periodic sync still runs
             log.debug("etcd watch not available: %s", e)
 
@@ -225,7 +240,9 @@ class Agent:
                     log.warning("agent sync failed: %s", e)
                 self.last_error = e
             if self._wake.wait(self.interval):
-                self._stop.wait(0.02)      # let a burst of writes (one docker run) settle
+                # One docker run is several writes within milliseconds (address, endpoint
+                # record): one sync for the burst, not one each, off the CPU dockerd needs.
+                self._stop.wait(DEBOUNCE)
 
     def start(self):
         self._thread = threading.Thread(target=self._loop, name="l3net-agent", daemon=True)

@@ -154,11 +154,23 @@ def prepare_paths(cfg):
 @click.option("--threads", envvar="L3NET_THREADS", type=int, default=Config.threads, show_default=True)
 @click.option("--log-level", envvar="L3NET_LOG_LEVEL", default=Config.log_level, show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--remove-rules", is_flag=True,
+              help="Remove l3net's iptables chains and ipsets from this host, then exit "
+                   "(after the plugin is stopped for good).")
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
-         default_pool_size, block_size, no_bgp, threads, log_level):
+         default_pool_size, block_size, no_bgp, threads, log_level, remove_rules):
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level)
+    if remove_rules:
+        from .firewall import remove_all
+        try:
+            for what in remove_all():
+                click.echo(f"removed {what}")
+        except L3netError as e:
+            click.echo(f"l3net-plugin: {e}", err=True)
+            sys.exit(1)
+        return
     cfg = Config(etcd_endpoints=etcd_endpoints, etcd_prefix=etcd_prefix, etcd_timeout=etcd_timeout,
                  etcd_ca_cert=etcd_ca_cert, etcd_cert=etcd_cert, etcd_key=etcd_key,
                  etcd_user=etcd_user, etcd_password=etcd_password, hostname=hostname,

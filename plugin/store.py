@@ -10,7 +10,9 @@ Everything above this module (IPAM, driver, agent) sees only these calls::
     txn(expect, put, delete)    -> the new revision (> 0) if every key in ``expect`` still had
                                    the given revision (0 = must not exist) and the writes were
                                    applied, else 0; the revision lets callers cache what they wrote
-    watch(prefix, callback)     -> cancel(); callback(None) after every change under prefix,
+    watch(prefix, callback, ignore=())
+                                -> cancel(); callback(None) after every change under prefix
+                                   (except changes only to keys under an ``ignore`` prefix),
                                    callback(error) once if the watch breaks (then watch again)
 
 Values are strings (JSON by convention). Every etcd call is bounded by ``timeout`` seconds;
@@ -19,6 +21,7 @@ a failure to reach etcd raises :class:`StoreError` with a message fit for the us
 
 import json
 import threading
+import types
 from urllib.parse import urlsplit
 
 from .errors import L3netError
@@ -77,15 +80,15 @@ class MemoryStore:
                 self._data.pop(key, None)
             rev, changed = self._rev, list(put or {}) + list(delete or [])
             watches = list(self._watches.values())
-        for prefix, callback in watches:
-            if any(k.startswith(prefix) for k in changed):
+        for prefix, ignore, callback in watches:
+            if any(k.startswith(prefix) and not k.startswith(ignore) for k in changed):
                 callback(None)
         return rev
 
-    def watch(self, prefix, callback):
+    def watch(self, prefix, callback, ignore=()):
         token = object()
         with self._lock:
-            self._watches[token] = (prefix, callback)
+            self._watches[token] = (prefix, tuple(ignore), callback)
         return lambda: self._watches.pop(token, None)
 
 
@@ -128,6 +131,17 @@ def describe_endpoints(endpoints):
     if isinstance(endpoints, str):
         endpoints = parse_endpoints(endpoints)
     return ",".join(f"{'https' if s else 'http'}://{h}:{p}" for h, p, s in endpoints)
+
+
+def _patch_etcd3_watch():
+    """python3-etcd3 0.13's watch thread calls ``six.itervalues`` when its stream ends (etcd
+    restarted, client closed) but never imports six: the thread dies with a NameError and no
+    callback hears of the failure, so nobody would watch again. Give the module the one
+    function it uses."""
+    import etcd3.watch
+
+    if not hasattr(etcd3.watch, "six"):
+        etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(d.values()))
 
 
 class EtcdStore:
@@ -225,9 +239,15 @@ class EtcdStore:
     def delete(self, key):
         self._call(self.client.delete, key)
 
-    def watch(self, prefix, callback):
+    def watch(self, prefix, callback, ignore=()):
+        ignore = tuple(ignore)
+        _patch_etcd3_watch()
+
         def on_response(response):
-            callback(response if isinstance(response, Exception) else None)
+            if response is None or isinstance(response, Exception):
+                callback(response or StoreError("the etcd watch ended"))
+            elif not ignore or any(not self._dec(e.key).startswith(ignore) for e in response.events):
+                callback(None)
         watch_id = self._call(self.client.add_watch_prefix_callback, prefix, on_response)
         return lambda: self._call(self.client.cancel_watch, watch_id)
 

@@ -6,6 +6,7 @@ they share one etcd and exchange routes with BGP.
 
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,8 +53,42 @@ def up():
     show(f"ip route get {remote} on {h1.name}", h1.sh("ip", "route", "get", remote).stdout)
     show(f"BGP sessions of {h1.name} (birdc show protocols)",
          h1.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols").stdout)
+    policy_demo(bed, containers[0])
     print(f"\nthe cluster keeps running; try: nsenter -t {h1.anchor.pid} -m -n docker ps")
     print("tear it down with: make demo-down")
+
+
+def policy_demo(bed, web):
+    """A second application, db, on host 2: closed to web until a policy opens its port."""
+    h2 = bed.hosts[1]
+    web_host, web_name, _ = web
+    for host in bed.hosts:
+        host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                    "--subnet", "10.50.0.0/16", "db")
+    h2.docker("run", "-d", "--name", "db-2", "--net", "db", "l3net-test/busybox",
+              "nc", "-ll", "-p", "5432", "-e", "/bin/echo", "hello from db-2")
+    db_ip = json.loads(h2.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", "db-2").stdout)["db"]["IPAddress"]
+    ctl = [os.path.join(os.path.dirname(sys.executable), "l3netctl"), "--etcd-endpoints", bed.etcd_url,
+           "--etcd-prefix", bed.prefix]
+
+    def attempt():
+        tcp = web_host.docker("exec", web_name, "sh", "-c", f"echo | nc -w 2 {db_ip} 5432", check=False)
+        ping = web_host.docker("exec", web_name, "ping", "-c1", "-W1", db_ip, check=False)
+        return (f"  {web_name} -> db-2 {db_ip} tcp/5432: {tcp.stdout.strip() or 'no answer (dropped)'}\n"
+                f"  {web_name} -> db-2 {db_ip} ping:     {'answered' if ping.returncode == 0 else 'no answer (dropped)'}")
+    before = attempt()
+    env = {**os.environ, "DOCKER_HOST": h2.docker_host}
+    allow = subprocess.run([*ctl, "policy", "allow", "--from", "web", "--to", "db", "--proto", "tcp",
+                            "--port", "5432"], capture_output=True, text=True, env=env, timeout=60)
+    wait_until(lambda: "hello" in web_host.docker("exec", web_name, "sh", "-c",
+                                                  f"echo | nc -w 1 {db_ip} 5432", check=False).stdout,
+               10, "the policy in force")
+    show("isolation: web and db are two applications (networks)",
+         f"before any policy:\n{before}\n"
+         f"$ l3netctl policy allow --from web --to db --proto tcp --port 5432\n{allow.stdout.rstrip()}\n"
+         f"after it:\n{attempt()}")
+    show("policies (l3netctl policy list)",
+         subprocess.run([*ctl, "policy", "list"], capture_output=True, text=True, timeout=60).stdout)
 
 
 def down():

@@ -108,6 +108,15 @@ for breakage, expect in [(["iptables", "-F", "L3NET-TO-CONTAINER"], "iptables"),
     if "dummy0" in saved:
         assert saved.index("-A FORWARD -j L3NET-FORWARD") < saved.index("-A FORWARD -i dummy0"), saved
     assert members("10.20.0.0/16") == ["10.20.0.1"]
+
+# l3net-plugin --remove-rules: nothing of ours left, Docker's (here: someone's) rules untouched
+from plugin.firewall import remove_all
+removed = remove_all()
+assert "hook filter/FORWARD -> L3NET-FORWARD" in removed, removed
+saved = sh("iptables-save")
+assert "L3NET" not in saved and "-A FORWARD -i dummy0 -j ACCEPT" in saved, saved
+assert not [n for n in sh("ipset", "list", "-n").split() if n.startswith("l3n-")]
+assert remove_all() == []
 print("FIREWALL-OK")
 '''
 
