@@ -25,7 +25,7 @@ from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
 from .firewall import NoFirewall
 from .keys import key_cidr
 from .policy import PolicyState
-from .store import get_json
+from .store import Snapshot, get_json
 
 log = logging.getLogger("l3net.agent")
 
@@ -175,27 +175,32 @@ class Agent:
         """BGP and policy are synced independently: a BIRD problem must not freeze the
         firewall, nor the reverse. The first error is raised after both were tried."""
         errors = []
+        generation = self.firewall.generation()        # before the read: see Firewall.apply
+        view = Snapshot(self.store, self.keys.agent_view())
         try:
-            state, asn = desired_bgp(self.store, self.keys, self.name, self.ip)
+            state, asn = desired_bgp(view, self.keys, self.name, self.ip)
             self.registry.heartbeat(asn)
             if self.bird is not None:
                 self.bird.apply(render(state))
         except Exception as e:  # noqa: BLE001 - reported below, after the policy sync
             errors.append(e)
         try:
-            self.sync_policy()
+            self.sync_policy(view, generation)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
         if errors:
             raise errors[0]
         self.last_sync = time.time()
 
-    def sync_policy(self):
+    def sync_policy(self, view=None, generation=None):
         """Read the desired policy from etcd and put it in force (also called by the driver
-        when a network is created, so its rules exist before its first container)."""
+        when a network is created, so its rules exist before its first container). ``view``:
+        a Snapshot already read, with the firewall's ``generation`` taken before the read."""
         with self._policy_lock:
-            generation = self.firewall.generation()
-            done = self.firewall.apply(desired_policy(self.store, self.keys, self.name), generation)
+            if view is None:
+                generation = self.firewall.generation()
+                view = Snapshot(self.store, self.keys.agent_view())
+            done = self.firewall.apply(desired_policy(view, self.keys, self.name), generation)
             if done:
                 log.info("%s", done)
 

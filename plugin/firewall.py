@@ -38,29 +38,58 @@ def _run(args, stdin=None):
     return res.stdout
 
 
+NETLINK_MAX = 32     # entry changes up to this many go over netlink; more: one ipset restore
+
+
 _local = threading.local()
 
 
-def ipset_add(name, address):
-    """Create set ``name`` if needed and add ``address``: over netlink (pyroute2, one socket
-    per thread, about 0.1 ms), falling back to the ipset tool (a fork, about 4 ms) if the
-    kernel's ipset protocol does not suit pyroute2. On the path of every container start."""
+def _netlink(ops):
+    """Run [(op, set, address)] with op "add" / "del" / "create" over netlink (pyroute2, one
+    socket per thread like datapath's: well under 1 ms each, no fork on the path of a container
+    start). Returns False when netlink cannot be used (then the caller uses the ipset tool)."""
     try:
         from pyroute2.ipset import IPSet
 
         ips = getattr(_local, "ipset", None)
         if ips is None:
             ips = _local.ipset = IPSet()
-        try:
-            ips.add(name, address, etype="ip", exclusive=False)
-        except Exception:  # noqa: BLE001 - most likely the set does not exist yet
-            ips.create(name, stype="hash:ip", exclusive=False)
-            ips.add(name, address, etype="ip", exclusive=False)
-        return
+        for op, name, address in ops:
+            if op == "create":
+                ips.create(name, stype="hash:ip", exclusive=False)
+            elif op == "add":
+                ips.add(name, address, etype="ip", exclusive=False)
+            else:
+                try:
+                    ips.delete(name, address, etype="ip")
+                except Exception as e:  # noqa: BLE001 - already gone is fine (like -exist)
+                    if getattr(e, "code", None) != IPSET_ERR_EXIST:
+                        raise
+        return True
     except Exception as e:  # noqa: BLE001 - use the tool instead
         _local.ipset = None
         log.debug("ipset over netlink failed (%s); using the ipset tool", e)
-    ipset_restore(f"create {name} hash:ip family inet -exist\nadd {name} {address} -exist\n")
+        return False
+
+
+IPSET_ERR_EXIST = 4103     # "element does not exist" (ipset's IPSET_ERR_EXIST)
+
+
+def ipset_add(name, address, exists=False):
+    """Add ``address`` to set ``name``, creating the set first unless it ``exists``."""
+    ops = [] if exists else [("create", name, None)]
+    if not _netlink(ops + [("add", name, address)]):
+        ipset_restore(f"create {name} hash:ip family inet -exist\nadd {name} {address} -exist\n")
+
+
+def ipset_changes(text):
+    """Apply ``ipset restore`` input; a few plain add/del lines go over netlink instead."""
+    lines = text.splitlines()
+    ops = [line.split()[:3] for line in lines]
+    if 0 < len(lines) <= NETLINK_MAX and all(len(o) == 3 and o[0] in ("add", "del") for o in ops):
+        if _netlink([tuple(o) for o in ops]):
+            return
+    ipset_restore(text)
 
 
 def ipset_restore(text):
@@ -186,7 +215,7 @@ class Firewall:
 
     def _apply_changes(self, old, desired, rules):
         before, stale = P.render_set_changes(old, desired)
-        ipset_restore(before)
+        ipset_changes(before)
         if P.render_iptables(old) != rules:
             iptables_restore(rules)
             self._snapshot = our_rules(_run(["iptables-save"]))
@@ -235,7 +264,7 @@ class Firewall:
         """A container of ``pool`` starts here: put it in the set now (one ipset call)."""
         name = P.set_name(pool)
         with self._lock:
-            ipset_add(name, address)
+            ipset_add(name, address, exists=self.applied is not None and pool in self.applied.members)
             self._generation += 1
             self._local.append((self._generation, str(pool), str(address)))
             if self.applied is not None and pool in self.applied.members and \

@@ -35,6 +35,11 @@ class Keys:
     def __init__(self, prefix):
         self.prefix = "/" + prefix.strip("/")
 
+    def agent_view(self):
+        """The prefixes the agent reads on each sync (everything but the hosts' records)."""
+        return [f"{self.prefix}/ipam/", f"{self.prefix}/nodes/", f"{self.prefix}/bgp/",
+                f"{self.prefix}/policy/"]
+
     # IPAM --------------------------------------------------------------
     def pools(self):
         return f"{self.prefix}/ipam/pools/"

@@ -92,6 +92,27 @@ class MemoryStore:
         return lambda: self._watches.pop(token, None)
 
 
+class Snapshot:
+    """A read-only view of a few prefixes, read once (one range read each): what the agent
+    computes a sync from, instead of a dozen small reads. Answers get / get_prefix like a store
+    for keys under those prefixes."""
+
+    def __init__(self, store, prefixes):
+        self._items = []
+        for prefix in prefixes:
+            self._items += store.get_prefix(prefix)
+        self._items.sort()
+
+    def get(self, key):
+        for k, v, rev in self._items:
+            if k == key:
+                return v, rev
+        return None, 0
+
+    def get_prefix(self, prefix):
+        return [item for item in self._items if item[0].startswith(prefix)]
+
+
 class _MemoryLease:
     """A lease that lives until a test calls expire()."""
 

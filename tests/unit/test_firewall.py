@@ -77,6 +77,9 @@ fw.add_member("10.30.0.0/16", "10.30.0.9")
 assert "10.30.0.9" in members("10.30.0.0/16")
 fw.apply(PolicyState(**{**STATE.__dict__, "members": dict(STATE.members)}), gen)
 assert "10.30.0.9" in members("10.30.0.0/16")
+fw.add_member("10.60.0.0/24", "10.60.0.5")          # a network the firewall has not seen yet
+assert members("10.60.0.0/24") == ["10.60.0.5"]
+subprocess.run(["ipset", "destroy", set_name("10.60.0.0/24")], check=True)
 
 # incremental: one member gone, one pool gone (its set destroyed after the rules)
 smaller = PolicyState(**{**STATE.__dict__, "pools": ["10.20.0.0/16", "10.30.0.0/16"], "rules": STATE.rules[:1],
