@@ -89,6 +89,8 @@ def policy_demo(bed, web):
          f"after it:\n{attempt()}")
     show("policies (l3netctl policy list)",
          subprocess.run([*ctl, "policy", "list"], capture_output=True, text=True, timeout=60).stdout)
+    show(f"what {h2.name} enforces for its containers (iptables -S L3NET-TO-CONTAINER)",
+         h2.sh("iptables", "-S", "L3NET-TO-CONTAINER").stdout)
 
 
 def down():
