@@ -30,6 +30,7 @@ from tests.testbed import TEST_IMAGE, Testbed, run
 NET = "198.18.2"
 SUBNETS = {"web": "10.81.0.0/24", "db": "10.82.0.0/24", "ops": "10.83.0.0/24"}
 NONAT = "10.84.0.0/24"
+NONAT2 = "10.86.0.0/24"
 OUTSIDE = f"{NET}.254"                 # "the internet": on the underlay, no route to any pool
 OUTSIDE_NS = "l3polx"
 KINDS = [("icmp", 0), ("tcp", 5432), ("tcp", 80), ("udp", 5353)]
@@ -268,13 +269,21 @@ def test_outside_reachable_through_nat_only(bed):
     web1 = bed.containers["web1"]
     assert web1.reaches(OUTSIDE, "tcp", 8080) == f"ok {bed.h1.ip}", "masqueraded to the host's address"
     assert web1.reaches(OUTSIDE, "icmp") == "ok"
+    # NAT off: by `l3netctl pool add --no-nat-outgoing` (nonat), or by --ipam-opt (nonat2)
+    bed.h1.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", NONAT2,
+                  "--ipam-opt", "nat-outgoing=false", "nonat2")
     nonat = bed.start(bed.h1, "nonat", serve=False)
+    nonat2 = bed.start(bed.h1, "nonat2", serve=False)
     try:
-        assert nonat.probe([[OUTSIDE, "tcp", 8080], [OUTSIDE, "icmp", 0]]) == [None, None]
+        for c in (nonat, nonat2):
+            assert c.probe([[OUTSIDE, "tcp", 8080], [OUTSIDE, "icmp", 0]]) == [None, None], c
         pools = json.loads(bed.ctl("pool", "list", "--json").stdout)
         assert {p["cidr"]: p["nat_outgoing"] for p in pools}[NONAT] is False
+        assert {p["cidr"]: p["nat_outgoing"] for p in pools}[NONAT2] is False
     finally:
         bed.remove(nonat)
+        bed.remove(nonat2)
+        bed.h1.docker("network", "rm", "nonat2", check=False)
 
 
 def icmp_echoes_received(c):
