@@ -1,13 +1,15 @@
-# The l3net managed-plugin image (first version; `make plugin` and the managed-plugin test
-# come with the packaging issue). Builds from wheels prepared on the host, so no registry
-# is needed beyond the Debian base image.
-FROM debian:bookworm-slim
+# The l3net managed-plugin image. `make plugin` builds it (scripts/build-plugin.sh) from wheels
+# prepared on the host (dist/wheels) and a Debian base it makes with debootstrap when dockerd
+# has no debian:bookworm-slim, so no registry is needed; the image's filesystem becomes the
+# plugin's rootfs, plugin.json its config.json.
+ARG BASE=debian:bookworm-slim
+FROM ${BASE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv iproute2 iptables ipset bird2 \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 COPY dist/wheels /wheels
 RUN python3 -m venv /opt/l3net \
- && /opt/l3net/bin/pip install --no-index --find-links /wheels l3net \
+ && /opt/l3net/bin/pip install --no-cache-dir --no-index --find-links /wheels l3net \
  && ln -s /opt/l3net/bin/l3net-plugin /opt/l3net/bin/l3netctl /usr/local/bin/ \
  && rm -rf /wheels
 ENTRYPOINT ["/usr/local/bin/l3net-plugin"]

@@ -2,7 +2,7 @@
 VENV := .venv
 SHELL := /bin/bash
 
-.PHONY: setup run test unit bench demo demo-down clean
+.PHONY: setup run test unit bench demo demo-down plugin clean
 
 setup:
 	@scripts/setup.sh
@@ -26,5 +26,10 @@ demo: setup
 demo-down:
 	$(VENV)/bin/python scripts/demo.py down
 
+# The managed plugin l3net:latest, built and enabled on the local dockerd (scripts/build-plugin.sh;
+# settings from L3NET_ETCD_ENDPOINTS, L3NET_ETCD_PREFIX, L3NET_HOST_IP, ... in the environment).
+plugin: setup
+	scripts/build-plugin.sh
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build dist

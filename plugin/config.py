@@ -43,8 +43,9 @@ class Config:
 
     @property
     def driver_name(self):
-        """The name Docker knows us by: the socket's file name (l3net.sock -> l3net)."""
-        return os.path.basename(self.socket).rsplit(".sock", 1)[0]
+        """The name Docker knows us by (in messages): the socket's file name (l3net.sock ->
+        l3net), or L3NET_DRIVER_NAME (a managed plugin is named l3net:latest)."""
+        return os.environ.get("L3NET_DRIVER_NAME") or os.path.basename(self.socket).rsplit(".sock", 1)[0]
 
     def check(self):
         """Fill defaults that need the host, and refuse what cannot work, with one clear line."""

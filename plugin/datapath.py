@@ -44,9 +44,14 @@ def temp_ifname(endpoint_id):
     return TEMP_PREFIX + endpoint_id[:11]
 
 
+# Where the host's /proc/sys is: a managed plugin sees a read-only /proc/sys and gets the
+# host's /proc mounted at /host/proc instead (plugin.json sets L3NET_PROC_SYS).
+PROC_SYS = os.environ.get("L3NET_PROC_SYS", "/proc/sys")
+
+
 def _sysctl(path, value):
     try:
-        with open(f"/proc/sys/{path}", "w") as f:
+        with open(f"{PROC_SYS}/{path}", "w") as f:
             f.write(str(value))
     except OSError as e:
         raise L3netError(f"cannot set {path.replace('/', '.')}={value}: {e.strerror} "
@@ -119,7 +124,7 @@ def setup_host_veth(host_if, idx, address):
 
 def enable_forwarding():
     """IPv4 forwarding on (dockerd usually did it already: then nothing is written)."""
-    with open("/proc/sys/net/ipv4/ip_forward") as f:
+    with open(f"{PROC_SYS}/net/ipv4/ip_forward") as f:
         if f.read().strip() == "1":
             return
     _sysctl("net/ipv4/ip_forward", 1)

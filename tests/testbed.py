@@ -107,17 +107,29 @@ class Host:
             text=True, start_new_session=True)
         if self.anchor.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{self.name}: the namespace anchor did not start")
-        log = open(os.path.join(self.dir, "dockerd.log"), "w")
+        self.start_dockerd()
+        if self.docker("image", "inspect", TEST_IMAGE, check=False).returncode != 0:
+            run(os.path.join(ROOT, "scripts", "test-image.sh"), timeout=120,
+                env={**os.environ, "DOCKER_HOST": self.docker_host})
+        if self.bed.legacy_plugin:
+            self.start_plugin()
+
+    def start_dockerd(self):
+        log = open(os.path.join(self.dir, "dockerd.log"), "a")
         self.dockerd = subprocess.Popen(
             [*self.nsenter(), "dockerd", "--data-root", os.path.join(self.dir, "docker"),
              "-H", "unix:///run/docker.sock", "--pidfile", "/run/docker.pid"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: self.docker("info", check=False, timeout=10).returncode == 0, 90,
                    f"dockerd on {self.name}")
-        if self.docker("image", "inspect", TEST_IMAGE, check=False).returncode != 0:
-            run(os.path.join(ROOT, "scripts", "test-image.sh"), timeout=120,
-                env={**os.environ, "DOCKER_HOST": self.docker_host})
-        self.start_plugin()
+
+    def stop_dockerd(self):
+        self.dockerd.terminate()
+        try:
+            self.dockerd.wait(60)
+        except subprocess.TimeoutExpired:
+            self.dockerd.kill()
+            self.dockerd.wait(10)
 
     def start_plugin(self, *extra):
         log = open(os.path.join(self.dir, "plugin.log"), "a")
@@ -138,7 +150,13 @@ class Host:
                 pass
             self.plugin.wait(10)
             self.plugin = None
-        self.sh("pkill", "-9", "-x", "bird", check=False)
+        self.kill_bird()
+
+    def kill_bird(self):
+        """kill -9 this host's BIRD (by its pid file: the hosts share one pid namespace, so
+        pkill would hit every host's)."""
+        self.sh("sh", "-c", 'test -f /run/l3net/bird.pid && kill -9 "$(cat /run/l3net/bird.pid)"; true',
+                check=False)
 
     def down(self):
         if self.anchor is not None:
@@ -154,13 +172,9 @@ class Host:
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     os.killpg(self.plugin.pid, signal.SIGKILL)
             if self.dockerd is not None:
-                self.dockerd.terminate()
-                try:
-                    self.dockerd.wait(30)
-                except subprocess.TimeoutExpired:
-                    self.dockerd.kill()
-            # Whatever else runs in the host's mount namespace (bird, containerd shims).
-            self.sh("sh", "-c", "pkill -9 -x bird; pkill -9 containerd-shim; true", check=False)
+                self.stop_dockerd()
+            # Whatever else this host runs: its BIRD (the containerd shims went with dockerd).
+            self.kill_bird()
             os.killpg(self.anchor.pid, signal.SIGKILL)
             self.anchor.wait(10)
         run("ip", "netns", "del", self.name, check=False)
@@ -170,8 +184,10 @@ class Host:
 class Testbed:
     __test__ = False   # not a test class, whatever pytest thinks of the name
 
-    def __init__(self, n=3, workdir=None, prefix="/l3bed", tag="l3bed", net=NET, etcd_port=23790):
+    def __init__(self, n=3, workdir=None, prefix="/l3bed", tag="l3bed", net=NET, etcd_port=23790,
+                 legacy_plugin=True):
         self.dir = workdir or tempfile.mkdtemp(prefix=f"{tag}-")
+        self.legacy_plugin = legacy_plugin     # False: the test installs a managed plugin itself
         self.prefix = prefix
         self.tag, self.net, self.etcd_port = tag, net, etcd_port
         self.bridge = f"{tag}0"

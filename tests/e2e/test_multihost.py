@@ -127,7 +127,7 @@ def test_bird_that_dies_is_restarted(bed, containers):
     name1, _ = containers(h1)
     _, ip3 = containers(h3)
     wait_for(lambda: pings(h1, name1, ip3), 20, "host 3's container from host 1")
-    h3.sh("pkill", "-9", "-x", "bird")
+    h3.kill_bird()
     wait_for(lambda: h3.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols",
                            check=False).stdout.count("Established") == 2, 30,
              "BIRD on host 3 restarted with both sessions up")

@@ -1,0 +1,90 @@
+#!/bin/sh
+# `make plugin`: build l3net as a Docker managed plugin and enable it on the local dockerd.
+#
+#   1. a Debian base image: debian:bookworm-slim if dockerd has it, else one made here with
+#      debootstrap + docker import (no registry needed);
+#   2. wheels of l3net and its dependencies, built on this host (dist/wheels);
+#   3. the plugin image (Dockerfile), its filesystem exported as the plugin's rootfs, with
+#      plugin.json as its config.json;
+#   4. docker plugin create NAME, docker plugin set (etcd, host name, ...), docker plugin enable.
+#
+# Settings come from the environment: L3NET_PLUGIN_NAME (default l3net:latest) and the plugin's
+# own variables (L3NET_ETCD_ENDPOINTS, L3NET_ETCD_PREFIX, L3NET_HOST_IP, L3NET_HOSTNAME,
+# L3NET_LOG_LEVEL, L3NET_NO_BGP), passed to `docker plugin set` when set.
+# L3NET_PLUGIN_NO_ENABLE=1 stops after create+set; L3NET_PLUGIN_ROOTFS_ONLY=1 stops once
+# build/plugin (rootfs + config.json) is ready, for `docker plugin create` elsewhere (the tests).
+set -eu
+cd "$(dirname "$0")/.."
+NAME=${L3NET_PLUGIN_NAME:-l3net:latest}
+BASE=${L3NET_PLUGIN_BASE:-debian:bookworm-slim}
+LOCAL_BASE=l3net/debian-base:bookworm
+IMAGE=l3net/plugin-image:latest
+BUILD=build/plugin
+PY=${PYTHON:-.venv/bin/python}
+say() { echo "plugin: $*"; }
+die() { echo "plugin: $*" >&2; exit 1; }
+
+command -v docker >/dev/null || die "docker not found"
+docker info >/dev/null 2>&1 || die "dockerd is not running"
+
+if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+    if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
+        command -v debootstrap >/dev/null || die "no $BASE image and no debootstrap: apt-get install debootstrap"
+        MIRROR=${L3NET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+        root=$(mktemp -d)
+        trap 'rm -rf "$root"' EXIT
+        say "no $BASE image: building $LOCAL_BASE with debootstrap from $MIRROR (a few minutes)"
+        debootstrap --variant=minbase bookworm "$root" "$MIRROR" >"$root.log" 2>&1 \
+            || die "debootstrap failed; see $root.log"
+        rm -rf "$root/var/cache/apt/archives/"*.deb "$root.log"
+        tar -C "$root" -c . | docker import - "$LOCAL_BASE" >/dev/null
+        rm -rf "$root"
+        trap - EXIT
+    fi
+    BASE=$LOCAL_BASE
+fi
+say "base image $BASE"
+
+say "building wheels (dist/wheels)"
+rm -rf dist/wheels
+mkdir -p build
+"$PY" -m pip wheel --quiet --wheel-dir dist/wheels . >build/wheels.log 2>&1 \
+    || { cat build/wheels.log >&2; die "building wheels failed"; }
+
+say "building the plugin image $IMAGE"
+docker build --quiet --build-arg "BASE=$BASE" -t "$IMAGE" . >build/image.log 2>&1 \
+    || { cat build/image.log >&2; die "building the image failed"; }
+
+say "exporting its filesystem to $BUILD/rootfs"
+rm -rf "$BUILD"
+mkdir -p "$BUILD/rootfs"
+cid=$(docker create "$IMAGE")
+docker export "$cid" | tar -x -C "$BUILD/rootfs"
+docker rm "$cid" >/dev/null
+cp plugin.json "$BUILD/config.json"
+if [ "${L3NET_PLUGIN_ROOTFS_ONLY:-}" = 1 ]; then
+    say "plugin directory ready: $BUILD"
+    exit 0
+fi
+
+if docker plugin inspect "$NAME" >/dev/null 2>&1; then
+    say "replacing the existing plugin $NAME"
+    docker plugin disable -f "$NAME" >/dev/null 2>&1 || true
+    docker plugin rm -f "$NAME" >/dev/null
+fi
+mkdir -p /var/lib/l3net /run/l3net
+docker plugin create "$NAME" "$BUILD" >/dev/null
+settings=""
+for var in L3NET_ETCD_ENDPOINTS L3NET_ETCD_PREFIX L3NET_HOST_IP L3NET_HOSTNAME L3NET_LOG_LEVEL L3NET_NO_BGP; do
+    eval "value=\${$var:-}"
+    [ -n "$value" ] && settings="$settings $var=$value"
+done
+[ -n "${L3NET_HOSTNAME:-}" ] || settings="$settings L3NET_HOSTNAME=$(hostname)"
+# shellcheck disable=SC2086 # one word per setting
+docker plugin set "$NAME" $settings
+if [ "${L3NET_PLUGIN_NO_ENABLE:-}" = 1 ]; then
+    say "created $NAME (not enabled)"
+    exit 0
+fi
+docker plugin enable --timeout 60 "$NAME" >/dev/null
+say "enabled $NAME: docker network create -d $NAME --ipam-driver $NAME --subnet CIDR NAME"
