@@ -159,8 +159,9 @@ class Plugin:
 
     name = "l3nettest"
 
-    def __init__(self, etcd_url, prefix):
-        self.socket = f"/run/docker/plugins/{self.name}.sock"
+    def __init__(self, etcd_url, prefix, name=None, socket=None):
+        self.name = name or Plugin.name
+        self.socket = socket or f"/run/docker/plugins/{self.name}.sock"
         self.state = tempfile.mkdtemp(prefix="l3net-state-")
         self.etcd_url = etcd_url
         self.prefix = prefix

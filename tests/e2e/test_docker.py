@@ -7,6 +7,7 @@ create carries the label ``l3net-test`` and is removed at the end of the session
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -311,3 +312,30 @@ def test_policy_names_networks_by_docker_name(network, plugin):
     rules = json.loads(l3netctl(plugin, "policy", "list", "--json"))
     assert [(r["id"], r["from"], r["to"]) for r in rules] == [(rule_id, "10.74.0.0/24", "10.74.0.0/24")]
     l3netctl(plugin, "policy", "remove", rule_id)
+
+
+def test_spec_file_install(etcd):
+    """The host-service alternative to a socket in /run/docker/plugins: the socket anywhere,
+    and /etc/docker/plugins/NAME.spec pointing at it (README: host service)."""
+    name = f"l3spec{uuid.uuid4().hex[:6]}"
+    sockdir = f"/run/{name}"
+    os.makedirs(sockdir, exist_ok=True)
+    spec = f"/etc/docker/plugins/{name}.spec"
+    os.makedirs("/etc/docker/plugins", exist_ok=True)
+    with open(spec, "w") as f:
+        f.write(f"unix://{sockdir}/{name}.sock\n")
+    p = Plugin(etcd.url, f"/l3spec-{uuid.uuid4().hex[:6]}", name=name, socket=f"{sockdir}/{name}.sock")
+    net = f"{name}-net"
+    try:
+        docker("network", "create", "-d", name, "--ipam-driver", name, "--subnet", "10.77.0.0/24",
+               "--label", "l3net-test", net)
+        a = docker("run", "-d", "--label", "l3net-test", "--net", net, TEST_IMAGE, "sleep", "600").stdout.strip()
+        b = docker("run", "-d", "--label", "l3net-test", "--net", net, TEST_IMAGE, "sleep", "600").stdout.strip()
+        assert pings(a, ip_of(b, net))
+    finally:
+        for c in docker("ps", "-aq", "--filter", f"network={net}").stdout.split():
+            docker("rm", "-f", c, check=False)
+        docker("network", "rm", net, check=False)
+        p.stop()
+        os.unlink(spec)
+        shutil.rmtree(sockdir, ignore_errors=True)

@@ -181,3 +181,19 @@ def test_router_peer_only_pool_routes_are_imported(bed, tmp_path):
         rogue.kill()
         rogue.wait(10)
     wait_for(lambda: "10.40.99.0/24" not in routes(h1), 30, "the router's route gone with it")
+
+
+def test_dockerd_restart_with_the_legacy_plugin_up(bed, containers):
+    """The plugin runs as a host service and stays up while dockerd restarts: a --restart
+    always container comes back with its --ip and reaches the other hosts again."""
+    h1, _, h3 = bed.hosts
+    _, peer_ip = containers(h1)
+    name, ip = containers(h3, "--restart", "always", "--ip", "10.40.251.7")
+    wait_for(lambda: pings(h3, name, peer_ip), 20, "before the restart")
+    h3.stop_dockerd()
+    h3.start_dockerd()
+    wait_for(lambda: h3.docker("inspect", "-f", "{{.State.Running}}", name, check=False).stdout.strip()
+             == "true", 60, "the container running again")
+    assert ip_of(h3, name) == ip == "10.40.251.7"
+    wait_for(lambda: pings(h3, name, peer_ip), 30, "its network back")
+    wait_for(lambda: pings(h1, containers(h1)[0], ip), 30, "reachable from host 1 again")
