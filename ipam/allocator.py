@@ -412,6 +412,23 @@ class Ipam:
             return None, block, None
         self._update_block(key, drop)
 
+    def release_held(self, pool, address, handle):
+        """Release ``address`` only if ``handle`` still holds it (ipam check --fix: a leak
+        that meanwhile got a new holder is left alone). True if it was released."""
+        key, ip = self._locate(IPNetwork(pool), address)
+        done = []
+
+        def drop(block):
+            held = (block or {}).get("allocations", {}).get(str(ip))
+            if held is None or held["handle"] != handle:
+                return None, None, None
+            del block["allocations"][str(ip)]
+            done.append(True)
+            return None, block, None
+        if key is not None:
+            self._update_block(key, drop)
+        return bool(done)
+
     def set_handle(self, pool, address, handle, also_put=None):
         """Record who holds an address (the endpoint, once CreateEndpoint knows it), in one
         transaction with ``also_put`` (the caller's own records), which is written in any case."""

@@ -117,6 +117,27 @@ def ipam_show(obj, pool_cidr, as_json):
     emit(rows, ["Address", "Pool", "Block", "Owner", "Host", "Handle"], as_json)
 
 
+@ipam.command("check")
+@click.option("--fix", "do_fix", is_flag=True, help="Release leaked addresses, delete orphaned records.")
+@click.option("--min-age", type=click.FloatRange(0), default=300, show_default=True,
+              help="Only addresses allocated at least this many seconds ago (a docker run in "
+                   "progress is not a leak).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ipam_check(obj, do_fix, min_age, as_json):
+    """Leaked addresses and orphaned endpoint records (--fix repairs them)."""
+    from ipam import check
+    findings = check.find(obj.store, obj.keys, time.time(), min_age)
+    if do_fix:
+        check.fix(obj.store, obj.ipam(), findings)
+    rows = [f.row() for f in findings]
+    if not rows and not as_json:
+        click.echo("no problems found")
+        return
+    emit(rows, ["Kind", "Address", "Pool", "Host", "Handle", "Detail"] + (["Fixed"] if do_fix else []),
+         as_json)
+
+
 @cli.group()
 def endpoint():
     """Container endpoints."""

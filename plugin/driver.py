@@ -13,7 +13,7 @@ import json
 import logging
 import time
 
-from netaddr import IPNetwork
+from netaddr import AddrFormatError, IPNetwork
 
 from ipam import pools as P
 
@@ -83,7 +83,7 @@ class Driver:
                              "pool settings go in --ipam-opt")
         if not ipv4_data:
             raise L3netError("no IPv4 pool given")
-        pools = []
+        pools, aux = [], []
         for data in ipv4_data:
             space, pool = data.get("AddressSpace"), data.get("Pool")
             if space != ADDRESS_SPACE:
@@ -94,18 +94,35 @@ class Driver:
                 raise L3netError(f"pool {cidr} is not known to l3net; create the network with "
                                  f"--ipam-driver {self.name}")
             pools.append(str(cidr))
+            aux += self._aux_addresses(data.get("AuxAddresses"))
         self.datapath.prepare_host()
         if self.sync_policy is not None:
             self.sync_policy()
         record = {
             "id": network_id,
             "pools": pools,
+            "aux": sorted(aux),          # --aux-address reservations (for ipam check)
             "internal": str(options.get("com.docker.network.internal", "")).lower() == "true",
             "created": time.time(),
         }
         self.store.put(self.keys.network(self.host, network_id), json.dumps(record, sort_keys=True))
         self._networks[network_id] = record
         log.info("network %s created with pools %s", network_id[:12], ",".join(pools))
+
+    @staticmethod
+    def _aux_addresses(value):
+        """IPv4Data's AuxAddresses ({"name": "10.0.0.2/32"} or plain addresses) -> [address]."""
+        if value in (None, {}):
+            return []
+        if not isinstance(value, dict):
+            raise L3netError("AuxAddresses must be an object")
+        out = []
+        for name, address in value.items():
+            try:
+                out.append(str(IPNetwork(str(address)).ip))
+            except (ValueError, TypeError, AddrFormatError):
+                raise L3netError(f"invalid aux address {name!r}: {address!r}") from None
+        return out
 
     def delete_network(self, network_id):
         self.store.delete(self.keys.network(self.host, network_id))

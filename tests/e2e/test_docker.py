@@ -339,3 +339,21 @@ def test_spec_file_install(etcd):
         p.stop()
         os.unlink(spec)
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_ipam_check_finds_and_fixes_a_leaked_address(network, plugin):
+    """An address requested from the plugin that no endpoint ever took (a docker run that died
+    half way) is a leak; the network's --aux-address and running containers are not."""
+    net = network("10.78.0.0/24", "--aux-address", "nas=10.78.0.250")
+    c = run(net)
+    status, answer = plugin.call("IpamDriver.RequestAddress", {"PoolID": "10.78.0.0/24", "Address": "",
+                                                               "Options": {}})
+    assert status == 200, answer
+    leaked = answer["Address"].split("/")[0]
+    found = json.loads(l3netctl(plugin, "ipam", "check", "--min-age", "0", "--json"))
+    assert [(f["kind"], f["address"]) for f in found] == [("leaked address", leaked)], found
+    fixed = json.loads(l3netctl(plugin, "ipam", "check", "--min-age", "0", "--fix", "--json"))
+    assert fixed[0]["fixed"] is True
+    assert l3netctl(plugin, "ipam", "check", "--min-age", "0").strip() == "no problems found"
+    held = {a["address"] for a in allocations_of(plugin, net)}
+    assert leaked not in held and "10.78.0.250" in held and ip_of(c, net) in held

@@ -254,3 +254,43 @@ def test_release_host_frees_a_dead_nodes_addresses_and_blocks(store, prefix):
     assert blocks["10.20.0.64/26"]["host"] == "h2" and mine.split("/")[0] in blocks["10.20.0.64/26"]["allocations"]
     assert a.pools()[0]["refs"] == {"h2": 1}
     assert store.get_prefix(Keys(prefix).affinities("h1")) == []
+
+
+def test_ipam_check_finds_and_fixes_leaks_and_orphans():
+    """pending leaks (not aux addresses, not recent ones), endpoint leaks, orphaned records;
+    --fix releases only what the same holder still has."""
+    import json as _json
+    import time as _time
+
+    from ipam import check
+    from ipam.allocator import Ipam
+    from plugin.keys import Keys
+    from plugin.store import MemoryStore
+
+    store, keys = MemoryStore(), Keys("/t")
+    ipam = Ipam(store, keys, "h1")
+    from netaddr import IPNetwork
+    pool_id, cidr, _ = ipam.request_pool("10.20.0.0/24")
+    pool = IPNetwork(cidr)
+    leaked = ipam.request_address(pool_id).split("/")[0]              # pending, never used
+    aux = ipam.request_address(pool_id, "10.20.0.200").split("/")[0]   # an --aux-address
+    gone = ipam.request_address(pool_id).split("/")[0]                # endpoint deleted, not released
+    ipam.set_handle(pool, gone, "endpoint:" + "a" * 64)
+    live = ipam.request_address(pool_id).split("/")[0]
+    ipam.set_handle(pool, live, "endpoint:" + "b" * 64)
+    store.put(keys.endpoint("h1", "b" * 64), _json.dumps({"id": "b" * 64, "address": live, "pool": cidr,
+                                                               "created": _time.time()}))
+    store.put(keys.endpoint("h1", "c" * 64), _json.dumps({"id": "c" * 64, "address": "10.20.0.99", "pool": cidr,
+                                                               "created": _time.time()}))
+    store.put(keys.network("h1", "n" * 64), _json.dumps({"id": "n" * 64, "pools": [cidr], "aux": [aux]}))
+    assert check.find(store, keys, _time.time()) == []                # all younger than 5 minutes
+    later = _time.time() + 1000
+    found = {(f.kind, f.address) for f in check.find(store, keys, later)}
+    assert found == {("leaked address", leaked), ("leaked address", gone), ("orphaned endpoint", "10.20.0.99")}
+    ipam.set_handle(pool, leaked, "endpoint:" + "d" * 64)             # meanwhile given to someone
+    findings = check.fix(store, ipam, [f for f in check.find(store, keys, later) if f.address != leaked] +
+                         [check.Finding("leaked address", leaked, cidr, "h1", "pending:h1", "stale view")])
+    assert {f.address: f.fixed for f in findings} == {gone: True, "10.20.0.99": True, leaked: False}
+    assert ipam.holder(pool, leaked) is not None and ipam.holder(pool, gone) is None
+    remaining = {(f.kind, f.address) for f in check.find(store, keys, later)}
+    assert remaining == {("leaked address", leaked)}                  # its endpoint "d" has no record
