@@ -19,8 +19,9 @@ import re
 import threading
 import time
 
-from netaddr import AddrFormatError, IPAddress
+from netaddr import AddrFormatError, IPAddress, IPNetwork
 
+from . import metrics
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
 from .firewall import NoFirewall
 from .keys import key_cidr
@@ -151,6 +152,22 @@ def desired_policy(store, keys, name):
                        host_rules=host_rules, nodes=node_ips)
 
 
+def node_stats(view, keys, name):
+    """Figures for metrics and l3netctl status: {"pools": {cidr: (allocated, capacity)},
+    "endpoints": endpoints on this node}."""
+    pools, endpoints = {}, 0
+    for p in _records(view, keys.pools()):
+        cidr = IPNetwork(p["cidr"])
+        pools[p["cidr"]] = [0, max(cidr.size - 2, 1)]
+    for block in _records(view, keys.all_blocks()):
+        allocations = block.get("allocations", {})
+        if block.get("pool") in pools:
+            pools[block["pool"]][0] += len(allocations)
+        endpoints += sum(1 for a in allocations.values()
+                         if a.get("host") == name and a.get("handle", "").startswith("endpoint:"))
+    return {"pools": {k: tuple(v) for k, v in pools.items()}, "endpoints": endpoints}
+
+
 class Agent:
     """Runs sync() when etcd changes (a watch on the whole prefix wakes it) and at least
     every ``interval`` seconds (so a broken watch costs latency, not correctness), and checks
@@ -170,6 +187,7 @@ class Agent:
         self._last_drift_check = 0.0
         self.last_sync = None
         self.last_error = None
+        self.stats = {}
 
     def sync(self):
         """BGP and policy are synced independently: a BIRD problem must not freeze the
@@ -188,7 +206,9 @@ class Agent:
             self.sync_policy(view, generation)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
+        self.stats = node_stats(view, self.keys, self.name)
         if errors:
+            metrics.SYNC_ERRORS.inc()
             raise errors[0]
         self.last_sync = time.time()
 
@@ -203,6 +223,7 @@ class Agent:
             done = self.firewall.apply(desired_policy(view, self.keys, self.name), generation)
             if done:
                 log.info("%s", done)
+                metrics.POLICY_WRITES.labels("full" if "in full" in done else "update").inc()
 
     def check_drift(self):
         now = time.monotonic()
@@ -212,6 +233,7 @@ class Agent:
         reason = self.firewall.drift()
         if reason:
             log.warning("drift: %s; writing the policy again", reason)
+            metrics.POLICY_WRITES.labels("drift").inc()
             self.sync_policy()
 
     def _watch(self):

@@ -11,6 +11,7 @@ import time
 
 from flask import Flask, g, jsonify, request
 
+from . import metrics
 from . import validate as V
 from .errors import L3netError
 
@@ -57,6 +58,10 @@ def create_app(driver, ipam):
         extra = "".join(f" {k}={g.get(k)}" for k in ("network", "endpoint", "pool", "address")
                         if g.get(k))
         log.info("%s %s %d %.1fms%s", request.method, request.path, response.status_code, ms, extra)
+        # the method label only for known routes: a fuzzer's paths must not make new series
+        method = request.path.lstrip("/") if request.url_rule is not None else "unknown"
+        metrics.CALLS.labels(method, str(response.status_code)).inc()
+        metrics.LATENCY.labels(method).observe(ms / 1000)
         return response
 
     @app.errorhandler(L3netError)

@@ -40,6 +40,8 @@ class Config:
     bgp: bool = True
     threads: int = 16
     log_level: str = "info"
+    metrics_port: int = 0              # 0: no metrics endpoint
+    metrics_address: str = "127.0.0.1"
 
     @property
     def driver_name(self):
@@ -55,6 +57,8 @@ class Config:
         self.hostname = check_hostname(self.hostname or socket.gethostname().split(".")[0])
         if self.host_ip:
             self.host_ip = str(ipv4(self.host_ip, "--host-ip"))
+        if self.metrics_port:
+            self.metrics_address = str(ipv4(self.metrics_address, "--metrics-address"))
         if not self.socket.endswith(".sock") or not os.path.isabs(self.socket):
             raise L3netError(f"--socket {self.socket!r} must be an absolute path ending in .sock")
         return self

@@ -120,6 +120,9 @@ class PluginServer(BaseApplication):
         threading.Thread(target=resume, args=(driver,), name="l3net-resume", daemon=True).start()
         agent.start()
         self.agent = agent
+        if self.node_cfg.metrics_port:
+            from . import metrics
+            metrics.serve(self.node_cfg.metrics_port, self.node_cfg.metrics_address, agent)
         return app
 
 
@@ -154,12 +157,17 @@ def prepare_paths(cfg):
 @click.option("--threads", envvar="L3NET_THREADS", type=int, default=Config.threads, show_default=True)
 @click.option("--log-level", envvar="L3NET_LOG_LEVEL", default=Config.log_level, show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--metrics-port", envvar="L3NET_METRICS_PORT", type=click.IntRange(0, 65535), default=0,
+              show_default=True, help="Serve Prometheus metrics on this port (0: off).")
+@click.option("--metrics-address", envvar="L3NET_METRICS_ADDRESS", default=Config.metrics_address,
+              show_default=True, help="Address the metrics port listens on.")
 @click.option("--remove-rules", is_flag=True,
               help="Remove l3net's iptables chains and ipsets from this host, then exit "
                    "(after the plugin is stopped for good).")
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
-         default_pool_size, block_size, no_bgp, threads, log_level, remove_rules):
+         default_pool_size, block_size, no_bgp, threads, log_level, metrics_port, metrics_address,
+         remove_rules):
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level)
     if remove_rules:
@@ -176,7 +184,8 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
                  etcd_user=etcd_user, etcd_password=etcd_password, hostname=hostname,
                  host_ip=host_ip, socket=socket_path, state_dir=state_dir,
                  default_pool=default_pool, default_pool_size=default_pool_size,
-                 block_size=block_size, bgp=not no_bgp, threads=threads, log_level=log_level)
+                 block_size=block_size, bgp=not no_bgp, threads=threads, log_level=log_level,
+                 metrics_port=metrics_port, metrics_address=metrics_address)
     try:
         cfg.check()
         parse_endpoints(cfg.etcd_endpoints)

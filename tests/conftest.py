@@ -153,14 +153,22 @@ def post(sock_path, method, body=b"", headers=None, timeout=30):
         return resp.status, data
 
 
+def free_port():
+    """A TCP port nobody listens on right now (for the plugin's metrics)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Plugin:
     """An l3net-plugin process under the test name ``l3nettest`` (socket l3nettest.sock), so
     the tests never collide with a real l3net on the same machine."""
 
     name = "l3nettest"
 
-    def __init__(self, etcd_url, prefix, name=None, socket=None):
+    def __init__(self, etcd_url, prefix, name=None, socket=None, metrics_port=0):
         self.name = name or Plugin.name
+        self.metrics_port = metrics_port
         self.socket = socket or f"/run/docker/plugins/{self.name}.sock"
         self.state = tempfile.mkdtemp(prefix="l3net-state-")
         self.etcd_url = etcd_url
@@ -174,7 +182,8 @@ class Plugin:
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "l3net-plugin"), "--socket", self.socket,
              "--etcd-endpoints", self.etcd_url, "--etcd-prefix", self.prefix,
-             "--state-dir", self.state, "--hostname", "e2e-host", "--no-bgp"],
+             "--state-dir", self.state, "--hostname", "e2e-host", "--no-bgp",
+             "--metrics-port", str(self.metrics_port)],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.ready, 30, "l3net-plugin to answer on its socket")
 
@@ -234,7 +243,7 @@ def docker_ready():
 
 @pytest.fixture(scope="session")
 def plugin(docker_ready, etcd):
-    p = Plugin(etcd.url, f"/l3e2e-{uuid.uuid4().hex[:8]}")
+    p = Plugin(etcd.url, f"/l3e2e-{uuid.uuid4().hex[:8]}", metrics_port=free_port())
     yield p
     # Leave nothing behind: containers and networks of the tests, then the plugin.
     ids = docker("ps", "-aq", "--filter", "label=l3net-test", check=False).stdout.split()

@@ -357,3 +357,32 @@ def test_ipam_check_finds_and_fixes_a_leaked_address(network, plugin):
     assert l3netctl(plugin, "ipam", "check", "--min-age", "0").strip() == "no problems found"
     held = {a["address"] for a in allocations_of(plugin, net)}
     assert leaked not in held and "10.78.0.250" in held and ip_of(c, net) in held
+
+
+def test_prometheus_metrics(network, plugin):
+    """--metrics-port: call counts and latencies, pool usage, endpoints, agent sync age."""
+    import urllib.request
+    net = network("10.79.0.0/24")
+    run(net)
+
+    def scrape():
+        url = f"http://127.0.0.1:{plugin.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def value(text, pattern):
+        m = re.search(rf"^{pattern} ([0-9.e+-]+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    def synced():
+        text = scrape()
+        return text if value(text, r'l3net_pool_addresses\{pool="10\.79\.0\.0/24",state="allocated"\}') else None
+
+    text = wait_for(synced, 10, "pool figures after an agent sync")
+    assert value(text, r'l3net_api_calls_total\{code="200",method="NetworkDriver\.CreateEndpoint"\}') >= 1
+    assert value(text, r'l3net_api_call_seconds_count\{method="IpamDriver\.RequestAddress"\}') >= 1
+    assert value(text, r'l3net_pool_addresses\{pool="10\.79\.0\.0/24",state="capacity"\}') == 254
+    assert value(text, r"l3net_endpoints") >= 1
+    assert 0 <= value(text, r"l3net_agent_sync_age_seconds") < 5
+    # a bogus path is counted as "unknown", not as a new series
+    post(plugin.socket, "Nonsense.Method")
+    assert 'method="Nonsense.Method"' not in scrape()

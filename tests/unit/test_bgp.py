@@ -109,3 +109,15 @@ def test_node_record_vanishes_when_its_lease_is_not_renewed(etcd_store, prefix):
     assert [p.ip for p in state.peers] == ["198.18.0.12"]
     wait_for(lambda: desired_bgp(etcd_store, keys, "h1", "198.18.0.11")[0].peers == [], 10,
              "the expired node to leave the peer list")
+
+
+def test_bgp_states_for_metrics():
+    from plugin.metrics import bgp_states
+    out = """BIRD 2.0.12 ready.
+Name       Proto      Table      State  Since         Info
+device1    Device     ---        up     02:06:22.458
+l3net_kernel Kernel     master4    up     02:06:22.458
+l3_198_18_1_12 BGP        ---        up     02:06:23.758  Established
+l3_198_18_1_13 BGP        ---        start  02:06:23.370  Active        Socket: Connection refused
+"""
+    assert bgp_states(out) == {"established": 1, "down": 1}
