@@ -15,6 +15,7 @@ Errors are logged and retried at the next tick; nothing here can block a Docker 
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -173,7 +174,8 @@ class Agent:
     every ``interval`` seconds (so a broken watch costs latency, not correctness), and checks
     the kernel for drift every ``drift_every`` seconds."""
 
-    def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0):
+    def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0,
+                 status_path=None):
         self.store, self.keys, self.name, self.ip = store, keys, name, ip
         self.registry = Registry(store, keys, name, ip)
         self.bird = bird
@@ -188,6 +190,7 @@ class Agent:
         self.last_sync = None
         self.last_error = None
         self.stats = {}
+        self.status_path = status_path   # where `l3netctl status` reads this agent's state
 
     def sync(self):
         """BGP and policy are synced independently: a BIRD problem must not freeze the
@@ -266,10 +269,31 @@ class Agent:
                 if str(e) != str(self.last_error):
                     log.warning("agent sync failed: %s", e)
                 self.last_error = e
+            self.write_status()
             if self._wake.wait(self.interval):
                 # One docker run is several writes within milliseconds (address, endpoint
                 # record): one sync for the burst, not one each, off the CPU dockerd needs.
                 self._stop.wait(DEBOUNCE)
+
+    def write_status(self):
+        """This node's view for `l3netctl status` (a small JSON file, replaced atomically)."""
+        if not self.status_path:
+            return
+        applied = getattr(self.firewall, "applied", None)
+        status = {"node": self.name, "ip": self.ip, "pid": os.getpid(), "written": time.time(),
+                  "last_sync": self.last_sync, "last_error": str(self.last_error) if self.last_error else None,
+                  "watch": self._cancel_watch is not None, **self.stats,
+                  "policy": None if applied is None else {
+                      "networks": len(applied.pools), "policies": len(applied.rules),
+                      "host_rules": len(applied.host_rules),
+                      "members": sum(len(m) for m in applied.members.values())}}
+        try:
+            tmp = self.status_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(status, f)
+            os.replace(tmp, self.status_path)
+        except OSError as e:
+            log.debug("cannot write %s: %s", self.status_path, e)
 
     def start(self):
         self._thread = threading.Thread(target=self._loop, name="l3net-agent", daemon=True)

@@ -57,6 +57,85 @@ def cli(ctx, etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert,
     ctx.obj = Ctx(cfg)
 
 
+STALE = 10.0      # seconds: an agent that has not synced for longer is not in sync
+
+
+@cli.command()
+@click.option("--state-dir", envvar="L3NET_STATE_DIR", default=Config.state_dir, show_default=True,
+              help="The plugin's state directory (where its agent writes status.json).")
+@click.option("--socket", "sock", default="/run/l3net/bird.ctl", show_default=True,
+              help="BIRD's control socket.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(obj, state_dir, sock, as_json):
+    """This node's health: etcd, agent, BGP, policy, counts. Exit status 1 if unhealthy."""
+    import os
+
+    from .bird import show
+    from .metrics import bgp_states
+
+    problems, out = [], {}
+    try:
+        out["etcd"] = {"endpoints": obj.store.describe(), "pools": len(obj.store.get_prefix(obj.keys.pools())),
+                       "nodes": len(obj.store.get_prefix(obj.keys.nodes()))}
+    except L3netError as e:
+        out["etcd"] = {"endpoints": obj.store.describe(), "error": str(e)}
+        problems.append(f"etcd: {e}")
+    path = os.path.join(state_dir, "status.json")
+    try:
+        with open(path) as f:
+            agent = json.load(f)
+    except (OSError, ValueError):
+        agent = None
+        problems.append(f"no agent status in {path}: is l3net-plugin running here (--state-dir)?")
+    if agent:
+        age = time.time() - agent["last_sync"] if agent.get("last_sync") else None
+        agent["sync_age"] = round(age, 1) if age is not None else None
+        if age is None or age > STALE:
+            problems.append(f"agent not in sync (last sync: {'never' if age is None else f'{age:.0f}s ago'})")
+        if agent.get("last_error"):
+            problems.append(f"agent: {agent['last_error']}")
+        out["agent"] = agent
+    if os.path.exists(sock):
+        try:
+            states = bgp_states(show(sock, "protocols"))
+            out["bgp"] = states
+            if states["down"]:
+                problems.append(f"BGP: {states['down']} of {sum(states.values())} sessions not established")
+        except L3netError as e:
+            out["bgp"] = {"error": str(e)}
+            problems.append(f"BGP: {e}")
+    else:
+        out["bgp"] = None           # --no-bgp, or BIRD not started (yet)
+    out["healthy"] = not problems
+    out["problems"] = problems
+    if as_json:
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        e = out["etcd"]
+        lines = [f"etcd       {e['endpoints']}: " + (f"unreachable ({e['error']})" if "error" in e else
+                                                      f"reachable, {e['pools']} pools, {e['nodes']} nodes")]
+        if agent:
+            lines.append(f"node       {agent['node']} ({agent['ip']}), plugin pid {agent['pid']}")
+            lines.append(f"agent      last sync {agent['sync_age']}s ago, etcd watch "
+                         f"{'on' if agent.get('watch') else 'off (polling)'}")
+            p = agent.get("policy")
+            lines.append("policy     " + ("not applied yet" if not p else
+                                         f"{p['networks']} networks, {p['policies']} policies, "
+                                         f"{p['host_rules']} host rules, {p['members']} members"))
+            lines.append(f"endpoints  {agent.get('endpoints', 0)} on this node")
+            for cidr, (used, cap) in sorted(agent.get("pools", {}).items()):
+                lines.append(f"pool       {cidr}: {used}/{cap} addresses allocated")
+        b = out["bgp"]
+        lines.append("bgp        " + ("no BIRD here (--no-bgp?)" if b is None else
+                                     b.get("error") or f"{b['established']} established, {b['down']} down"))
+        lines += [f"PROBLEM    {p}" for p in problems]
+        lines.append("healthy" if not problems else "UNHEALTHY")
+        click.echo("\n".join(lines))
+    if problems:
+        sys.exit(1)
+
+
 @cli.group()
 def pool():
     """Address pools."""

@@ -41,7 +41,8 @@ def build(cfg):
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
     bird = Bird(cfg.state_dir) if cfg.bgp else None
     firewall = Firewall()
-    agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall)
+    agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
+                  status_path=os.path.join(cfg.state_dir, "status.json"))
     driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
     return create_app(driver, ipam), driver, ipam, agent

@@ -386,3 +386,17 @@ def test_prometheus_metrics(network, plugin):
     # a bogus path is counted as "unknown", not as a new series
     post(plugin.socket, "Nonsense.Method")
     assert 'method="Nonsense.Method"' not in scrape()
+
+
+def test_l3netctl_status(network, plugin):
+    """Healthy with a running plugin; unhealthy (exit 1) when the state dir has no agent."""
+    run(network("10.80.0.0/24"))
+    wait_for(lambda: json.loads(l3netctl(plugin, "status", "--state-dir", plugin.state, "--json"))
+             ["agent"].get("endpoints", 0) >= 1, 10, "the agent's status with the endpoint")
+    out = json.loads(l3netctl(plugin, "status", "--state-dir", plugin.state, "--json"))
+    assert out["healthy"] is True and out["agent"]["sync_age"] < 10 and out["etcd"]["pools"] >= 1
+    text = l3netctl(plugin, "status", "--state-dir", plugin.state)
+    assert "healthy" in text.splitlines()[-1] and "10.80.0.0/24" in text
+    res = subprocess.run([os.path.join(BIN, "l3netctl"), "--etcd-endpoints", plugin.etcd_url, "status",
+                          "--state-dir", "/nonexistent"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "UNHEALTHY" in res.stdout and "no agent status" in res.stdout
