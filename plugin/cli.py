@@ -19,6 +19,9 @@ from .errors import L3netError
 from .keys import Keys
 
 
+PROTOS = ("tcp", "udp", "icmp")
+
+
 class Ctx:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -133,6 +136,84 @@ def status(obj, state_dir, sock, as_json):
         lines.append("healthy" if not problems else "UNHEALTHY")
         click.echo("\n".join(lines))
     if problems:
+        sys.exit(1)
+
+
+def container_addresses(name):
+    """IPv4 addresses of a container on the local dockerd (DOCKER_HOST respected)."""
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", name):
+        raise L3netError(f"{name!r} is neither an IPv4 address nor a container name")
+    try:
+        res = subprocess.run(["docker", "inspect", "--format", "{{json .NetworkSettings.Networks}}", name],
+                             capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        raise L3netError(f"cannot ask dockerd about {name!r}: {e}") from None
+    if res.returncode != 0:
+        raise L3netError(f"no container {name!r} here: {res.stderr.strip()}")
+    return [n["IPAddress"] for n in json.loads(res.stdout or "{}").values() if n.get("IPAddress")]
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--proto", type=click.Choice(PROTOS), help="The traffic to ask about (default: any).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Its destination port (tcp/udp).")
+@click.option("--hostname", envvar="L3NET_HOSTNAME", help="This host's node name [default: hostname].")
+@click.pass_obj
+def diagnose(obj, src, dst, proto, port, hostname):
+    """Can SRC reach DST, and why not? (containers by name or address, DST also a host or any IP)"""
+    import socket
+
+    from netaddr import AddrFormatError, IPAddress
+
+    from .diagnose import Facts
+    from .diagnose import diagnose as run_diagnosis
+    from .metrics import bgp_states
+
+    if port is not None and proto not in ("tcp", "udp"):
+        raise click.BadParameter("--port needs --proto tcp or udp")
+    pools = {p["cidr"]: p for p in (json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.pools()))}
+
+    def resolve(text):
+        try:
+            return [str(IPAddress(text, 4))]
+        except (AddrFormatError, ValueError):
+            return container_addresses(text)
+    srcs, dsts = resolve(src), resolve(dst)
+    from .diagnose import pool_of
+    # a container on several networks: prefer the pair that shares a network, then any l3net one
+    pairs = [(s, d) for s in srcs for d in dsts]
+    pairs.sort(key=lambda p: (pool_of(p[0], pools) is None,
+                              pool_of(p[0], pools) != pool_of(p[1], pools)))
+    if not pairs:
+        raise L3netError("no IPv4 address to diagnose")
+    s_ip, d_ip = pairs[0]
+    allocations = {}
+    for _, v, _ in obj.store.get_prefix(obj.keys.all_blocks()):
+        allocations.update(json.loads(v)["allocations"])
+    from .agent import nodes
+    here = hostname or socket.gethostname().split(".")[0]
+    route = None
+    if allocations.get(s_ip, {}).get("host") == here:
+        res = subprocess.run(["ip", "route", "get", d_ip], capture_output=True, text=True, timeout=10)
+        route = res.stdout if res.returncode == 0 else res.stderr
+    bgp = {}
+    try:
+        from .bird import show
+        bgp = bgp_states(show("/run/l3net/bird.ctl", "protocols"))
+    except L3netError:
+        pass
+    facts = Facts(pools=pools, allocations=allocations,
+                  nodes={n["name"]: n["ip"] for n in nodes(obj.store, obj.keys)},
+                  rules=[json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.policy_rules())],
+                  host_rules=[json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.host_rules())],
+                  here=here, route_to_dst=route, bgp=bgp)
+    verdict, steps = run_diagnosis(s_ip, d_ip, facts, proto, port)
+    click.echo(f"{src} ({s_ip}) -> {dst} ({d_ip}) {proto or ''}{'/' + str(port) if port else ''}".rstrip())
+    for step in steps:
+        click.echo(f"  {'ok ' if step.ok else 'NO '} {step.what}")
+    click.echo(verdict)
+    if verdict == "NOT REACHABLE":
         sys.exit(1)
 
 
@@ -411,7 +492,6 @@ def bgp_status(sock):
 
 
 # -- policy (stored in etcd here; every node's agent enforces it: agent.py, firewall.py) ----
-PROTOS = ("tcp", "udp", "icmp")
 
 
 def port_range(value, proto):

@@ -390,3 +390,31 @@ def test_drift_is_repaired(bed):
             assert bed.containers["db2"].reaches(web1.ip) is None, "isolation back too"
     finally:
         h1.sh("iptables", "-D", "FORWARD", "-o", "l3h+", "-j", "ACCEPT", check=False)
+
+
+def test_diagnose_explains_what_the_packets_do(bed):
+    """l3netctl diagnose, run on host 1 (its dockerd, routes and BIRD), agrees with the probes."""
+    h1, h2 = bed.h1, bed.h2
+    web1, web2, db2 = bed.containers["web1"], bed.containers["web2"], bed.containers["db2"]
+
+    def diagnose(*args):
+        return h1.sh(os.path.join(BIN, "l3netctl"), "--etcd-endpoints", bed.testbed.etcd_url,
+                     "--etcd-prefix", bed.testbed.prefix, "diagnose", "--hostname", h1.name, *args,
+                     check=False)
+    res = diagnose("web1", web2.ip)
+    assert res.returncode == 0 and res.stdout.strip().endswith("REACHABLE"), res.stdout + res.stderr
+    assert f"via {h2.ip}" in res.stdout
+    res = diagnose("web1", db2.ip, "--proto", "tcp", "--port", "5432")
+    assert res.returncode == 1 and "policy denies" in res.stdout, res.stdout + res.stderr
+    assert web1.reaches(db2.ip) is None
+    rule = bed.allow("policy", "allow", "--from", "web", "--to", "db", "--proto", "tcp", "--port", "5432")
+    try:
+        res = diagnose("web1", db2.ip, "--proto", "tcp", "--port", "5432")
+        assert res.returncode == 0 and f"policy {rule} allows" in res.stdout, res.stdout
+        wait_for(lambda: web1.reaches(db2.ip) is not None, 5, "the probe agreeing")
+    finally:
+        bed.ctl("policy", "remove", rule)
+    res = diagnose("web1", h2.ip, "--proto", "tcp", "--port", "7777")
+    assert res.returncode == 1 and "host rule denies" in res.stdout, res.stdout
+    res = diagnose("web1", OUTSIDE)
+    assert res.returncode == 0 and "outgoing NAT on" in res.stdout, res.stdout

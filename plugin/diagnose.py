@@ -1,0 +1,137 @@
+"""``l3netctl diagnose SRC DST``: can SRC reach DST, and if not, why (pure: it reasons over
+records read from etcd and a few facts about this host, and returns the steps it took).
+
+SRC is an l3net container address; DST is another container address, a cluster node's address,
+or anything outside. The checks, in the order a packet meets them:
+  1. both ends known: SRC allocated in a pool (and on which host), DST classified;
+  2. the route: DST's host registered (its BGP announces its blocks), and, when this host is
+     SRC's, the kernel's route to DST (``ip route get``), with the BGP sessions;
+  3. the policy: same network, a policy from SRC's network to DST's (protocol, port), a host
+     rule for a cluster node, outgoing NAT for the outside.
+"""
+
+from dataclasses import dataclass, field
+
+from netaddr import IPAddress, IPNetwork
+
+
+@dataclass
+class Facts:
+    pools: dict                      # cidr -> pool record
+    allocations: dict                # address -> allocation {"handle", "host", ...}
+    nodes: dict                      # name -> address (registered nodes)
+    rules: list                      # policy rules
+    host_rules: list                 # host rules
+    here: str = None                 # this host's node name
+    route_to_dst: str = None         # `ip route get DST` on this host, if asked
+    bgp: dict = field(default_factory=dict)    # this node's BGP session states, if any
+
+
+@dataclass
+class Step:
+    ok: bool
+    what: str
+
+
+def pool_of(address, pools):
+    ip = IPAddress(address)
+    return next((c for c in sorted(pools) if ip in IPNetwork(c)), None)
+
+
+def describe(rule):
+    return f"{rule.get('proto') or 'all'}{'/' + str(rule['ports']) if rule.get('ports') else ''}"
+
+
+def diagnose(src, dst, facts, proto=None, port=None):
+    """(verdict, [Step]) for SRC -> DST (proto/port: the traffic asked about; None: any)."""
+    steps = []
+    src_pool = pool_of(src, facts.pools)
+    held = facts.allocations.get(src)
+    if src_pool is None or held is None:
+        steps.append(Step(False, f"{src} is not an allocated l3net address: nothing to diagnose"))
+        return "UNKNOWN", steps
+    src_host = held["host"]
+    steps.append(Step(True, f"{src}: network {src_pool}, on host {src_host} ({held['handle']})"))
+    dst_pool = pool_of(dst, facts.pools)
+    node_of_dst = next((n for n, ip in facts.nodes.items() if ip == dst), None)
+    what = f"{proto or 'any protocol'}{'/' + str(port) if port else ''}"
+
+    if dst_pool is not None:
+        dheld = facts.allocations.get(dst)
+        if dheld is None:
+            steps.append(Step(False, f"{dst} is in network {dst_pool} but nobody holds it: no such container"))
+            return "NOT REACHABLE", steps
+        dst_host = dheld["host"]
+        steps.append(Step(True, f"{dst}: network {dst_pool}, on host {dst_host} ({dheld['handle']})"))
+        # the route
+        if dst_host != src_host:
+            if dst_host not in facts.nodes:
+                steps.append(Step(False, f"no route: host {dst_host} is not registered (its plugin is "
+                                         "down or gone), so nobody announces its containers"))
+                return "NOT REACHABLE", steps
+            steps.append(Step(True, f"host {dst_host} is registered at {facts.nodes[dst_host]}"))
+            if facts.here == src_host and facts.route_to_dst is not None:
+                via = facts.nodes[dst_host]
+                if f"via {via} " in facts.route_to_dst + " ":
+                    steps.append(Step(True, f"route on {src_host}: {facts.route_to_dst.strip()}"))
+                else:
+                    down = facts.bgp.get("down", 0)
+                    steps.append(Step(False, f"route on {src_host} does not go via {via}: "
+                                             f"{facts.route_to_dst.strip() or 'none'}"
+                                             + (f" ({down} BGP sessions down: l3netctl bgp status)" if down else
+                                                " (BGP: l3netctl bgp status)")))
+                    return "NOT REACHABLE", steps
+            elif facts.here != src_host:
+                steps.append(Step(True, f"(routes not checked: run diagnose on {src_host} for that)"))
+        # the policy
+        if dst_pool == src_pool:
+            steps.append(Step(True, "same network: allowed"))
+            return "REACHABLE", steps
+        opening = [r for r in facts.rules if r.get("from") == src_pool and r.get("to") == dst_pool]
+        allowed = [r for r in opening if _rule_allows(r, proto, port)]
+        if allowed:
+            steps.append(Step(True, f"policy {allowed[0]['id']} allows {src_pool} -> {dst_pool} "
+                                    f"{describe(allowed[0])}"))
+            return "REACHABLE", steps
+        if opening:
+            steps.append(Step(False, f"policies from {src_pool} to {dst_pool} open only "
+                                     f"{', '.join(describe(r) for r in opening)}, not {what}"))
+            return "NOT REACHABLE", steps
+        steps.append(Step(False, f"policy denies: different networks, and no policy from {src_pool} to "
+                                 f"{dst_pool} (l3netctl policy allow --from {src_pool} --to {dst_pool} ...)"))
+        return "NOT REACHABLE", steps
+
+    if node_of_dst is not None:
+        steps.append(Step(True, f"{dst}: cluster host {node_of_dst}"))
+        rules = [r for r in facts.host_rules if r.get("node") in (None, node_of_dst)]
+        allowed = [r for r in rules if _rule_allows(r, proto, port)]
+        if allowed:
+            steps.append(Step(True, f"host rule {allowed[0]['id']} opens {describe(allowed[0])} on "
+                                    f"{allowed[0].get('node') or 'every node'}"))
+            return "REACHABLE", steps
+        opened = ", ".join(describe(r) for r in rules) or "nothing"
+        steps.append(Step(False, f"host rule denies: containers may not reach cluster hosts; open on "
+                                 f"{node_of_dst}: {opened} (l3netctl host allow --proto P --port N)"))
+        return "NOT REACHABLE", steps
+
+    steps.append(Step(True, f"{dst}: outside the cluster (no pool, not a node)"))
+    if facts.pools[src_pool].get("nat_outgoing", True):
+        steps.append(Step(True, f"outgoing NAT on for {src_pool}: the outside sees {src_host}'s address"))
+        return "REACHABLE", steps
+    steps.append(Step(False, f"outgoing NAT off for {src_pool}: the outside sees {src} and must have a "
+                             "route back to the pool"))
+    return "REACHABLE IF ROUTED BACK", steps
+
+
+def _rule_allows(rule, proto, port):
+    """Is all of the asked traffic (proto, port; None = any) inside what ``rule`` opens?"""
+    if not rule.get("proto"):
+        return True                               # the rule opens everything
+    if proto != rule["proto"]:
+        return False
+    if not rule.get("ports"):
+        return True
+    if port is None:
+        return False
+    low, _, high = str(rule["ports"]).partition("-")
+    return int(low) <= int(port) <= int(high or low)

@@ -1,0 +1,53 @@
+"""diagnose's reasoning over records (pure)."""
+
+from plugin.diagnose import Facts, diagnose
+
+POOLS = {"10.20.0.0/24": {"cidr": "10.20.0.0/24", "nat_outgoing": True},
+         "10.30.0.0/24": {"cidr": "10.30.0.0/24", "nat_outgoing": False}}
+ALLOC = {"10.20.0.1": {"handle": "endpoint:a", "host": "h1"},
+         "10.20.0.65": {"handle": "endpoint:b", "host": "h2"},
+         "10.30.0.1": {"handle": "endpoint:c", "host": "h2"}}
+NODES = {"h1": "198.18.0.11", "h2": "198.18.0.12"}
+
+
+def facts(**kw):
+    base = dict(pools=POOLS, allocations=ALLOC, nodes=NODES, rules=[], host_rules=[], here="h1",
+                route_to_dst="10.20.0.65 via 198.18.0.12 dev eth0 src 198.18.0.11")
+    return Facts(**{**base, **kw})
+
+
+def verdict(src, dst, f, proto=None, port=None):
+    v, steps = diagnose(src, dst, f, proto, port)
+    return v, " | ".join(s.what for s in steps)
+
+
+def test_same_network_across_hosts():
+    assert verdict("10.20.0.1", "10.20.0.65", facts())[0] == "REACHABLE"
+
+
+def test_no_route_when_the_other_host_is_gone_or_bgp_is_down():
+    v, why = verdict("10.20.0.1", "10.20.0.65", facts(nodes={"h1": "198.18.0.11"}))
+    assert v == "NOT REACHABLE" and "h2 is not registered" in why
+    v, why = verdict("10.20.0.1", "10.20.0.65", facts(route_to_dst="10.20.0.65 dev eth0", bgp={"down": 1}))
+    assert v == "NOT REACHABLE" and "1 BGP sessions down" in why
+
+
+def test_policy_decides_between_networks():
+    v, why = verdict("10.20.0.1", "10.30.0.1", facts(), "tcp", 5432)
+    assert v == "NOT REACHABLE" and "no policy from 10.20.0.0/24 to 10.30.0.0/24" in why
+    rule = {"id": "p1", "from": "10.20.0.0/24", "to": "10.30.0.0/24", "proto": "tcp", "ports": "5000-6000"}
+    assert verdict("10.20.0.1", "10.30.0.1", facts(rules=[rule]), "tcp", 5432)[0] == "REACHABLE"
+    v, why = verdict("10.20.0.1", "10.30.0.1", facts(rules=[rule]), "udp", 5432)
+    assert v == "NOT REACHABLE" and "open only tcp/5000-6000" in why
+    assert verdict("10.20.0.1", "10.30.0.1", facts(rules=[rule]))[0] == "NOT REACHABLE"   # any traffic
+
+
+def test_hosts_and_outside():
+    v, why = verdict("10.20.0.1", "198.18.0.12", facts(), "tcp", 22)
+    assert v == "NOT REACHABLE" and "cluster host h2" in why
+    ssh = {"id": "h1", "proto": "tcp", "ports": "22", "node": "h2"}
+    assert verdict("10.20.0.1", "198.18.0.12", facts(host_rules=[ssh]), "tcp", 22)[0] == "REACHABLE"
+    assert verdict("10.20.0.1", "198.18.0.11", facts(host_rules=[ssh]), "tcp", 22)[0] == "NOT REACHABLE"
+    assert verdict("10.20.0.1", "8.8.8.8", facts())[0] == "REACHABLE"
+    assert verdict("10.30.0.1", "8.8.8.8", facts())[0] == "REACHABLE IF ROUTED BACK"
+    assert verdict("10.99.0.1", "8.8.8.8", facts())[0] == "UNKNOWN"
