@@ -332,10 +332,21 @@ def node_list(obj, as_json):
     for key, _, _ in obj.store.get_prefix(obj.keys.prefix + "/ipam/affinity/"):
         host = key.split("/ipam/affinity/")[1].split("/")[0]
         blocks[host] = blocks.get(host, 0) + 1
-    rows = [{"name": n["name"], "address": n["ip"], "as": n.get("as"),
-             "last_seen": f"{now - n['last_seen']:.0f}s ago", "blocks": blocks.get(n["name"], 0)}
-            for n in sorted(nodes(obj.store, obj.keys), key=lambda n: n["name"])]
-    emit(rows, ["Name", "Address", "AS", "Last seen", "Blocks"], as_json)
+    endpoints = {}
+    for key, _, _ in obj.store.get_prefix(obj.keys.prefix + "/hosts/"):
+        if "/endpoints/" in key:
+            host = key.split("/hosts/")[1].split("/")[0]
+            endpoints[host] = endpoints.get(host, 0) + 1
+    registered = {n["name"]: n for n in nodes(obj.store, obj.keys)}
+    rows = [{"name": n["name"], "address": n["ip"], "as": n.get("as"), "state": "up",
+             "last_seen": f"{now - n['last_seen']:.0f}s ago", "blocks": blocks.get(n["name"], 0),
+             "endpoints": endpoints.get(n["name"], 0)} for n in registered.values()]
+    # hosts that still hold blocks or endpoints but no longer register: dead, or gone for good
+    rows += [{"name": h, "address": "", "as": "", "state": "gone (l3netctl node remove)",
+              "last_seen": "", "blocks": blocks.get(h, 0), "endpoints": endpoints.get(h, 0)}
+             for h in sorted((set(blocks) | set(endpoints)) - set(registered))]
+    rows.sort(key=lambda r: r["name"])
+    emit(rows, ["Name", "Address", "AS", "State", "Last seen", "Blocks", "Endpoints"], as_json)
 
 
 @node.command("remove")

@@ -65,6 +65,12 @@ def test_node_remove_refuses_a_live_node_then_releases_everything(ctl, etcd, pre
     pid, _, _ = ipam.request_pool("10.33.0.0/24")
     ipam.request_address(pid)
     store.put(keys.endpoint("gone", "e" * 64), "{}")
+    listed = {n["name"]: n for n in json.loads(ctl("node", "list", "--json").output)}
+    assert (listed["gone"]["state"], listed["gone"]["blocks"], listed["gone"]["endpoints"]) == ("up", 1, 1)
+    store.delete(keys.node("gone"))                      # its lease expired: the node died
+    listed = {n["name"]: n for n in json.loads(ctl("node", "list", "--json").output)}
+    assert listed["gone"]["state"].startswith("gone") and listed["gone"]["blocks"] == 1
+    Registry(store, keys, "gone", "198.18.0.99").heartbeat(64512)
     result = ctl("node", "remove", "gone", ok=False)
     assert result.exit_code != 0 and "still registered" in str(result.exception)
     assert "1 addresses released, 1 blocks freed" in ctl("node", "remove", "gone", "--force").output
