@@ -13,7 +13,6 @@ them from interleaving.
 """
 
 import logging
-import re
 import subprocess
 import threading
 

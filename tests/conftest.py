@@ -60,6 +60,7 @@ def wait_for(predicate, timeout, what, interval=0.05):
 
 
 def free_port():
+    """A TCP port nobody listens on right now (etcd's, the plugin's metrics)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -151,13 +152,6 @@ def post(sock_path, method, body=b"", headers=None, timeout=30):
         return resp.status, json.loads(data)
     except ValueError:
         return resp.status, data
-
-
-def free_port():
-    """A TCP port nobody listens on right now (for the plugin's metrics)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Plugin:
