@@ -57,7 +57,10 @@ def create_app(driver, ipam):
         ms = (time.monotonic() - g.get("start", time.monotonic())) * 1000
         extra = "".join(f" {k}={g.get(k)}" for k in ("network", "endpoint", "pool", "address")
                         if g.get(k))
-        log.info("%s %s %d %.1fms%s", request.method, request.path, response.status_code, ms, extra)
+        fields = {k: g.get(k) for k in ("network", "endpoint", "pool", "address") if g.get(k)}
+        log.info("%s %s %d %.1fms%s", request.method, request.path, response.status_code, ms, extra,
+                 extra={"method": request.path.lstrip("/"), "status": response.status_code,
+                        "ms": round(ms, 2), **fields})
         # the method label only for known routes: a fuzzer's paths must not make new series
         method = request.path.lstrip("/") if request.url_rule is not None else "unknown"
         metrics.CALLS.labels(method, str(response.status_code)).inc()

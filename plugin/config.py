@@ -40,6 +40,7 @@ class Config:
     bgp: bool = True
     threads: int = 16
     log_level: str = "info"
+    log_format: str = "text"
     metrics_port: int = 0              # 0: no metrics endpoint
     metrics_address: str = "127.0.0.1"
 

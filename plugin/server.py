@@ -59,9 +59,9 @@ def resume(driver):
             time.sleep(min(10, 1 + attempt))
 
 
-def setup_logging(level):
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level, fmt="text"):
+    from .logfmt import setup
+    setup(level, fmt)
 
 
 class PluginServer(BaseApplication):
@@ -116,7 +116,7 @@ class PluginServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        setup_logging(self.node_cfg.log_level)
+        setup_logging(self.node_cfg.log_level, self.node_cfg.log_format)
         app, driver, _, agent = build(self.node_cfg)
         threading.Thread(target=resume, args=(driver,), name="l3net-resume", daemon=True).start()
         agent.start()
@@ -158,6 +158,8 @@ def prepare_paths(cfg):
 @click.option("--threads", envvar="L3NET_THREADS", type=int, default=Config.threads, show_default=True)
 @click.option("--log-level", envvar="L3NET_LOG_LEVEL", default=Config.log_level, show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", envvar="L3NET_LOG_FORMAT", default=Config.log_format, show_default=True,
+              type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
 @click.option("--metrics-port", envvar="L3NET_METRICS_PORT", type=click.IntRange(0, 65535), default=0,
               show_default=True, help="Serve Prometheus metrics on this port (0: off).")
 @click.option("--metrics-address", envvar="L3NET_METRICS_ADDRESS", default=Config.metrics_address,
@@ -167,10 +169,10 @@ def prepare_paths(cfg):
                    "(after the plugin is stopped for good).")
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
-         default_pool_size, block_size, no_bgp, threads, log_level, metrics_port, metrics_address,
-         remove_rules):
+         default_pool_size, block_size, no_bgp, threads, log_level, log_format, metrics_port,
+         metrics_address, remove_rules):
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     if remove_rules:
         from .firewall import remove_all
         try:
@@ -186,7 +188,7 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
                  host_ip=host_ip, socket=socket_path, state_dir=state_dir,
                  default_pool=default_pool, default_pool_size=default_pool_size,
                  block_size=block_size, bgp=not no_bgp, threads=threads, log_level=log_level,
-                 metrics_port=metrics_port, metrics_address=metrics_address)
+                 metrics_port=metrics_port, metrics_address=metrics_address, log_format=log_format)
     try:
         cfg.check()
         parse_endpoints(cfg.etcd_endpoints)

@@ -266,3 +266,18 @@ def test_leftover_veth_without_record_is_replaced(node):
     ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,
                                                   "Interface": {"Address": addr}}))
     assert node.dp.links == {"l3h" + EP[:11]: addr.split("/")[0]}
+
+
+def test_call_logs_carry_ids_as_fields_and_json_lines(node, caplog):
+    """One log record per call, with method, status, duration and the IDs as fields; the
+    JSON formatter (--log-format json) writes them as one object per line."""
+    import logging
+
+    from plugin.logfmt import JsonFormatter
+    caplog.set_level(logging.INFO, logger="l3net.api")
+    setup_network(node)
+    record = [r for r in caplog.records if getattr(r, "method", None) == "NetworkDriver.CreateNetwork"][-1]
+    assert record.status == 200 and record.network == NET[:12] and record.ms >= 0
+    line = json.loads(JsonFormatter().format(record))
+    assert line["network"] == NET[:12] and line["method"] == "NetworkDriver.CreateNetwork"
+    assert line["level"] == "info" and line["time"].endswith("Z") and "\n" not in JsonFormatter().format(record)
