@@ -265,11 +265,21 @@ def ipam():
 
 @ipam.command("show")
 @click.option("--pool", "pool_cidr", help="Only this pool (CIDR).")
+@click.option("--blocks", "per_block", is_flag=True, help="One line per block: owner, allocated, free.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def ipam_show(obj, pool_cidr, as_json):
-    """Every allocated address and who holds it."""
+def ipam_show(obj, pool_cidr, per_block, as_json):
+    """Every allocated address and who holds it (or, with --blocks, usage per block)."""
+    from netaddr import IPNetwork
     rows = []
+    if per_block:
+        for b in obj.ipam().blocks(pool_cidr):
+            block, pool = IPNetwork(b["cidr"]), IPNetwork(b["pool"])
+            usable = block.size - sum(1 for edge in (pool.network, pool.broadcast) if edge in block)
+            rows.append({"block": b["cidr"], "pool": b["pool"], "owner": b["host"] or "(released)",
+                         "allocated": len(b["allocations"]), "free": usable - len(b["allocations"])})
+        emit(rows, ["Block", "Pool", "Owner", "Allocated", "Free"], as_json)
+        return
     for b in obj.ipam().blocks(pool_cidr):
         for ip, a in sorted(b["allocations"].items()):
             rows.append({"address": ip, "block": b["cidr"], "owner": b["host"], "host": a["host"],
@@ -303,18 +313,42 @@ def endpoint():
     """Container endpoints."""
 
 
+def local_containers(network_ids):
+    """{endpoint ID: (container name, network name)} from the local dockerd (best effort:
+    empty when dockerd cannot be asked). Only this host's dockerd knows its containers."""
+    out = {}
+    for network_id in sorted(network_ids):
+        try:
+            res = subprocess.run(["docker", "network", "inspect", "--format",
+                                  "{{.Name}} {{json .Containers}}", network_id],
+                                 capture_output=True, text=True, timeout=15)
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return out
+        if res.returncode != 0:
+            continue
+        name, _, containers = res.stdout.strip().partition(" ")
+        for c in (json.loads(containers or "{}") or {}).values():
+            out[c.get("EndpointID", "")] = (c.get("Name", ""), name)
+    return out
+
+
 @endpoint.command("list")
+@click.option("--hostname", envvar="L3NET_HOSTNAME", help="This host's node name [default: hostname].")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def endpoint_list(obj, as_json):
-    rows = []
+def endpoint_list(obj, hostname, as_json):
+    """Every endpoint on every host; container names for this host's (from its dockerd)."""
+    import socket
+    here = hostname or socket.gethostname().split(".")[0]
+    records = []
     for key, value, _ in obj.store.get_prefix(obj.keys.prefix + "/hosts/"):
         if "/endpoints/" in key:
-            e = json.loads(value)
-            rows.append({"endpoint": e["id"][:12], "network": e["network"][:12],
-                         "host": key.split("/hosts/")[1].split("/")[0], "address": e["address"],
-                         "interface": e["host_ifname"]})
-    emit(rows, ["Endpoint", "Network", "Host", "Address", "Interface"], as_json)
+            records.append((key.split("/hosts/")[1].split("/")[0], json.loads(value)))
+    names = local_containers({e["network"] for h, e in records if h == here})
+    rows = [{"endpoint": e["id"][:12], "container": names.get(e["id"], ("", ""))[0],
+             "network": names.get(e["id"], ("", ""))[1] or e["network"][:12], "host": h,
+             "address": e["address"], "interface": e["host_ifname"]} for h, e in records]
+    emit(rows, ["Endpoint", "Container", "Network", "Host", "Address", "Interface"], as_json)
 
 
 @cli.group()

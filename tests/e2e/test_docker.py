@@ -400,3 +400,14 @@ def test_l3netctl_status(network, plugin):
     res = subprocess.run([os.path.join(BIN, "l3netctl"), "--etcd-endpoints", plugin.etcd_url, "status",
                           "--state-dir", "/nonexistent"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and "UNHEALTHY" in res.stdout and "no agent status" in res.stdout
+
+
+def test_endpoint_list_names_containers_and_ipam_blocks(network, plugin):
+    net = network("10.81.9.0/24")
+    c = run(net)
+    rows = json.loads(l3netctl(plugin, "endpoint", "list", "--hostname", "e2e-host", "--json"))
+    mine = [r for r in rows if r["address"] == ip_of(c, net)]
+    assert len(mine) == 1 and mine[0]["container"] == c and mine[0]["network"] == net, rows
+    blocks = json.loads(l3netctl(plugin, "ipam", "show", "--pool", "10.81.9.0/24", "--blocks", "--json"))
+    assert [(b["allocated"], b["owner"]) for b in blocks] == [(1, "e2e-host")], blocks
+    assert blocks[0]["free"] == 62        # a /26 at the pool's start: its network address is not usable
