@@ -10,6 +10,6 @@ RUN apt-get update \
 COPY dist/wheels /wheels
 RUN python3 -m venv /opt/l3net \
  && /opt/l3net/bin/pip install --no-cache-dir --no-index --find-links /wheels l3net \
- && ln -s /opt/l3net/bin/l3net-plugin /opt/l3net/bin/l3netctl /usr/local/bin/ \
+ && ln -s /opt/l3net/bin/l3net-plugin /opt/l3net/bin/l3net-plugin-managed /opt/l3net/bin/l3netctl /usr/local/bin/ \
  && rm -rf /wheels
 ENTRYPOINT ["/usr/local/bin/l3net-plugin"]

@@ -207,5 +207,20 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
     PluginServer(cfg).run()
 
 
+# The managed plugin's settable short names (docker plugin set l3net:latest ETCD_ENDPOINTS=...),
+# beside the L3NET_* ones every l3net program reads. Only the plugin's own entrypoint maps
+# them: on a host, ETCD_* variables may belong to someone else.
+MANAGED_ENV = {"ETCD_ENDPOINTS": "L3NET_ETCD_ENDPOINTS", "ETCD_PREFIX": "L3NET_ETCD_PREFIX",
+               "HOST_IP": "L3NET_HOST_IP", "NODE_NAME": "L3NET_HOSTNAME", "LOG_LEVEL": "L3NET_LOG_LEVEL"}
+
+
+def managed_main():
+    """Entrypoint of the managed plugin (plugin.json): the short names win when set."""
+    for short, long in MANAGED_ENV.items():
+        if os.environ.get(short):
+            os.environ[long] = os.environ[short]
+    main()
+
+
 if __name__ == "__main__":
     main()

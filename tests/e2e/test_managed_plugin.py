@@ -37,9 +37,10 @@ def plugin_dir(docker_ready):
 def install(host, bed, plugin_dir):
     host.docker("plugin", "create", NAME, plugin_dir, timeout=300)
     os.makedirs(os.path.join(host.dir, "state"), exist_ok=True)
-    host.docker("plugin", "set", NAME, f"L3NET_ETCD_ENDPOINTS={bed.etcd_url}",
-                f"L3NET_ETCD_PREFIX={bed.prefix}", f"L3NET_HOSTNAME={host.name}",
-                f"L3NET_HOST_IP={host.ip}", f"state.source={os.path.join(host.dir, 'state')}")
+    # the short names of plugin.json (the L3NET_* ones work too)
+    host.docker("plugin", "set", NAME, f"ETCD_ENDPOINTS={bed.etcd_url}", f"ETCD_PREFIX={bed.prefix}",
+                f"NODE_NAME={host.name}", f"HOST_IP={host.ip}", "LOG_LEVEL=info",
+                f"state.source={os.path.join(host.dir, 'state')}")
     host.docker("plugin", "enable", "--timeout", "60", NAME)
 
 
