@@ -12,11 +12,12 @@ import signal
 import subprocess
 import time
 
-from .errors import L3netError
+from .errors import L3netError, run_tool
 
 log = logging.getLogger("l3net.bird")
 
 TIMEOUT = 15
+HINT = "install bird2 (or run with --no-bgp)"
 
 
 class Bird:
@@ -31,13 +32,7 @@ class Bird:
         os.makedirs(run_dir, exist_ok=True)
 
     def _run(self, args, what):
-        try:
-            res = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
-        except FileNotFoundError:
-            raise L3netError(f"{args[0]} not found: install bird2 (or run with --no-bgp)") from None
-        except subprocess.TimeoutExpired:
-            raise L3netError(f"{what} did not finish within {TIMEOUT}s") from None
-        return res
+        return run_tool(args, HINT, what, TIMEOUT)
 
     def pid(self):
         """The pid of our running BIRD, or None."""
@@ -121,13 +116,7 @@ class Bird:
 
 def show(socket, *what, birdc="birdc"):
     """``birdc show ...`` output (for l3netctl and tests)."""
-    try:
-        res = subprocess.run([birdc, "-s", socket, "show", *what], capture_output=True, text=True,
-                             timeout=TIMEOUT)
-    except FileNotFoundError:
-        raise L3netError(f"{birdc} not found: install bird2") from None
-    except subprocess.TimeoutExpired:
-        raise L3netError(f"birdc did not answer within {TIMEOUT}s") from None
+    res = run_tool([birdc, "-s", socket, "show", *what], HINT, "birdc", TIMEOUT)
     if res.returncode != 0:
         raise L3netError(f"birdc show {' '.join(what)} failed: {res.stdout.strip()} {res.stderr.strip()}")
     return res.stdout

@@ -28,6 +28,10 @@ class Ctx:
         self.store = make_store(cfg)
         self.keys = Keys(cfg.etcd_prefix)
 
+    def records(self, prefix):
+        """The JSON records under ``prefix``."""
+        return [json.loads(v) for _, v, _ in self.store.get_prefix(prefix)]
+
     def ipam(self):
         from ipam.allocator import Ipam
         return Ipam(self.store, self.keys, host="l3netctl")
@@ -139,15 +143,20 @@ def status(obj, state_dir, sock, as_json):
         sys.exit(1)
 
 
-def container_addresses(name):
-    """IPv4 addresses of a container on the local dockerd (DOCKER_HOST respected)."""
+def docker(name, kind, *args):
+    """Ask the local dockerd (DOCKER_HOST respected) about the network or container ``name``
+    (validated first: it is a Docker name, never an option). Returns the CompletedProcess."""
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", name):
-        raise L3netError(f"{name!r} is neither an IPv4 address nor a container name")
+        raise L3netError(f"invalid {kind} name {name!r}")
     try:
-        res = subprocess.run(["docker", "inspect", "--format", "{{json .NetworkSettings.Networks}}", name],
-                             capture_output=True, text=True, timeout=30)
+        return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=30)
     except (FileNotFoundError, subprocess.TimeoutExpired) as e:
-        raise L3netError(f"cannot ask dockerd about {name!r}: {e}") from None
+        raise L3netError(f"cannot ask dockerd about {kind} {name!r}: {e}") from None
+
+
+def container_addresses(name):
+    """IPv4 addresses of a container on the local dockerd."""
+    res = docker(name, "container", "inspect", "--format", "{{json .NetworkSettings.Networks}}", name)
     if res.returncode != 0:
         raise L3netError(f"no container {name!r} here: {res.stderr.strip()}")
     return [n["IPAddress"] for n in json.loads(res.stdout or "{}").values() if n.get("IPAddress")]
@@ -172,7 +181,7 @@ def diagnose(obj, src, dst, proto, port, hostname):
 
     if port is not None and proto not in ("tcp", "udp"):
         raise click.BadParameter("--port needs --proto tcp or udp")
-    pools = {p["cidr"]: p for p in (json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.pools()))}
+    pools = {p["cidr"]: p for p in obj.records(obj.keys.pools())}
 
     def resolve(text):
         try:
@@ -205,8 +214,8 @@ def diagnose(obj, src, dst, proto, port, hostname):
         pass
     facts = Facts(pools=pools, allocations=allocations,
                   nodes={n["name"]: n["ip"] for n in nodes(obj.store, obj.keys)},
-                  rules=[json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.policy_rules())],
-                  host_rules=[json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.host_rules())],
+                  rules=obj.records(obj.keys.policy_rules()),
+                  host_rules=obj.records(obj.keys.host_rules()),
                   here=here, route_to_dst=route, bgp=bgp)
     verdict, steps = run_diagnosis(s_ip, d_ip, facts, proto, port)
     click.echo(f"{src} ({s_ip}) -> {dst} ({d_ip}) {proto or ''}{'/' + str(port) if port else ''}".rstrip())
@@ -319,10 +328,9 @@ def local_containers(network_ids):
     out = {}
     for network_id in sorted(network_ids):
         try:
-            res = subprocess.run(["docker", "network", "inspect", "--format",
-                                  "{{.Name}} {{json .Containers}}", network_id],
-                                 capture_output=True, text=True, timeout=15)
-        except (FileNotFoundError, subprocess.TimeoutExpired):
+            res = docker(network_id, "network", "network", "inspect", "--format",
+                         "{{.Name}} {{json .Containers}}", network_id)
+        except L3netError:
             return out
         if res.returncode != 0:
             continue
@@ -561,14 +569,8 @@ def resolve_network(obj, name):
     if "/" in name:
         cidr = str(parse_cidr(name))
     else:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", name):
-            raise L3netError(f"invalid network name {name!r}")
-        try:
-            res = subprocess.run(["docker", "network", "inspect", "--format",
-                                  "{{range .IPAM.Config}}{{.Subnet}} {{end}}", name],
-                                 capture_output=True, text=True, timeout=30)
-        except (FileNotFoundError, subprocess.TimeoutExpired) as e:
-            raise L3netError(f"cannot ask dockerd about network {name!r}: {e}") from None
+        res = docker(name, "network", "network", "inspect", "--format",
+                     "{{range .IPAM.Config}}{{.Subnet}} {{end}}", name)
         if res.returncode != 0:
             raise L3netError(f"no Docker network {name!r} here: {res.stderr.strip()}")
         subnets = res.stdout.split()
@@ -608,7 +610,7 @@ def policy_allow(obj, src, dst, proto, port):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def policy_list(obj, as_json):
-    rows = [json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.policy_rules())]
+    rows = obj.records(obj.keys.policy_rules())
     emit(rows, ["Id", "From", "To", "Proto", "Ports"], as_json)
 
 
@@ -649,7 +651,7 @@ def host_allow(obj, proto, port, node):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def host_list(obj, as_json):
-    rows = [json.loads(v) for _, v, _ in obj.store.get_prefix(obj.keys.host_rules())]
+    rows = obj.records(obj.keys.host_rules())
     emit(rows, ["Id", "Proto", "Ports", "Node"], as_json)
 
 

@@ -13,11 +13,10 @@ them from interleaving.
 """
 
 import logging
-import subprocess
 import threading
 
 from . import policy as P
-from .errors import L3netError
+from .errors import L3netError, run_tool
 
 log = logging.getLogger("l3net.firewall")
 
@@ -26,12 +25,7 @@ WAIT = ["-w", "5"]          # xtables lock: wait up to 5 s for another writer (d
 
 
 def _run(args, stdin=None):
-    try:
-        res = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
-    except FileNotFoundError:
-        raise L3netError(f"{args[0]} not found: install iptables and ipset") from None
-    except subprocess.TimeoutExpired:
-        raise L3netError(f"{args[0]} did not finish within {TIMEOUT}s (xtables lock held?)") from None
+    res = run_tool(args, "install iptables and ipset", f"{args[0]} (xtables lock held?)", TIMEOUT, stdin)
     if res.returncode != 0:
         raise L3netError(f"{args[0]} failed: {res.stderr.strip()[:500]}")
     return res.stdout
@@ -168,6 +162,7 @@ class Firewall:
     def __init__(self):
         self._lock = threading.Lock()
         self.applied = None        # the PolicyState in force (None: unknown, apply in full)
+        self._rules = None         # render_iptables(applied): what our chains hold
         self._snapshot = None      # our_rules() right after our last write
         self._generation = 0       # bumped by every local add_member
         self._local = []           # (generation, pool, address) added since the last sync read
@@ -192,14 +187,14 @@ class Firewall:
                 self._local = [x for x in self._local if x[0] > generation]
             old = self.applied
             rules = P.render_iptables(desired)
-            if old is not None and P.render_iptables(old) == rules and P.sets(old) == P.sets(desired):
+            if old is not None and self._rules == rules and P.sets(old) == P.sets(desired):
                 self._destroy_stale()
                 return None
             if old is None:
                 what = self._apply_full(desired, rules)
             else:
                 what = self._apply_changes(old, desired, rules)
-            self.applied = desired
+            self.applied, self._rules = desired, rules
             self._destroy_stale()
             return what
 
@@ -215,7 +210,7 @@ class Firewall:
     def _apply_changes(self, old, desired, rules):
         before, stale = P.render_set_changes(old, desired)
         ipset_changes(before)
-        if P.render_iptables(old) != rules:
+        if self._rules != rules:
             iptables_restore(rules)
             self._snapshot = our_rules(_run(["iptables-save"]))
         self._stale |= set(stale)
