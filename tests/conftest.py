@@ -248,3 +248,5 @@ def plugin(docker_ready, etcd):
         docker("network", "rm", net, check=False)
     p.stop()
     shutil.rmtree(p.state, ignore_errors=True)
+    # and its firewall: the test pools must not stay blocked towards this machine
+    subprocess.run([os.path.join(BIN, "l3net-plugin"), "--remove-rules"], capture_output=True, timeout=60)
