@@ -41,8 +41,8 @@ def _records(store, prefix):
 def find(store, keys, now, min_age=MIN_AGE):
     blocks = [b for _, b in _records(store, keys.all_blocks())]
     endpoints, aux = {}, set()
-    for key, record in _records(store, keys.prefix + "/hosts/"):
-        host = key[len(keys.prefix + "/hosts/"):].split("/")[0]
+    for key, record in _records(store, keys.all_hosts()):
+        host = keys.host_of(key)
         if "/endpoints/" in key:
             endpoints[record["id"]] = (key, host, record)
         elif "/networks/" in key:

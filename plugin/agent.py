@@ -251,7 +251,7 @@ class Agent:
             # Hosts' network and endpoint records alone change nothing the agent computes
             # (an endpoint's address is in its block, written in the same transaction).
             self._cancel_watch = self.store.watch(self.keys.prefix + "/", on_change,
-                                                  ignore=(self.keys.prefix + "/hosts/",))
+                                                  ignore=(self.keys.all_hosts(),))
         except Exception as e:  # noqa: BLE001 - the periodic sync still runs
             log.debug("etcd watch not available: %s", e)
 

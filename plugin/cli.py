@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 
 import click
 from rich.console import Console
@@ -349,9 +350,9 @@ def endpoint_list(obj, hostname, as_json):
     import socket
     here = hostname or socket.gethostname().split(".")[0]
     records = []
-    for key, value, _ in obj.store.get_prefix(obj.keys.prefix + "/hosts/"):
+    for key, value, _ in obj.store.get_prefix(obj.keys.all_hosts()):
         if "/endpoints/" in key:
-            records.append((key.split("/hosts/")[1].split("/")[0], json.loads(value)))
+            records.append((obj.keys.host_of(key), json.loads(value)))
     names = local_containers({e["network"] for h, e in records if h == here})
     rows = [{"endpoint": e["id"][:12], "container": names.get(e["id"], ("", ""))[0],
              "network": names.get(e["id"], ("", ""))[1] or e["network"][:12], "host": h,
@@ -370,15 +371,9 @@ def node():
 def node_list(obj, as_json):
     from .agent import nodes
     now = time.time()
-    blocks = {}
-    for key, _, _ in obj.store.get_prefix(obj.keys.prefix + "/ipam/affinity/"):
-        host = key.split("/ipam/affinity/")[1].split("/")[0]
-        blocks[host] = blocks.get(host, 0) + 1
-    endpoints = {}
-    for key, _, _ in obj.store.get_prefix(obj.keys.prefix + "/hosts/"):
-        if "/endpoints/" in key:
-            host = key.split("/hosts/")[1].split("/")[0]
-            endpoints[host] = endpoints.get(host, 0) + 1
+    blocks = Counter(obj.keys.host_of(k) for k, _, _ in obj.store.get_prefix(obj.keys.all_affinities()))
+    endpoints = Counter(obj.keys.host_of(k) for k, _, _ in obj.store.get_prefix(obj.keys.all_hosts())
+                        if "/endpoints/" in k)
     registered = {n["name"]: n for n in nodes(obj.store, obj.keys)}
     rows = [{"name": n["name"], "address": n["ip"], "as": n.get("as"), "state": "up",
              "last_seen": f"{now - n['last_seen']:.0f}s ago", "blocks": blocks.get(n["name"], 0),

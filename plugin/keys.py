@@ -62,7 +62,20 @@ class Keys:
     def affinity(self, host, block_cidr):
         return f"{self.affinities(host)}{cidr_key(block_cidr)}"
 
+    def all_affinities(self):
+        return f"{self.prefix}/ipam/affinity/"
+
     # Host-scoped driver state -----------------------------------------
+    def all_hosts(self):
+        return f"{self.prefix}/hosts/"
+
+    def host_of(self, key):
+        """The host segment of a key under all_hosts() or all_affinities()."""
+        for root in (self.all_hosts(), self.all_affinities()):
+            if key.startswith(root):
+                return key[len(root):].split("/")[0]
+        raise ValueError(f"{key} is not a per-host key")
+
     def host(self, host):
         return f"{self.prefix}/hosts/{host}/"
 
