@@ -59,11 +59,17 @@ def wait_for(predicate, timeout, what, interval=0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def free_port():
-    """A TCP port nobody listens on right now (etcd's, the plugin's metrics)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n):
+    """``n`` distinct TCP ports nobody listens on right now (etcd's, the plugin's metrics):
+    all bound at once, so two calls cannot hand out the same port."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # ---------------------------------------------------------------- etcd
@@ -72,8 +78,7 @@ class Etcd:
         if not shutil.which("etcd"):
             unavailable("etcd is not installed (apt-get install etcd-server)")
         self.dir = tempfile.mkdtemp(prefix="l3net-etcd-")
-        self.port = free_port()
-        peer = free_port()
+        self.port, peer = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(self.dir, "etcd.log"), "w")
         self.proc = subprocess.Popen(
@@ -237,7 +242,7 @@ def docker_ready():
 
 @pytest.fixture(scope="session")
 def plugin(docker_ready, etcd):
-    p = Plugin(etcd.url, f"/l3e2e-{uuid.uuid4().hex[:8]}", metrics_port=free_port())
+    p = Plugin(etcd.url, f"/l3e2e-{uuid.uuid4().hex[:8]}", metrics_port=free_ports(1)[0])
     yield p
     # Leave nothing behind: containers and networks of the tests, then the plugin.
     ids = docker("ps", "-aq", "--filter", "label=l3net-test", check=False).stdout.split()
