@@ -2,7 +2,7 @@
 VENV := .venv
 SHELL := /bin/bash
 
-.PHONY: setup run test unit bench demo demo-down plugin clean
+.PHONY: setup run test unit bench demo demo-down plugin install clean
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,12 @@ demo-down:
 # settings from L3NET_ETCD_ENDPOINTS, L3NET_ETCD_PREFIX, L3NET_HOST_IP, ... in the environment).
 plugin: setup
 	scripts/build-plugin.sh
+
+# l3net as a host service: a virtualenv in /opt/l3net, l3net-plugin and l3netctl in
+# /usr/local/bin, the systemd unit and /etc/default/l3net (scripts/install.sh; PREFIX, BINDIR,
+# UNITDIR, DEFAULTS override the places). Enables nothing.
+install:
+	scripts/install.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build dist

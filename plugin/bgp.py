@@ -44,6 +44,28 @@ def protocol_name(peer):
     return "l3_" + re.sub(r"[^A-Za-z0-9]", "_", peer.ip)
 
 
+def peer_of_protocol(name):
+    """The peer address behind a protocol name of ours (``l3_10_0_0_1`` -> ``10.0.0.1``), or None."""
+    m = re.fullmatch(r"l3_(\d+)_(\d+)_(\d+)_(\d+)", name)
+    return ".".join(m.groups()) if m else None
+
+
+def parse_protocols(text):
+    """``birdc show protocols`` -> one dict per BGP session: name, peer, state, since, info.
+
+    Rows are ``Name Proto Table State Since Info`` separated by blanks; Info (``Established``,
+    ``Connect``, ``Active  Socket: Connection refused``...) may hold blanks of its own."""
+    sessions = []
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) >= 5 and fields[1] == "BGP":
+            info = fields[5].strip() if len(fields) > 5 else ""
+            sessions.append({"name": fields[0], "peer": peer_of_protocol(fields[0]), "state": fields[3],
+                             "since": fields[4], "info": info,
+                             "established": re.match(r"Established\b", info) is not None})
+    return sessions
+
+
 def prefix_set(prefixes):
     """A BIRD prefix set matching the prefixes and everything inside them (``10.0.0.0/8+``).
     Callers handle the empty case: BIRD has no empty set literal."""

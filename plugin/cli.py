@@ -510,9 +510,9 @@ def peer_add(obj, ip, asn, node, name):
 @click.pass_obj
 def peer_list(obj, as_json):
     rows = [dict(json.loads(v), scope="global") for _, v, _ in obj.store.get_prefix(obj.keys.bgp_peers())]
-    for key, value, _ in obj.store.get_prefix(obj.keys.prefix + "/bgp/nodes/"):
+    for key, value, _ in obj.store.get_prefix(obj.keys.bgp_nodes()):
         for p in json.loads(value).get("peers", []):
-            rows.append(dict(p, scope="node " + key.rsplit("/", 1)[1]))
+            rows.append(dict(p, scope="node " + obj.keys.host_of(key)))
     emit(rows, ["IP", "AS", "Name", "Scope"], as_json)
 
 
@@ -532,11 +532,26 @@ def peer_remove(obj, ip, node):
 
 
 @bgp.command("status")
-@click.option("--socket", "sock", default="/run/l3net/bird.ctl", show_default=True)
-def bgp_status(sock):
-    """This node's BGP sessions, as BIRD reports them."""
+@click.option("--socket", "sock", default="/run/l3net/bird.ctl", show_default=True,
+              help="BIRD's control socket.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def bgp_status(obj, sock, as_json):
+    """This node's BGP sessions, as BIRD reports them, with the peer's node name from etcd."""
+    from .agent import nodes
+    from .bgp import parse_protocols
     from .bird import show
-    click.echo(show(sock, "protocols").rstrip())
+
+    sessions = parse_protocols(show(sock, "protocols"))
+    try:
+        names = {n["ip"]: n["name"] for n in nodes(obj.store, obj.keys)}
+        names.update({json.loads(v)["ip"]: json.loads(v).get("name") or "" for _, v, _
+                      in obj.store.get_prefix(obj.keys.bgp_peers())})
+    except (L3netError, ValueError, KeyError):
+        names = {}                  # etcd down: BIRD's view is still worth showing
+    rows = [{"peer": s["peer"] or s["name"], "node": names.get(s["peer"], ""), "state": s["state"],
+             "since": s["since"], "info": s["info"], "established": s["established"]} for s in sessions]
+    emit(rows, ["Peer", "Node", "State", "Since", "Info"], as_json)
 
 
 # -- policy (stored in etcd here; every node's agent enforces it: agent.py, firewall.py) ----

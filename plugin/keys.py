@@ -70,8 +70,8 @@ class Keys:
         return f"{self.prefix}/hosts/"
 
     def host_of(self, key):
-        """The host segment of a key under all_hosts() or all_affinities()."""
-        for root in (self.all_hosts(), self.all_affinities()):
+        """The host segment of a key under all_hosts(), all_affinities() or bgp_nodes()."""
+        for root in (self.all_hosts(), self.all_affinities(), self.bgp_nodes()):
             if key.startswith(root):
                 return key[len(root):].split("/")[0]
         raise ValueError(f"{key} is not a per-host key")
@@ -107,8 +107,11 @@ class Keys:
     def bgp_peer(self, ip):
         return f"{self.bgp_peers()}{ip}"
 
+    def bgp_nodes(self):
+        return f"{self.prefix}/bgp/nodes/"
+
     def bgp_node(self, host):
-        return f"{self.prefix}/bgp/nodes/{host}"
+        return f"{self.bgp_nodes()}{host}"
 
     # Policy -------------------------------------------------------------
     def policy_rules(self):

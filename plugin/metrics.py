@@ -14,11 +14,12 @@ The last five are read on scrape from the agent's latest view (no etcd call per 
 """
 
 import logging
-import re
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+
+from .bgp import parse_protocols
 
 log = logging.getLogger("l3net.metrics")
 
@@ -35,12 +36,9 @@ POLICY_WRITES = Counter("l3net_policy_writes", "Policy written to the kernel, by
 
 def bgp_states(protocols):
     """``birdc show protocols`` -> {"established": n, "down": m} over the BGP sessions."""
-    out = {"established": 0, "down": 0}
-    for line in protocols.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and fields[1] == "BGP":
-            out["established" if re.search(r"\bEstablished\b", line) else "down"] += 1
-    return out
+    sessions = parse_protocols(protocols)
+    up = sum(s["established"] for s in sessions)
+    return {"established": up, "down": len(sessions) - up}
 
 
 class NodeCollector:

@@ -13,6 +13,7 @@ import threading
 import time
 
 import click
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from . import __version__
@@ -64,6 +65,17 @@ def setup_logging(level, fmt="text"):
     setup(level, fmt)
 
 
+class GunicornLogger(glogging.Logger):
+    """gunicorn's own messages (start, workers, signals) through l3net's root handler, so
+    ``--log-format json`` leaves no line of another format on stderr."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for handler in list(self.error_log.handlers):
+            self.error_log.removeHandler(handler)
+        self.error_log.propagate = True
+
+
 class PluginServer(BaseApplication):
     def __init__(self, cfg):
         self.node_cfg = cfg
@@ -104,6 +116,7 @@ class PluginServer(BaseApplication):
             "graceful_timeout": 5,
             "accesslog": None,
             "errorlog": "-",
+            "logger_class": GunicornLogger,
             "loglevel": cfg.log_level,
             "when_ready": when_ready,
             "post_fork": post_fork,

@@ -11,8 +11,14 @@
 # Settings come from the environment: L3NET_PLUGIN_NAME (default l3net:latest) and the plugin's
 # own variables (L3NET_ETCD_ENDPOINTS, L3NET_ETCD_PREFIX, L3NET_HOST_IP, L3NET_HOSTNAME,
 # L3NET_LOG_LEVEL, L3NET_NO_BGP), passed to `docker plugin set` when set.
+#
+# Upgrade: run it again. An existing plugin of that name is replaced, and keeps its settings
+# (every settable variable, and the state mount's source) unless the environment gives new ones.
+#
 # L3NET_PLUGIN_NO_ENABLE=1 stops after create+set; L3NET_PLUGIN_ROOTFS_ONLY=1 stops once
-# build/plugin (rootfs + config.json) is ready, for `docker plugin create` elsewhere (the tests).
+# build/plugin (rootfs + config.json) is ready, for `docker plugin create` elsewhere.
+# L3NET_PLUGIN_DIR=DIR skips steps 1-3 and installs the plugin directory DIR built earlier
+# (build once, install on many hosts: DOCKER_HOST selects the dockerd).
 set -eu
 cd "$(dirname "$0")/.."
 NAME=${L3NET_PLUGIN_NAME:-l3net:latest}
@@ -27,6 +33,7 @@ die() { echo "plugin: $*" >&2; exit 1; }
 command -v docker >/dev/null || die "docker not found"
 docker info >/dev/null 2>&1 || die "dockerd is not running"
 
+build() {
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
         command -v debootstrap >/dev/null || die "no $BASE image and no debootstrap: apt-get install debootstrap"
@@ -62,26 +69,49 @@ cid=$(docker create "$IMAGE")
 docker export "$cid" | tar -x -C "$BUILD/rootfs"
 docker rm "$cid" >/dev/null
 cp plugin.json "$BUILD/config.json"
+}
+
+if [ -n "${L3NET_PLUGIN_DIR:-}" ]; then
+    [ -f "$L3NET_PLUGIN_DIR/config.json" ] && [ -d "$L3NET_PLUGIN_DIR/rootfs" ] \
+        || die "$L3NET_PLUGIN_DIR is not a plugin directory (config.json + rootfs/)"
+    BUILD=$L3NET_PLUGIN_DIR
+else
+    build
+fi
 if [ "${L3NET_PLUGIN_ROOTFS_ONLY:-}" = 1 ]; then
     say "plugin directory ready: $BUILD"
     exit 0
 fi
 
+# The settings: those of the plugin being replaced, then those given in the environment.
+settable=$("$PY" -c 'import json, sys
+print(" ".join(e["name"] for e in json.load(open(sys.argv[1]))["env"] if "value" in e.get("settable", [])))' \
+    "$BUILD/config.json") || die "cannot read $BUILD/config.json"
+set --
+old_hostname=""
 if docker plugin inspect "$NAME" >/dev/null 2>&1; then
-    say "replacing the existing plugin $NAME"
+    old_env=$(docker plugin inspect -f '{{range .Settings.Env}}{{println .}}{{end}}' "$NAME")
+    old_state=$(docker plugin inspect -f '{{range .Settings.Mounts}}{{if eq .Name "state"}}{{.Source}}{{end}}{{end}}' "$NAME")
+    while IFS= read -r line; do
+        var=${line%%=*}
+        case " $settable " in *" $var "*) set -- "$@" "$line" ;; esac
+        if [ "$var" = L3NET_HOSTNAME ]; then old_hostname=${line#*=}; fi
+    done <<SETTINGS
+$old_env
+SETTINGS
+    if [ -n "$old_state" ]; then set -- "$@" "state.source=$old_state"; fi
+    say "replacing the existing plugin $NAME (keeping its settings)"
     docker plugin disable -f "$NAME" >/dev/null 2>&1 || true
     docker plugin rm -f "$NAME" >/dev/null
 fi
-mkdir -p /var/lib/l3net /run/l3net
-docker plugin create "$NAME" "$BUILD" >/dev/null
-settings=""
 for var in L3NET_ETCD_ENDPOINTS L3NET_ETCD_PREFIX L3NET_HOST_IP L3NET_HOSTNAME L3NET_LOG_LEVEL L3NET_NO_BGP; do
     eval "value=\${$var:-}"
-    [ -n "$value" ] && settings="$settings $var=$value"
+    if [ -n "$value" ]; then set -- "$@" "$var=$value"; fi
 done
-[ -n "${L3NET_HOSTNAME:-}" ] || settings="$settings L3NET_HOSTNAME=$(hostname)"
-# shellcheck disable=SC2086 # one word per setting
-docker plugin set "$NAME" $settings
+[ -n "${L3NET_HOSTNAME:-}$old_hostname" ] || set -- "$@" "L3NET_HOSTNAME=$(hostname)"
+mkdir -p /var/lib/l3net /run/l3net
+docker plugin create "$NAME" "$BUILD" >/dev/null
+docker plugin set "$NAME" "$@"
 if [ "${L3NET_PLUGIN_NO_ENABLE:-}" = 1 ]; then
     say "created $NAME (not enabled)"
     exit 0

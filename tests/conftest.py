@@ -165,8 +165,9 @@ class Plugin:
 
     name = "l3nettest"
 
-    def __init__(self, etcd_url, prefix, name=None, socket=None, metrics_port=0):
+    def __init__(self, etcd_url, prefix, name=None, socket=None, metrics_port=0, log_format="text"):
         self.name = name or Plugin.name
+        self.log_format = log_format
         self.metrics_port = metrics_port
         self.socket = socket or f"/run/docker/plugins/{self.name}.sock"
         self.state = tempfile.mkdtemp(prefix="l3net-state-")
@@ -182,7 +183,7 @@ class Plugin:
             [os.path.join(BIN, "l3net-plugin"), "--socket", self.socket,
              "--etcd-endpoints", self.etcd_url, "--etcd-prefix", self.prefix,
              "--state-dir", self.state, "--hostname", "e2e-host", "--no-bgp",
-             "--metrics-port", str(self.metrics_port)],
+             "--metrics-port", str(self.metrics_port), "--log-format", self.log_format],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.ready, 30, "l3net-plugin to answer on its socket")
 
@@ -242,7 +243,7 @@ def docker_ready():
 
 @pytest.fixture(scope="session")
 def plugin(docker_ready, etcd):
-    p = Plugin(etcd.url, f"/l3e2e-{uuid.uuid4().hex[:8]}", metrics_port=free_ports(1)[0])
+    p = Plugin(etcd.url, f"/l3e2e-{uuid.uuid4().hex[:8]}", metrics_port=free_ports(1)[0], log_format="json")
     yield p
     # Leave nothing behind: containers and networks of the tests, then the plugin.
     ids = docker("ps", "-aq", "--filter", "label=l3net-test", check=False).stdout.split()

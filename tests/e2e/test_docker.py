@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import BIN, TEST_IMAGE, Plugin, docker, post, wait_for
+from tests.conftest import BIN, ROOT, TEST_IMAGE, Plugin, docker, post, wait_for
 
 D = Plugin.name
 
@@ -314,9 +315,10 @@ def test_policy_names_networks_by_docker_name(network, plugin):
     l3netctl(plugin, "policy", "remove", rule_id)
 
 
-def test_spec_file_install(etcd):
+def test_spec_file_install(plugin):
     """The host-service alternative to a socket in /run/docker/plugins: the socket anywhere,
-    and /etc/docker/plugins/NAME.spec pointing at it (README: host service)."""
+    and /etc/docker/plugins/NAME.spec pointing at it (README: host service). Same etcd prefix
+    and node name as the session's plugin: two agents on one host must agree on the rules."""
     name = f"l3spec{uuid.uuid4().hex[:6]}"
     sockdir = f"/run/{name}"
     os.makedirs(sockdir, exist_ok=True)
@@ -324,7 +326,7 @@ def test_spec_file_install(etcd):
     os.makedirs("/etc/docker/plugins", exist_ok=True)
     with open(spec, "w") as f:
         f.write(f"unix://{sockdir}/{name}.sock\n")
-    p = Plugin(etcd.url, f"/l3spec-{uuid.uuid4().hex[:6]}", name=name, socket=f"{sockdir}/{name}.sock")
+    p = Plugin(plugin.etcd_url, plugin.prefix, name=name, socket=f"{sockdir}/{name}.sock")
     net = f"{name}-net"
     try:
         docker("network", "create", "-d", name, "--ipam-driver", name, "--subnet", "10.77.0.0/24",
@@ -411,3 +413,93 @@ def test_endpoint_list_names_containers_and_ipam_blocks(network, plugin):
     blocks = json.loads(l3netctl(plugin, "ipam", "show", "--pool", "10.81.9.0/24", "--blocks", "--json"))
     assert [(b["allocated"], b["owner"]) for b in blocks] == [(1, "e2e-host")], blocks
     assert blocks[0]["free"] == 62        # a /26 at the pool's start: its network address is not usable
+
+
+def test_json_logs_carry_the_call_and_its_ids(network, plugin):
+    """--log-format json (the session plugin runs with it): every line on the plugin's output,
+    gunicorn's own included, is one JSON object; a container's calls carry the Docker network
+    and endpoint IDs."""
+    net = network("10.81.10.0/24")
+    c = run(net)
+    network_id = docker("network", "inspect", "-f", "{{.Id}}", net).stdout.strip()
+    endpoint_id = json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", c).stdout)[net]["EndpointID"]
+    with open(plugin.logpath) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON log line: {line!r}")
+    assert any(r["logger"].startswith("gunicorn") for r in records), "gunicorn's start not logged"
+    calls = [r for r in records if r.get("method") == "NetworkDriver.CreateEndpoint"
+             and r.get("endpoint") == endpoint_id[:12]]
+    assert len(calls) == 1 and calls[0]["network"] == network_id[:12] and calls[0]["status"] == 200, calls
+    assert all({"time", "level", "logger", "msg"} <= set(r) for r in records)
+
+
+def unit_file(path):
+    """A systemd unit as {section: {key: [values]}} (keys may repeat)."""
+    out, section = {}, None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("["):
+                section = out.setdefault(line.strip("[]"), {})
+            else:
+                key, value = line.split("=", 1)
+                section.setdefault(key, []).append(value)
+    return out
+
+
+def test_make_install_and_its_systemd_unit(plugin, tmp_path):
+    """`make install` into a scratch root, then what systemd does with the unit it installs,
+    step by step (no systemd runs here): the settings file, ExecStart, ExecStartPost
+    returning once the socket answers, SIGTERM for the stop. Same etcd prefix and node name
+    as the session's plugin, so the two agents agree on the host's rules."""
+    root = tmp_path
+    env = {**os.environ, "PREFIX": f"{root}/opt", "BINDIR": f"{root}/bin", "UNITDIR": f"{root}/units",
+           "DEFAULTS": f"{root}/default/l3net"}
+    res = subprocess.run(["make", "install"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    unit_path = f"{root}/units/l3net-plugin.service"
+    unit = unit_file(unit_path)
+    assert "docker.service" in unit["Unit"]["Before"][0].split()
+    assert unit["Service"]["Restart"] == ["on-failure"]
+    assert "docker.service" in unit["Install"]["WantedBy"] and "RequiredBy" not in unit["Install"]
+    assert unit["Service"]["ExecStart"] == [f"{root}/bin/l3net-plugin"]
+    assert os.stat(env["DEFAULTS"]).st_mode & 0o077 == 0, "the settings file may hold a password"
+    if shutil.which("systemd-analyze"):
+        check = subprocess.run(["systemd-analyze", "verify", unit_path], capture_output=True, text=True,
+                               timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+    sock = f"{root}/run/l3unit.sock"
+    with open(env["DEFAULTS"], "a") as f:
+        f.write(f"L3NET_ETCD_ENDPOINTS={plugin.etcd_url}\nL3NET_ETCD_PREFIX={plugin.prefix}\n"
+                f"L3NET_HOSTNAME=e2e-host\nL3NET_NO_BGP=1\nL3NET_SOCKET={sock}\n"
+                f"L3NET_STATE_DIR={root}/state\n")
+    settings = dict(line.split("=", 1) for line in open(env["DEFAULTS"]).read().splitlines()
+                    if line and not line.startswith("#"))
+    service_env = {"PATH": os.environ["PATH"], **settings}
+    log = open(f"{root}/plugin.log", "w")
+    main = subprocess.Popen(unit["Service"]["ExecStart"][0].split(), env=service_env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        post_cmd = unit["Service"]["ExecStartPost"][0]
+        assert post_cmd.startswith("/bin/sh -c '") and post_cmd.endswith("'")
+        post_start = subprocess.run(["/bin/sh", "-c", post_cmd[len("/bin/sh -c '"):-1]], env=service_env,
+                                    timeout=60)
+        assert post_start.returncode == 0, open(f"{root}/plugin.log").read()
+        assert os.stat(sock).st_mode & 0o777 == 0o660
+        wait_for(lambda: post(sock, "Plugin.Activate", timeout=2)[0] == 200, 10, "the unit's plugin to answer")
+        os.kill(main.pid, signal.SIGTERM)             # KillMode=mixed: SIGTERM to the main process
+        stop_within = float(unit["Service"]["TimeoutStopSec"][0])
+        assert main.wait(stop_within) == 0, open(f"{root}/plugin.log").read()
+    finally:
+        if main.poll() is None:
+            os.killpg(main.pid, signal.SIGKILL)
+            main.wait(10)
+        log.close()

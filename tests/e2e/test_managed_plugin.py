@@ -11,6 +11,7 @@ with `docker plugin create`.
 import json
 import os
 import subprocess
+import sys
 import uuid
 
 import pytest
@@ -114,3 +115,37 @@ def test_plugin_disable_and_enable(bed):
     wait_for(lambda: pings(h2, running, remote), 30, "across hosts again after enable")
     fresh = start(h2, "web")
     wait_for(lambda: pings(h2, fresh, remote), 30, "a container started after enable")
+
+
+def plugin_env(host):
+    info = json.loads(host.docker("plugin", "inspect", NAME).stdout)[0]
+    return info["Id"], dict(e.split("=", 1) for e in info["Settings"]["Env"])
+
+
+def test_upgrade_in_place_keeps_settings_containers_and_networks(bed, plugin_dir):
+    """`make plugin` over a running plugin whose networks are in use (here: the install step of
+    scripts/build-plugin.sh with the directory built once, no settings in the environment):
+    the new plugin keeps the old one's settings, running containers keep their network, and
+    the networks take new containers."""
+    h1, h2 = bed.hosts
+    running = start(h2, "web")
+    remote_name = start(h1, "web")
+    remote = ip_of(h1, remote_name, "web")
+    wait_for(lambda: pings(h2, running, remote), 30, "across hosts before the upgrade")
+    old_id, old_env = plugin_env(h2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("L3NET_")}
+    res = subprocess.run([os.path.join(ROOT, "scripts", "build-plugin.sh")], cwd=ROOT,
+                         env={**env, "DOCKER_HOST": h2.docker_host, "L3NET_PLUGIN_DIR": plugin_dir,
+                              "PYTHON": sys.executable},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "keeping its settings" in res.stdout
+    new_id, new_env = plugin_env(h2)
+    assert new_id != old_id, "the plugin was not replaced"
+    for var in ("ETCD_ENDPOINTS", "ETCD_PREFIX", "NODE_NAME", "HOST_IP"):
+        assert new_env[var] == old_env[var] != "", var
+    wait_for(lambda: pings(h2, running, remote), 30, "the running container across hosts after the upgrade")
+    fresh = start(h2, "web")
+    fresh_ip = ip_of(h2, fresh, "web")
+    wait_for(lambda: pings(h1, remote_name, fresh_ip), 30, "a container started after the upgrade")
+    assert ip_of(h2, running, "web") != fresh_ip

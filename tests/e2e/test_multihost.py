@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import bed_up, wait_for
+from tests.conftest import BIN, bed_up, wait_for
 from tests.testbed import NET, Testbed
 
 SUBNET = "10.40.0.0/16"
@@ -84,6 +84,11 @@ def test_routes_come_from_bgp_via_the_peer_and_no_tunnel(bed, containers):
             assert f" {kind} " not in links, f"{kind} device on {host.name}"
         protocols = host.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols").stdout
         assert protocols.count("Established") == 2, protocols
+    # the operator's view of the same: every peer by address and node name
+    status = json.loads(h1.sh(f"{BIN}/l3netctl", "--etcd-endpoints", bed.etcd_url, "--etcd-prefix",
+                              bed.prefix, "bgp", "status", "--json").stdout)
+    assert sorted((s["peer"], s["node"], s["established"]) for s in status) == [
+        (h.ip, h.name, True) for h in (h2, h3)], status
 
 
 def test_ip_moves_from_host1_to_host2(bed, containers):
@@ -157,7 +162,6 @@ def test_router_peer_only_pool_routes_are_imported(bed, tmp_path):
     announces a default route, the underlay and a pool prefix: only the pool prefix lands."""
     import subprocess
 
-    from tests.conftest import BIN
     h1 = bed.hosts[0]
     router_ip = f"{NET}.1"
     conf = tmp_path / "rogue.conf"

@@ -121,3 +121,19 @@ l3_198_18_1_12 BGP        ---        up     02:06:23.758  Established
 l3_198_18_1_13 BGP        ---        start  02:06:23.370  Active        Socket: Connection refused
 """
     assert bgp_states(out) == {"established": 1, "down": 1}
+
+
+def test_parse_protocols_keeps_only_bgp_sessions_with_their_peer():
+    from plugin.bgp import parse_protocols
+    out = """BIRD 2.0.12 ready.
+Name       Proto      Table      State  Since         Info
+device1    Device     ---        up     02:06:22.458
+l3_198_18_1_12 BGP        ---        up     02:06:23.758  Established
+l3_198_18_1_13 BGP        ---        start  02:06:23.370  Active        Socket: Connection refused
+other      BGP        ---        down   02:06:23.370
+"""
+    sessions = parse_protocols(out)
+    assert [(s["peer"], s["state"], s["established"]) for s in sessions] == [
+        ("198.18.1.12", "up", True), ("198.18.1.13", "start", False), (None, "down", False)]
+    assert sessions[1]["info"] == "Active        Socket: Connection refused"
+    assert sessions[2]["info"] == ""
