@@ -4,6 +4,7 @@ Readable tables by default, ``--json`` for scripts; errors are one line and exit
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -77,7 +78,6 @@ STALE = 10.0      # seconds: an agent that has not synced for longer is not in s
 @click.pass_obj
 def status(obj, state_dir, sock, as_json):
     """This node's health: etcd, agent, BGP, policy, counts. Exit status 1 if unhealthy."""
-    import os
 
     from .bird import show
     from .metrics import bgp_states
@@ -542,6 +542,9 @@ def bgp_status(obj, sock, as_json):
     from .bgp import parse_protocols
     from .bird import show
 
+    if not os.path.exists(sock):
+        raise L3netError(f"no BIRD control socket at {sock}: is l3net-plugin running on this host, "
+                         "with BGP (not --no-bgp)?")
     sessions = parse_protocols(show(sock, "protocols"))
     try:
         names = {n["ip"]: n["name"] for n in nodes(obj.store, obj.keys)}
