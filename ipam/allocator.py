@@ -177,7 +177,25 @@ class Ipam:
                 if self.store.txn({key: rev}, delete=[key]):
                     self._block_prefix.pop(str(pool), None)
 
-    def add_pool(self, cidr, block_prefix=None, nat_outgoing=True):
+    def set_internal(self, cidr, internal):
+        """A network created with(out) ``--internal`` on pool ``cidr`` (CreateNetwork, after its
+        RequestPool). Being internal is the pool's, cluster-wide, like outgoing NAT: the pool's
+        only network decides; a pool other networks (or an operator) already use must match."""
+        def mark(record):
+            if record is None:
+                raise L3netError(f"pool {cidr} is not known to l3net")
+            current = bool(record.get("internal", False))
+            if current == internal:
+                return record
+            if sum(record["refs"].values()) <= 1 and not record.get("pinned"):
+                record["internal"] = internal
+                return record
+            raise L3netError(f"pool {cidr} is {'' if current else 'not '}internal (its other networks, or "
+                             f"l3netctl pool add, decided): create this network "
+                             f"{'with' if current else 'without'} --internal, or use another subnet")
+        return self._update_pool(P.parse_cidr(cidr), mark)
+
+    def add_pool(self, cidr, block_prefix=None, nat_outgoing=True, internal=False):
         """An operator's pool (``l3netctl pool add``): stays when no network uses it."""
         cidr = P.parse_cidr(cidr)
         if not P.MIN_POOL_PREFIX <= cidr.prefixlen <= P.MAX_POOL_PREFIX:
@@ -192,6 +210,8 @@ class Ipam:
             raise L3netError(f"pool {cidr} overlaps pool {clash}")
         record = P.new_pool_record(cidr, opts["block_prefix"] or self.block_prefix, opts["nat_outgoing"])
         record["pinned"] = True
+        if internal:
+            record["internal"] = True
         key = self.keys.pool(cidr)
         if not self.store.txn({key: 0}, put={key: json.dumps(record, sort_keys=True)}):
             raise L3netError(f"pool {cidr} already exists")

@@ -111,6 +111,20 @@ def _valid_rule(rule, pools, host_rule=False):
     return rule.get("from") in pools and rule.get("to") in pools
 
 
+def _valid_port(record):
+    """A published port record of this host (written by the driver; checked like the rules)."""
+    if not isinstance(record, dict) or record.get("proto") not in ("tcp", "udp"):
+        return False
+    try:
+        ok = all(isinstance(record[k], int) and 1 <= record[k] <= 65535 for k in ("host_port", "port"))
+        IPAddress(record["ip"], 4)
+        if record.get("host_ip") is not None:
+            IPAddress(record["host_ip"], 4)
+    except (KeyError, ValueError, TypeError, AddrFormatError):
+        return False
+    return ok
+
+
 def _records(store, prefix):
     out = []
     for key, value, _ in store.get_prefix(prefix):
@@ -141,6 +155,12 @@ def desired_policy(store, keys, name):
             host_rules.append(rule)
         else:
             log.warning("ignoring malformed host rule %.200r", rule)
+    ports = []
+    for record in _records(store, keys.ports(name)):
+        if _valid_port(record):
+            ports.append({k: record.get(k) for k in ("proto", "host_ip", "host_port", "ip", "port")})
+        else:
+            log.warning("ignoring malformed published port %.200r", record)
     node_ips = {}
     for n in nodes(store, keys):
         try:
@@ -148,9 +168,12 @@ def desired_policy(store, keys, name):
         except (KeyError, ValueError, TypeError, AddrFormatError):
             log.warning("ignoring node record %.200r: no IPv4 address", n)
     return PolicyState(node=name, pools=sorted(members),
-                       nat_pools=sorted(p["cidr"] for p in pools if p.get("nat_outgoing", True)),
+                       nat_pools=sorted(p["cidr"] for p in pools
+                                        if p.get("nat_outgoing", True) and not p.get("internal")),
                        members={k: sorted(v) for k, v in members.items()}, rules=rules,
-                       host_rules=host_rules, nodes=node_ips)
+                       host_rules=host_rules, nodes=node_ips,
+                       internal=sorted(p["cidr"] for p in pools if p.get("internal")),
+                       ports=sorted(ports, key=lambda p: (p["proto"], p["host_port"])))
 
 
 def node_stats(view, keys, name):
@@ -197,7 +220,7 @@ class Agent:
         firewall, nor the reverse. The first error is raised after both were tried."""
         errors = []
         generation = self.firewall.generation()        # before the read: see Firewall.apply
-        view = Snapshot(self.store, self.keys.agent_view())
+        view = Snapshot(self.store, self.keys.agent_view(self.name))
         try:
             state, asn = desired_bgp(view, self.keys, self.name, self.ip)
             self.registry.heartbeat(asn)
@@ -222,7 +245,7 @@ class Agent:
         with self._policy_lock:
             if view is None:
                 generation = self.firewall.generation()
-                view = Snapshot(self.store, self.keys.agent_view())
+                view = Snapshot(self.store, self.keys.agent_view(self.name))
             done = self.firewall.apply(desired_policy(view, self.keys, self.name), generation)
             if done:
                 log.info("%s", done)

@@ -14,6 +14,7 @@ from flask import Flask, g, jsonify, request
 from . import metrics
 from . import validate as V
 from .errors import L3netError
+from .ports import PORTMAP, parse_portmap
 
 log = logging.getLogger("l3net.api")
 
@@ -207,11 +208,24 @@ def create_app(driver, ipam):
         driver.leave(network_id, endpoint_id)
         return jsonify({})
 
-    # Calls l3net answers without doing anything: port publishing (-p) needs no work on a
-    # routed address, and discovery / swarm allocation do not apply to a local-scope driver.
+    # docker run -p: after Join, before the container starts; revoked before Leave.
+    @route("NetworkDriver.ProgramExternalConnectivity")
+    def program_external():
+        data = body()
+        network_id, endpoint_id = ids(data)
+        options = V.field(data, "Options", dict, default={})
+        driver.publish(network_id, endpoint_id, parse_portmap(options.get(PORTMAP)))
+        return jsonify({})
+
+    @route("NetworkDriver.RevokeExternalConnectivity")
+    def revoke_external():
+        _, endpoint_id = ids(body())
+        driver.unpublish(endpoint_id)
+        return jsonify({})
+
+    # Calls l3net answers without doing anything: discovery and swarm allocation do not apply
+    # to a local-scope driver.
     for name in ("NetworkDriver.DiscoverNew", "NetworkDriver.DiscoverDelete",
-                 "NetworkDriver.ProgramExternalConnectivity",
-                 "NetworkDriver.RevokeExternalConnectivity",
                  "NetworkDriver.AllocateNetwork", "NetworkDriver.FreeNetwork"):
         def noop():
             body()  # still reject a malformed body

@@ -242,21 +242,25 @@ def pool_list(obj, as_json):
         blocks = ipam.blocks(p["cidr"])
         used = sum(len(b["allocations"]) for b in blocks)
         rows.append({"cidr": p["cidr"], "block_size": p["block_prefix"],
-                     "nat_outgoing": p["nat_outgoing"], "auto": p["auto"],
-                     "hosts": ",".join(sorted(p["refs"])), "blocks": len(blocks), "used": used})
-    emit(rows, ["CIDR", "Block size", "NAT outgoing", "Auto", "Hosts", "Blocks", "Used"], as_json)
+                     "nat_outgoing": p["nat_outgoing"], "internal": bool(p.get("internal")),
+                     "auto": p["auto"], "hosts": ",".join(sorted(p["refs"])), "blocks": len(blocks),
+                     "used": used})
+    emit(rows, ["CIDR", "Block size", "NAT outgoing", "Internal", "Auto", "Hosts", "Blocks", "Used"], as_json)
 
 
 @pool.command("add")
 @click.argument("cidr")
 @click.option("--block-size", type=int, help="Prefix length of the blocks hosts claim [default: the plugin's].")
 @click.option("--no-nat-outgoing", is_flag=True, help="Do not masquerade traffic leaving the pools.")
+@click.option("--internal", is_flag=True,
+              help="Nothing leaves the cluster's pools (for networks created with --internal).")
 @click.pass_obj
-def pool_add(obj, cidr, block_size, no_nat_outgoing):
+def pool_add(obj, cidr, block_size, no_nat_outgoing, internal):
     """Define a pool ahead of its networks (it stays when they are gone)."""
-    record = obj.ipam().add_pool(cidr, block_size, nat_outgoing=not no_nat_outgoing)
+    record = obj.ipam().add_pool(cidr, block_size, nat_outgoing=not no_nat_outgoing, internal=internal)
     click.echo(f"pool {record['cidr']} added (block size /{record['block_prefix']}, "
-               f"nat-outgoing {str(record['nat_outgoing']).lower()})")
+               f"nat-outgoing {str(record['nat_outgoing']).lower()}"
+               f"{', internal' if record.get('internal') else ''})")
 
 
 @pool.command("remove")
@@ -349,15 +353,20 @@ def endpoint_list(obj, hostname, as_json):
     """Every endpoint on every host; container names for this host's (from its dockerd)."""
     import socket
     here = hostname or socket.gethostname().split(".")[0]
-    records = []
+    from .ports import describe
+    records, ports = [], {}
     for key, value, _ in obj.store.get_prefix(obj.keys.all_hosts()):
         if "/endpoints/" in key:
             records.append((obj.keys.host_of(key), json.loads(value)))
+        elif "/ports/" in key:
+            port = json.loads(value)
+            ports.setdefault(port.get("endpoint"), []).append(describe(port))
     names = local_containers({e["network"] for h, e in records if h == here})
     rows = [{"endpoint": e["id"][:12], "container": names.get(e["id"], ("", ""))[0],
              "network": names.get(e["id"], ("", ""))[1] or e["network"][:12], "host": h,
-             "address": e["address"], "interface": e["host_ifname"]} for h, e in records]
-    emit(rows, ["Endpoint", "Container", "Network", "Host", "Address", "Interface"], as_json)
+             "address": e["address"], "interface": e["host_ifname"],
+             "published": ", ".join(sorted(ports.get(e["id"], [])))} for h, e in records]
+    emit(rows, ["Endpoint", "Container", "Network", "Host", "Address", "Interface", "Published"], as_json)
 
 
 @cli.group()

@@ -44,6 +44,24 @@ def temp_ifname(endpoint_id):
     return TEMP_PREFIX + endpoint_id[:11]
 
 
+def host_port_free(proto, host_ip, port):
+    """Whether a host process holds ``port`` (a TCP listener, a bound UDP socket): the DNAT
+    of a published port would steal its traffic. SO_REUSEADDR so that connections in
+    TIME_WAIT do not count."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host_ip or "0.0.0.0", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise L3netError(f"{host_ip} is not an address of this host") from None
+            raise
+    return True
+
+
 # Where the host's /proc/sys is: a managed plugin sees a read-only /proc/sys and gets the
 # host's /proc mounted at /host/proc instead (plugin.json sets L3NET_PROC_SYS).
 PROC_SYS = os.environ.get("L3NET_PROC_SYS", "/proc/sys")
@@ -191,6 +209,7 @@ class Datapath:
 
     host_ifname = staticmethod(host_ifname)
     temp_ifname = staticmethod(temp_ifname)
+    host_port_free = staticmethod(host_port_free)
 
     def create(self, endpoint_id, address, mac=None):
         """Create the veth for an endpoint and route ``address`` to it. Rolls back on failure.

@@ -115,6 +115,10 @@ def diagnose(src, dst, facts, proto=None, port=None):
         return "NOT REACHABLE", steps
 
     steps.append(Step(True, f"{dst}: outside the cluster (no pool, not a node)"))
+    if facts.pools[src_pool].get("internal"):
+        steps.append(Step(False, f"network {src_pool} is internal (docker network create --internal): "
+                                 "nothing of it leaves the cluster's pools"))
+        return "NOT REACHABLE", steps
     if facts.pools[src_pool].get("nat_outgoing", True):
         steps.append(Step(True, f"outgoing NAT on for {src_pool}: the outside sees {src_host}'s address"))
         return "REACHABLE", steps

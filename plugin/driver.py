@@ -19,6 +19,7 @@ from ipam import pools as P
 
 from .datapath import LinkExists
 from .errors import L3netError
+from .ports import describe as describe_port
 from .store import get_json
 
 log = logging.getLogger("l3net.driver")
@@ -26,6 +27,7 @@ log = logging.getLogger("l3net.driver")
 GATEWAY = "169.254.1.1"
 ADDRESS_SPACE = "l3net"
 GENERIC = "com.docker.network.generic"
+INTERNAL = "com.docker.network.internal"      # docker network create --internal
 # -o options l3net understands on `docker network create` (none yet besides Docker's own).
 NETWORK_OPTIONS = {}
 
@@ -95,6 +97,9 @@ class Driver:
                                  f"--ipam-driver {self.name}")
             pools.append(str(cidr))
             aux += self._aux_addresses(data.get("AuxAddresses"))
+        internal = str(options.get(INTERNAL, "")).lower() == "true"
+        for cidr in pools:
+            self.ipam.set_internal(cidr, internal)
         self.datapath.prepare_host()
         if self.sync_policy is not None:
             self.sync_policy()
@@ -102,7 +107,7 @@ class Driver:
             "id": network_id,
             "pools": pools,
             "aux": sorted(aux),          # --aux-address reservations (for ipam check)
-            "internal": str(options.get("com.docker.network.internal", "")).lower() == "true",
+            "internal": internal,
             "created": time.time(),
         }
         self.store.put(self.keys.network(self.host, network_id), json.dumps(record, sort_keys=True))
@@ -234,10 +239,53 @@ class Driver:
 
     def _delete_later(self, endpoint_id):
         def forget():
+            self.unpublish(endpoint_id)
             self.store.delete(self.keys.endpoint(self.host, endpoint_id))
             self._endpoints.pop(endpoint_id, None)
             self.journal.remove(endpoint_id)
         self.datapath.delete_later(endpoint_id, then=forget)
+
+    # -- published ports (docker run -p; rules: policy.py, put in force by the agent) ------
+    def publish(self, network_id, endpoint_id, mappings):
+        """Claim each host port for the endpoint (one etcd key per protocol and port on this
+        host, all or none in one transaction), then put the DNAT rules in force before
+        answering. A re-sent call finds its own claims and succeeds."""
+        if not mappings:
+            return
+        record = self._require_endpoint(endpoint_id)
+        network = self.network(network_id) or {}
+        if network.get("internal"):
+            raise L3netError("the network is internal (--internal): no ports can be published on it")
+        expect, put = {}, {}
+        for m in mappings:
+            key = self.keys.port(self.host, m["proto"], m["host_port"])
+            held = get_json(self.store, key)
+            if held is not None:
+                if held.get("endpoint") == endpoint_id:
+                    continue
+                raise L3netError(f"host port {m['proto']}/{m['host_port']} is already published by "
+                                 f"another container (endpoint {str(held.get('endpoint'))[:12]})")
+            if not self.datapath.host_port_free(m["proto"], m["host_ip"], m["host_port"]):
+                raise L3netError(f"host port {m['proto']}/{m['host_port']} is in use on this host")
+            expect[key] = 0
+            put[key] = json.dumps(dict(m, endpoint=endpoint_id, network=network_id, ip=record["address"]),
+                                  sort_keys=True)
+        if put and not self.store.txn(expect, put=put):
+            raise L3netError("another container published one of these host ports meanwhile")
+        if self.sync_policy is not None:
+            self.sync_policy()
+        log.info("endpoint %s: published %s", endpoint_id[:12], ", ".join(describe_port(m) for m in mappings))
+
+    def unpublish(self, endpoint_id, sync=True):
+        """Release the endpoint's host ports (RevokeExternalConnectivity; DeleteEndpoint too,
+        for a container that died without the revoke). Idempotent."""
+        mine = [k for k, v, _ in self.store.get_prefix(self.keys.ports(self.host))
+                if f'"endpoint": "{endpoint_id}"' in v]     # records written by publish()
+        if not mine:
+            return
+        self.store.txn({}, delete=mine)
+        if sync and self.sync_policy is not None:
+            self.sync_policy()
 
     def oper_info(self, network_id, endpoint_id):
         record = self.endpoint(endpoint_id)

@@ -276,7 +276,7 @@ def remove_all():
             _run(["iptables", *WAIT, "-t", table, "-D", chain, "-j", ours])
         removed.append(f"hook {table}/{chain} -> {ours}")
     chains = {"filter": [P.FORWARD, P.TO_CONTAINER, P.FROM_CONTAINER, P.INPUT, P.TO_HOST],
-              "nat": [P.POSTROUTING], "raw": [P.PREROUTING]}
+              "nat": [P.POSTROUTING, P.DNAT], "raw": [P.PREROUTING]}
     for table, names in chains.items():
         for name in names:
             if f":{name} " in saved:

@@ -35,10 +35,11 @@ class Keys:
     def __init__(self, prefix):
         self.prefix = "/" + prefix.strip("/")
 
-    def agent_view(self):
-        """The prefixes the agent reads on each sync (everything but the hosts' records)."""
+    def agent_view(self, host):
+        """The prefixes the agent of ``host`` reads on each sync: everything but the hosts'
+        records, except its own published ports."""
         return [f"{self.prefix}/ipam/", f"{self.prefix}/nodes/", f"{self.prefix}/bgp/",
-                f"{self.prefix}/policy/"]
+                f"{self.prefix}/policy/", self.ports(host)]
 
     # IPAM --------------------------------------------------------------
     def pools(self):
@@ -87,6 +88,13 @@ class Keys:
 
     def endpoints(self, host):
         return f"{self.prefix}/hosts/{host}/endpoints/"
+
+    def ports(self, host):
+        """Host ports published on ``host`` (docker run -p), one key per protocol and port."""
+        return f"{self.host(host)}ports/"
+
+    def port(self, host, proto, host_port):
+        return f"{self.ports(host)}{proto}-{int(host_port)}"
 
     def endpoint(self, host, endpoint_id):
         return f"{self.endpoints(host)}{endpoint_id}"

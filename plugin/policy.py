@@ -10,13 +10,19 @@ policies and nodes, never on containers.
     opened (conntrack). The container's own host is not filtered (it has root over the
     container anyway, and health checks and debugging from the host keep working);
   * containers may open connections to the outside world; pools with ``nat_outgoing`` are
-    masqueraded towards destinations outside every pool and every cluster host;
+    masqueraded towards destinations outside every pool and every cluster host. Networks
+    created with ``--internal`` (their pools: ``internal``) may not: nothing of theirs leaves
+    the pools, whatever the policies;
   * containers may not reach any cluster host except services opened by a host rule. Their own
     host is protected in INPUT (every address it has), the other nodes in FORWARD (the
     ``l3n-hosts`` set, or the node's address for a rule that names a node), and each node's
     INPUT also refuses remote pool addresses the same way (defence in depth);
   * a container only sends with its own address: strict reverse-path check on the host side of
-    its veth (one rule, whatever the number of containers).
+    its veth (one rule, whatever the number of containers);
+  * a published port (``docker run -p``) is a DNAT rule on the container's host, for packets
+    to the host's own addresses (not 127/8) coming in or made on the host. It is for clients
+    outside l3net's networks (the outside world, the hosts): containers reach each other at
+    their own addresses, by network and policy, also through a published port.
 
 The side effects (running ipset / iptables-restore, drift checks) are in firewall.py.
 """
@@ -33,6 +39,7 @@ INPUT = "L3NET-INPUT"
 TO_HOST = "L3NET-TO-HOST"
 POSTROUTING = "L3NET-POSTROUTING"
 PREROUTING = "L3NET-PREROUTING"
+DNAT = "L3NET-DNAT"
 HOSTS_SET = "l3n-hosts"
 POOLS_SET = "l3n-pools"
 NAT_SET = "l3n-nat-pools"
@@ -40,7 +47,8 @@ SET_PREFIX = "l3n-"
 IFACES = f"{HOST_PREFIX}+"
 # (table, built-in chain, our chain): the jumps that hook our chains in, first in their chain.
 HOOKS = [("filter", "FORWARD", FORWARD), ("filter", "INPUT", INPUT),
-         ("nat", "POSTROUTING", POSTROUTING), ("raw", "PREROUTING", PREROUTING)]
+         ("nat", "POSTROUTING", POSTROUTING), ("nat", "PREROUTING", DNAT), ("nat", "OUTPUT", DNAT),
+         ("raw", "PREROUTING", PREROUTING)]
 
 
 @dataclass
@@ -52,6 +60,8 @@ class PolicyState:
     rules: list = field(default_factory=list)          # {"id","from","to","proto","ports"}
     host_rules: list = field(default_factory=list)     # {"id","proto","ports","node"}
     nodes: dict = field(default_factory=dict)          # node name -> address (every node)
+    internal: list = field(default_factory=list)       # pools of --internal networks
+    ports: list = field(default_factory=list)          # {"proto","host_ip","host_port","ip","port"}
 
 
 def set_name(cidr):
@@ -131,7 +141,9 @@ def render_iptables(state):
           f"-A {FORWARD} -i {IFACES} -j {FROM_CONTAINER}"]
     # towards a container
     f += [f"-A {TO_CONTAINER} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-          f"-A {TO_CONTAINER} -m conntrack --ctstate INVALID -j DROP"]
+          f"-A {TO_CONTAINER} -m conntrack --ctstate INVALID -j DROP",
+          f"-A {TO_CONTAINER} -m conntrack --ctstate DNAT -m set ! --match-set {POOLS_SET} src"
+          f"{_comment('published ports')} -j ACCEPT"]
     for pool in sorted(state.pools):
         s = set_name(pool)
         f.append(f"-A {TO_CONTAINER} -m set --match-set {s} src -m set --match-set {s} dst"
@@ -153,6 +165,9 @@ def render_iptables(state):
             continue        # a node that is not registered (yet): nothing to open
         f.append(f"-A {FROM_CONTAINER}{_ports(rule)}{dst}{_comment('host rule ' + rule['id'])} -j ACCEPT")
     f.append(f"-A {FROM_CONTAINER} -m set --match-set {HOSTS_SET} dst{_comment('no hosts')} -j DROP")
+    for pool in sorted(set(state.internal) & set(state.pools)):
+        f.append(f"-A {FROM_CONTAINER} -m set --match-set {set_name(pool)} src -m set ! --match-set "
+                 f"{POOLS_SET} dst{_comment('internal ' + pool)} -j DROP")
     f.append(f"-A {FROM_CONTAINER} -j ACCEPT")
     # to this host itself: from a local container, or from a container on another host
     f += [f"-A {INPUT} -i {IFACES} -j {TO_HOST}",
@@ -163,9 +178,14 @@ def render_iptables(state):
             f.append(f"-A {TO_HOST}{_ports(rule)}{_comment('host rule ' + rule['id'])} -j ACCEPT")
     f.append(f"-A {TO_HOST}{_comment('no host access')} -j DROP")
     f.append("COMMIT")
-    n = ["*nat", f":{POSTROUTING} - [0:0]",
+    n = ["*nat", f":{POSTROUTING} - [0:0]", f":{DNAT} - [0:0]",
          f"-A {POSTROUTING} -m set --match-set {NAT_SET} src -m set ! --match-set {POOLS_SET} dst"
-         f" -m set ! --match-set {HOSTS_SET} dst{_comment('outgoing NAT')} -j MASQUERADE", "COMMIT"]
+         f" -m set ! --match-set {HOSTS_SET} dst{_comment('outgoing NAT')} -j MASQUERADE"]
+    for p in sorted(state.ports, key=lambda p: (p["proto"], p["host_port"])):
+        to = f" -d {p['host_ip']}/32" if p.get("host_ip") else " ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL"
+        n.append(f"-A {DNAT}{to} -p {p['proto']} -m {p['proto']} --dport {p['host_port']}"
+                 f"{_comment('published ' + p['ip'])} -j DNAT --to-destination {p['ip']}:{p['port']}")
+    n.append("COMMIT")
     r = ["*raw", f":{PREROUTING} - [0:0]",
          f"-A {PREROUTING} -i {IFACES} -m rpfilter --invert{_comment('anti-spoofing')} -j DROP",
          "COMMIT"]

@@ -31,6 +31,7 @@ NET = "198.18.2"
 SUBNETS = {"web": "10.81.0.0/24", "db": "10.82.0.0/24", "ops": "10.83.0.0/24"}
 NONAT = "10.84.0.0/24"
 NONAT2 = "10.86.0.0/24"
+INTERNAL = "10.87.0.0/24"
 OUTSIDE = f"{NET}.254"                 # "the internet": on the underlay, no route to any pool
 OUTSIDE_NS = "l3polx"
 KINDS = [("icmp", 0), ("tcp", 5432), ("tcp", 80), ("udp", 5353)]
@@ -284,6 +285,89 @@ def test_outside_reachable_through_nat_only(bed):
         bed.remove(nonat)
         bed.remove(nonat2)
         bed.h1.docker("network", "rm", "nonat2", check=False)
+
+
+def test_internal_network_stays_inside(bed):
+    """docker network create --internal: members reach each other across hosts, and other
+    networks by policy, but nothing leaves the pools (no NAT, no outside); a network on the
+    same subnet without --internal is refused, on any host."""
+    for host in (bed.h1, bed.h2):
+        host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--internal",
+                    "--subnet", INTERNAL, "inner")
+    i1, i2 = bed.start(bed.h1, "inner"), bed.start(bed.h2, "inner")
+    db2 = bed.containers["db2"]
+    rule = None
+    try:
+        wait_for(lambda: i1.reaches(i2.ip) == f"ok {i1.ip}", 10, "inner on host 1 -> inner on host 2")
+        assert i1.probe([[OUTSIDE, "tcp", 8080], [OUTSIDE, "icmp", 0], [db2.ip, "tcp", 5432]]) == [None] * 3
+        rule = bed.allow("policy", "allow", "--from", "inner", "--to", "db", "--proto", "tcp", "--port", "5432")
+        wait_for(lambda: i1.reaches(db2.ip) == f"ok {i1.ip}", 10, "inner -> db by policy")
+        assert i1.reaches(OUTSIDE, "tcp", 8080) is None
+        pools = {p["cidr"]: p for p in json.loads(bed.ctl("pool", "list", "--json").stdout)}
+        assert pools[INTERNAL]["internal"] is True and pools[SUBNETS["web"]]["internal"] is False
+        out = bed.ctl("diagnose", i1.ip, OUTSIDE, check=False).stdout
+        assert "is internal" in out and out.rstrip().endswith("NOT REACHABLE"), out
+        res = bed.h2.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet",
+                            SUBNETS["web"], "--internal", "web-internal", check=False)
+        assert res.returncode != 0 and "is not internal" in res.stderr, res.stderr
+    finally:
+        if rule:
+            bed.ctl("policy", "remove", rule, check=False)
+        bed.remove(i1)
+        bed.remove(i2)
+        for host in (bed.h1, bed.h2):
+            host.docker("network", "rm", "inner", check=False)
+
+
+def probe_from(nsenter, targets):
+    res = subprocess.run([*nsenter, sys.executable, PROBE, "probe", json.dumps(targets)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_published_ports(bed):
+    """docker run -p HOSTPORT:PORT: the container's host answers on HOSTPORT for the outside
+    and the hosts (the client's own address reaches the container: no SNAT); containers keep
+    reaching each other by network and policy only; clear errors for a port taken, a random
+    port and a port a host process holds; the port is released with the container."""
+    h1, h2 = bed.h1, bed.h2
+    outside = ["nsenter", f"--net=/run/netns/{OUTSIDE_NS}"]
+    host2 = ["nsenter", "-t", str(h2.anchor.pid), "-n"]
+    pub = bed.start(h1, "web", "pub", "-p", "18080:80", "-p", "15353:5353/udp")
+    failed = []
+
+    def refused(*args):
+        name = f"refused-{uuid.uuid4().hex[:6]}"
+        failed.append(name)
+        res = h1.docker("run", "-d", "--name", name, "--net", "web", *args, TEST_IMAGE, "sleep", "60",
+                        check=False)
+        assert res.returncode != 0, f"docker run {args} worked"
+        return res.stderr
+    try:
+        assert probe_from(outside, [[h1.ip, "tcp", 18080], [h1.ip, "udp", 15353], [h2.ip, "tcp", 18080]]) \
+            == [f"ok {OUTSIDE}", f"ok {OUTSIDE}", None]
+        assert probe_from(host2, [[h1.ip, "tcp", 18080]]) == [f"ok {h2.ip}"]
+        rows = json.loads(bed.ctl("endpoint", "list", "--json").stdout)
+        assert [r["published"] for r in rows if r["address"] == pub.ip] == [
+            "0.0.0.0:15353->5353/udp, 0.0.0.0:18080->80/tcp"], rows
+        # another application: not through the published port either (on either host)
+        ops1, ops2 = bed.containers["ops1"], bed.containers["ops2"]
+        for c in (ops1, ops2):
+            assert c.probe([[h1.ip, "tcp", 18080], [pub.ip, "tcp", 80]]) == [None, None], c
+        assert "tcp/18080 is already published" in refused("-p", "18080:80")
+        assert "fixed host ports only" in refused("-p", "80")
+        assert f"tcp/{HOST_PORTS[0]} is in use on this host" in refused("-p", f"{HOST_PORTS[0]}:80")
+    finally:
+        bed.remove(pub)
+        for name in failed:
+            h1.docker("rm", "-f", name, check=False)
+    assert probe_from(outside, [[h1.ip, "tcp", 18080]]) == [None]
+    again = bed.start(h1, "web", None, "-p", "18080:80")
+    try:
+        assert probe_from(outside, [[h1.ip, "tcp", 18080]]) == [f"ok {OUTSIDE}"]
+    finally:
+        bed.remove(again)
 
 
 def icmp_echoes_received(c):

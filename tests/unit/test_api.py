@@ -46,6 +46,11 @@ class FakeDatapath:
     def prepare_host(self):
         pass
 
+    busy_ports = set()
+
+    def host_port_free(self, proto, host_ip, port):
+        return (proto, port) not in self.busy_ports
+
 
 @pytest.fixture
 def node(tmp_path):
@@ -98,10 +103,10 @@ def test_handshake_with_empty_bodies(node):
 
 def test_every_protocol_method_answers(node):
     for method in ("NetworkDriver.DiscoverNew", "NetworkDriver.DiscoverDelete",
-                   "NetworkDriver.ProgramExternalConnectivity",
-                   "NetworkDriver.RevokeExternalConnectivity", "NetworkDriver.AllocateNetwork",
-                   "NetworkDriver.FreeNetwork"):
+                   "NetworkDriver.AllocateNetwork", "NetworkDriver.FreeNetwork"):
         assert ok(node.call(method, {"NetworkID": NET})) == {}
+    for method in ("NetworkDriver.ProgramExternalConnectivity", "NetworkDriver.RevokeExternalConnectivity"):
+        assert ok(node.call(method, {"NetworkID": NET, "EndpointID": EP, "Options": {}})) == {}
     status, body = node.call("NetworkDriver.Nonsense", {})
     assert status == 404 and "unknown method" in body["Err"]
 
@@ -281,3 +286,85 @@ def test_call_logs_carry_ids_as_fields_and_json_lines(node, caplog):
     line = json.loads(JsonFormatter().format(record))
     assert line["network"] == NET[:12] and line["method"] == "NetworkDriver.CreateNetwork"
     assert line["level"] == "info" and line["time"].endswith("Z") and "\n" not in JsonFormatter().format(record)
+
+
+def binding(host_port=8080, port=80, proto=6, host_ip="", end=None):
+    return {"Proto": proto, "IP": "", "Port": port, "HostIP": host_ip, "HostPort": host_port,
+            "HostPortEnd": host_port if end is None else end}
+
+
+def endpoint(node, endpoint_id, pool_id):
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": "", "Options": None}))
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": endpoint_id,
+                                                  "Interface": {"Address": addr["Address"]}}))
+
+
+def publish(node, endpoint_id, *bindings):
+    return node.call("NetworkDriver.ProgramExternalConnectivity", {
+        "NetworkID": NET, "EndpointID": endpoint_id,
+        "Options": {"com.docker.network.portmap": list(bindings),
+                    "com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": 80}]}})
+
+
+def port_keys(node):
+    return sorted(k.rsplit("/", 1)[1] for k in node.store._data if "/ports/" in k)
+
+
+def test_published_ports_are_claimed_per_host_and_released(node):
+    pool_id = setup_network(node)
+    ep2 = EP2
+    endpoint(node, EP, pool_id)
+    endpoint(node, ep2, pool_id)
+    ok(publish(node, EP, binding(8080), binding(5353, 53, proto=17)))
+    ok(publish(node, EP, binding(8080), binding(5353, 53, proto=17)))     # re-sent: same answer
+    assert port_keys(node) == ["tcp-8080", "udp-5353"]
+    status, body = publish(node, ep2, binding(9090), binding(8080))
+    assert status == 500 and "tcp/8080 is already published" in body["Err"]
+    assert port_keys(node) == ["tcp-8080", "udp-5353"], "all or nothing"
+    ok(node.call("NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NET, "EndpointID": EP}))
+    assert port_keys(node) == []
+    ok(publish(node, ep2, binding(8080)))
+    # a container that dies without the revoke: DeleteEndpoint releases its ports
+    ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": ep2}))
+    assert port_keys(node) == []
+
+
+@pytest.mark.parametrize("bad,why", [
+    ([binding(0)], "fixed host ports only"),
+    ([binding(8080, end=8090)], "fixed host ports only"),
+    ([binding(proto=132)], "TCP and UDP ports only"),
+    ([binding(host_ip="::")], "IPv4 addresses only"),
+    ([binding(host_ip="not-an-ip")], "HostIP"),
+    ([binding(port=0)], "Port 0"),
+    ([binding(port="80")], "Port '80'"),
+    ([binding(8080), binding(8080, 81)], "published twice"),
+    (["8080:80"], "expected an object"),
+])
+def test_bad_port_bindings_are_refused_and_change_nothing(node, bad, why):
+    pool_id = setup_network(node)
+    endpoint(node, EP, pool_id)
+    before = node.snapshot()
+    status, body = publish(node, EP, *bad)
+    assert status == 500 and why in body["Err"], body
+    assert node.snapshot() == before
+
+
+def test_port_in_use_on_the_host_or_internal_network_refused(node):
+    pool_id = setup_network(node)
+    endpoint(node, EP, pool_id)
+    node.dp.busy_ports = {("tcp", 2222)}
+    status, body = publish(node, EP, binding(2222, 22))
+    assert status == 500 and "tcp/2222 is in use on this host" in body["Err"]
+    # an --internal network publishes nothing
+    net2, ep2 = "c" * 64, "d" * 64
+    pool2 = ok(node.call("IpamDriver.RequestPool", {"AddressSpace": "l3net", "Pool": "10.30.0.0/24"}))["PoolID"]
+    ok(node.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": net2, "Options": {"com.docker.network.generic": {}, "com.docker.network.internal": True},
+        "IPv4Data": [{"AddressSpace": "l3net", "Pool": "10.30.0.0/24"}]}))
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool2, "Address": ""}))["Address"]
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": net2, "EndpointID": ep2,
+                                                  "Interface": {"Address": addr}}))
+    status, body = node.call("NetworkDriver.ProgramExternalConnectivity", {
+        "NetworkID": net2, "EndpointID": ep2, "Options": {"com.docker.network.portmap": [binding(8080)]}})
+    assert status == 500 and "internal" in body["Err"]
+    assert port_keys(node) == []

@@ -51,3 +51,10 @@ def test_hosts_and_outside():
     assert verdict("10.20.0.1", "8.8.8.8", facts())[0] == "REACHABLE"
     assert verdict("10.30.0.1", "8.8.8.8", facts())[0] == "REACHABLE IF ROUTED BACK"
     assert verdict("10.99.0.1", "8.8.8.8", facts())[0] == "UNKNOWN"
+
+
+def test_internal_network_does_not_reach_the_outside():
+    pools = {**POOLS, "10.20.0.0/24": {**POOLS["10.20.0.0/24"], "internal": True}}
+    v, why = verdict("10.20.0.1", "8.8.8.8", facts(pools=pools))
+    assert v == "NOT REACHABLE" and "internal" in why
+    assert verdict("10.20.0.1", "10.20.0.65", facts(pools=pools))[0] == "REACHABLE"

@@ -39,7 +39,8 @@ def test_our_rules_and_hooks_to_fix_from_iptables_save():
                                 ("filter", "-A FORWARD -j L3NET-FORWARD"),
                                 ("filter", "-A INPUT -j L3NET-INPUT (x1, in place: False)"),
                                 ("filter", "-A L3NET-FORWARD -o l3h+ -j L3NET-TO-CONTAINER")}
-    assert hooks_to_fix(SAVED) == [(HOOKS[1], 1), (HOOKS[2], 0)]     # INPUT moved, nat POSTROUTING added
+    # INPUT moved; the nat hooks (POSTROUTING, PREROUTING and OUTPUT for published ports) added
+    assert hooks_to_fix(SAVED) == [(HOOKS[1], 1), (HOOKS[2], 0), (HOOKS[3], 0), (HOOKS[4], 0)]
 
 
 def test_set_sizes_from_ipset_list():

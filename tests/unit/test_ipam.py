@@ -294,3 +294,23 @@ def test_ipam_check_finds_and_fixes_leaks_and_orphans():
     assert ipam.holder(pool, leaked) is not None and ipam.holder(pool, gone) is None
     remaining = {(f.kind, f.address) for f in check.find(store, keys, later)}
     assert remaining == {("leaked address", leaked)}                  # its endpoint "d" has no record
+
+
+def test_internal_is_the_pools_and_decided_by_its_only_network():
+    """docker network create --internal marks the pool (cluster-wide); a second network on
+    the pool, on any host, must match; an operator's pool decides for its networks."""
+    store, keys = MemoryStore(), Keys("/t")
+    h1, h2 = Ipam(store, keys, "h1"), Ipam(store, keys, "h2")
+    h1.request_pool("10.20.0.0/24")
+    h1.set_internal("10.20.0.0/24", True)
+    assert h1.pools()[0]["internal"] is True
+    h2.request_pool("10.20.0.0/24")
+    before = store.get(keys.pool("10.20.0.0/24"))
+    with pytest.raises(L3netError, match="is internal .* with --internal"):
+        h2.set_internal("10.20.0.0/24", False)
+    assert store.get(keys.pool("10.20.0.0/24")) == before, "a refused network changes nothing"
+    h2.set_internal("10.20.0.0/24", True)
+    h1.add_pool("10.30.0.0/24")
+    h1.request_pool("10.30.0.0/24")
+    with pytest.raises(L3netError, match="is not internal .* without --internal"):
+        h1.set_internal("10.30.0.0/24", True)

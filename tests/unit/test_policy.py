@@ -25,7 +25,10 @@ STATE = PolicyState(
                 {"id": "h2", "proto": "tcp", "ports": "8080-8081", "node": "h2"},
                 {"id": "h3", "proto": "udp", "ports": "9", "node": "h1"},
                 {"id": "h4", "proto": "udp", "ports": "7", "node": "gone"}],
-    nodes={"h1": "198.18.0.11", "h2": "198.18.0.12"})
+    nodes={"h1": "198.18.0.11", "h2": "198.18.0.12"},
+    internal=["10.40.0.0/24"],
+    ports=[{"proto": "tcp", "host_ip": None, "host_port": 8080, "ip": "10.20.0.1", "port": 80},
+           {"proto": "udp", "host_ip": "198.18.0.11", "host_port": 5353, "ip": "10.30.0.7", "port": 53}])
 tools = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("unshare"),
                            reason="needs root, ipset and unshare")
 
@@ -81,7 +84,8 @@ def test_random_policy_sets_are_accepted(pools, data):
                    "node": data.draw(st.sampled_from([None, "n1", "n2"]))}
                   for i in range(data.draw(st.integers(0, 3)))]
     state = PolicyState(pools=pools, nat_pools=pools[:1], rules=rules, host_rules=host_rules,
-                        members={pools[0]: ["10.0.0.1"]}, nodes={"n1": "192.0.2.1"})
+                        members={pools[0]: ["10.0.0.1"]}, nodes={"n1": "192.0.2.1"},
+                        internal=data.draw(st.lists(st.sampled_from(pools), unique=True)))
     ok, err = accepted_by_kernel_tools(state)
     assert ok, err
 
@@ -120,7 +124,13 @@ def test_desired_policy_from_etcd_data():
     assert sorted(r["id"] for r in state.host_rules) == ["bbbbbbbb", "cccccccc"]
     assert [r["id"] for r in state.rules] == ["aaaaaaaa"]
     assert state.nodes == {"h1": "198.18.0.11", "h2": "198.18.0.12"} and state.node == "h1"
+    assert state.internal == []
     render_iptables(state)          # renders without error
+    # a network created with --internal: its pool is internal, and never NATed
+    h1.set_internal("10.20.0.0/24", True)
+    state = desired_policy(store, keys, "h1")
+    assert state.internal == ["10.20.0.0/24"] and state.nat_pools == []
+    assert "internal 10.20.0.0/24" in render_iptables(state)
 
 
 def test_set_changes_are_incremental():
