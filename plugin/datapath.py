@@ -210,6 +210,7 @@ class Datapath:
     host_ifname = staticmethod(host_ifname)
     temp_ifname = staticmethod(temp_ifname)
     host_port_free = staticmethod(host_port_free)
+    link_exists = staticmethod(link_exists)
 
     def create(self, endpoint_id, address, mac=None):
         """Create the veth for an endpoint and route ``address`` to it. Rolls back on failure.

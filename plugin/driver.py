@@ -259,15 +259,21 @@ class Driver:
         expect, put = {}, {}
         for m in mappings:
             key = self.keys.port(self.host, m["proto"], m["host_port"])
-            held = get_json(self.store, key)
-            if held is not None:
-                if held.get("endpoint") == endpoint_id:
-                    continue
+            value, rev = self.store.get(key)
+            holder = json.loads(value).get("endpoint") if value is not None else None
+            if holder == endpoint_id:
+                continue
+            if holder is not None and self._endpoint_alive(holder):
                 raise L3netError(f"host port {m['proto']}/{m['host_port']} is already published by "
-                                 f"another container (endpoint {str(held.get('endpoint'))[:12]})")
+                                 f"another container (endpoint {str(holder)[:12]})")
+            # (a dead holder: a container gone without its revoke, say the host crashed and
+            # dockerd now restarts it; its claim is taken over, by compare-and-swap)
             if not self.datapath.host_port_free(m["proto"], m["host_ip"], m["host_port"]):
                 raise L3netError(f"host port {m['proto']}/{m['host_port']} is in use on this host")
-            expect[key] = 0
+            expect[key] = rev if holder is not None else 0
+            if holder is not None:
+                log.info("host port %s/%s: taking it over from endpoint %s, which is gone",
+                         m["proto"], m["host_port"], str(holder)[:12])
             put[key] = json.dumps(dict(m, endpoint=endpoint_id, network=network_id, ip=record["address"]),
                                   sort_keys=True)
         if put and not self.store.txn(expect, put=put):
@@ -275,6 +281,12 @@ class Driver:
         if self.sync_policy is not None:
             self.sync_policy()
         log.info("endpoint %s: published %s", endpoint_id[:12], ", ".join(describe_port(m) for m in mappings))
+
+    def _endpoint_alive(self, endpoint_id):
+        """An endpoint of this host that still has its veth (a container's veth dies with its
+        namespace, even when nobody tells the plugin)."""
+        record = self.endpoint(endpoint_id) if isinstance(endpoint_id, str) else None
+        return bool(record and not record.get("deleting") and self.datapath.link_exists(record["host_ifname"]))
 
     def unpublish(self, endpoint_id, sync=True):
         """Release the endpoint's host ports (RevokeExternalConnectivity; DeleteEndpoint too,

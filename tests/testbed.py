@@ -60,6 +60,27 @@ def wait_until(predicate, timeout, what, interval=0.1):
     raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _descendants(root):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            children.setdefault(_ppid(int(entry)), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class Host:
     def __init__(self, bed, index):
         self.bed = bed
@@ -130,6 +151,24 @@ class Host:
         except subprocess.TimeoutExpired:
             self.dockerd.kill()
             self.dockerd.wait(10)
+
+    def crash_docker(self, containers=()):
+        """kill -9 dockerd, its containerd and the given containers with their shims: the host's
+        Docker dies at once (as in a power cut), nobody tells the plugin anything."""
+        victims = {self.dockerd.pid}
+        for name in containers:
+            pid = int(self.docker("inspect", "-f", "{{.State.Pid}}", name).stdout)
+            if pid:
+                victims |= {pid, _ppid(pid)}
+        victims |= set(_descendants(self.dockerd.pid))
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.dockerd.wait(10)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and _ppid(p) != 0 for p in victims), 10,
+                   f"Docker on {self.name} to die")
 
     def start_plugin(self, *extra):
         log = open(os.path.join(self.dir, "plugin.log"), "a")

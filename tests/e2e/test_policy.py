@@ -502,3 +502,26 @@ def test_diagnose_explains_what_the_packets_do(bed):
     assert res.returncode == 1 and "host rule denies" in res.stdout, res.stdout
     res = diagnose("web1", OUTSIDE)
     assert res.returncode == 0 and "outgoing NAT on" in res.stdout, res.stdout
+
+
+def test_published_port_survives_a_dockerd_crash(bed):
+    """The host's Docker killed at once (dockerd, containerd, the container: no revoke, no
+    DeleteEndpoint reach the plugin) with a --restart always container publishing a port:
+    restarted, dockerd starts it again, its new endpoint gets the port and the port answers.
+    LAST in this module: dockerd's restart stops every other container on host 1."""
+    h1 = bed.h1
+    outside = ["nsenter", f"--net=/run/netns/{OUTSIDE_NS}"]
+    h1.docker("run", "-d", "--name", "crashpub", "--restart", "always", "--net", "web", "-p", "18090:80",
+              TEST_IMAGE, "sh", "-c", "while true; do nc -l -p 80 -e echo pub; done")
+    try:
+        wait_for(lambda: probe_from(outside, [[h1.ip, "tcp", 18090]]) == ["pub"], 10, "the port before")
+        old_endpoint = json.loads(h1.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}",
+                                            "crashpub").stdout)["web"]["EndpointID"]
+        h1.crash_docker(["crashpub"])
+        h1.start_dockerd()
+        wait_for(lambda: json.loads(h1.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}",
+                                              "crashpub").stdout)["web"]["EndpointID"] not in ("", old_endpoint),
+                 60, "the container back with a new endpoint")
+        wait_for(lambda: probe_from(outside, [[h1.ip, "tcp", 18090]]) == ["pub"], 20, "the port after")
+    finally:
+        h1.docker("rm", "-f", "crashpub", check=False)

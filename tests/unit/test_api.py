@@ -51,6 +51,9 @@ class FakeDatapath:
     def host_port_free(self, proto, host_ip, port):
         return (proto, port) not in self.busy_ports
 
+    def link_exists(self, ifname):
+        return ifname in self.links
+
 
 @pytest.fixture
 def node(tmp_path):
@@ -327,6 +330,14 @@ def test_published_ports_are_claimed_per_host_and_released(node):
     # a container that dies without the revoke: DeleteEndpoint releases its ports
     ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": ep2}))
     assert port_keys(node) == []
+    # ... and if nobody calls anything (the host crashed: its veth is gone), the next container
+    # takes the port over
+    ok(publish(node, EP, binding(8080)))
+    node.dp.links.pop("l3h" + EP[:11])
+    ep3 = "e" * 64
+    endpoint(node, ep3, pool_id)
+    ok(publish(node, ep3, binding(8080)))
+    assert json.loads(node.store.get("/l3net/hosts/h1/ports/tcp-8080")[0])["endpoint"] == ep3
 
 
 @pytest.mark.parametrize("bad,why", [
