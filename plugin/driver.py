@@ -50,6 +50,7 @@ class Driver:
         # writes them, and a restarted process starts empty and reads etcd).
         self._networks = {}
         self._endpoints = {}
+        self._published = None      # see _published_ports()
 
     # -- records ----------------------------------------------------------
     def _cached(self, cache, key, record_id):
@@ -276,8 +277,13 @@ class Driver:
                          m["proto"], m["host_port"], str(holder)[:12])
             put[key] = json.dumps(dict(m, endpoint=endpoint_id, network=network_id, ip=record["address"]),
                                   sort_keys=True)
+        published = self._published_ports()
         if put and not self.store.txn(expect, put=put):
             raise L3netError("another container published one of these host ports meanwhile")
+        for key in put:
+            for keys in published.values():
+                keys.discard(key)                   # a dead holder's, taken over
+            published.setdefault(endpoint_id, set()).add(key)
         if self.sync_policy is not None:
             self.sync_policy()
         log.info("endpoint %s: published %s", endpoint_id[:12], ", ".join(describe_port(m) for m in mappings))
@@ -288,14 +294,27 @@ class Driver:
         record = self.endpoint(endpoint_id) if isinstance(endpoint_id, str) else None
         return bool(record and not record.get("deleting") and self.datapath.link_exists(record["host_ifname"]))
 
+    def _published_ports(self):
+        """{endpoint: {port keys}} of this host, read from etcd once, then kept here (only this
+        process writes them): a container stop without -p costs no etcd read."""
+        if self._published is None:
+            published = {}
+            for key, value, _ in self.store.get_prefix(self.keys.ports(self.host)):
+                try:
+                    published.setdefault(json.loads(value).get("endpoint"), set()).add(key)
+                except ValueError:
+                    log.warning("ignoring %s: not JSON", key)
+            self._published = published
+        return self._published
+
     def unpublish(self, endpoint_id, sync=True):
         """Release the endpoint's host ports (RevokeExternalConnectivity; DeleteEndpoint too,
         for a container that died without the revoke). Idempotent."""
-        mine = [k for k, v, _ in self.store.get_prefix(self.keys.ports(self.host))
-                if f'"endpoint": "{endpoint_id}"' in v]     # records written by publish()
+        mine = self._published_ports().get(endpoint_id)
         if not mine:
             return
-        self.store.txn({}, delete=mine)
+        self.store.txn({}, delete=sorted(mine))
+        self._published.pop(endpoint_id, None)
         if sync and self.sync_policy is not None:
             self.sync_policy()
 
