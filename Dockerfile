@@ -5,7 +5,7 @@
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv iproute2 iptables ipset bird2 \
+ && apt-get install -y --no-install-recommends python3 python3-venv iproute2 iptables ipset bird2 conntrack \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 COPY dist/wheels /wheels
 RUN python3 -m venv /opt/l3net \

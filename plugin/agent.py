@@ -111,18 +111,39 @@ def _valid_rule(rule, pools, host_rule=False):
     return rule.get("from") in pools and rule.get("to") in pools
 
 
-def _valid_port(record):
-    """A published port record of this host (written by the driver; checked like the rules)."""
+def _canonical_ip(value):
+    """``value`` if it is an IPv4 address written the canonical way, else None: what reaches
+    ipset / iptables-restore input from etcd is exactly an address, nothing more."""
+    try:
+        return value if isinstance(value, str) and str(IPAddress(value, 4)) == value else None
+    except (ValueError, TypeError, AddrFormatError):
+        return None
+
+
+def _canonical_cidr(value):
+    try:
+        return value if isinstance(value, str) and str(IPNetwork(value, version=4)) == value else None
+    except (ValueError, TypeError, AddrFormatError):
+        return None
+
+
+def _port_number(value):
+    return type(value) is int and 1 <= value <= 65535
+
+
+def _valid_port(record, holders):
+    """A published port of this host, written by the driver; rendered only while its endpoint
+    still holds the address in the IPAM (a claim left behind must not send traffic to the
+    address's next holder)."""
     if not isinstance(record, dict) or record.get("proto") not in ("tcp", "udp"):
         return False
-    try:
-        ok = all(isinstance(record[k], int) and 1 <= record[k] <= 65535 for k in ("host_port", "port"))
-        IPAddress(record["ip"], 4)
-        if record.get("host_ip") is not None:
-            IPAddress(record["host_ip"], 4)
-    except (KeyError, ValueError, TypeError, AddrFormatError):
+    if not (_port_number(record.get("host_port")) and _port_number(record.get("port"))):
         return False
-    return ok
+    if _canonical_ip(record.get("ip")) is None:
+        return False
+    if record.get("host_ip") is not None and _canonical_ip(record.get("host_ip")) is None:
+        return False
+    return holders.get(record["ip"]) == f"endpoint:{record.get('endpoint')}"
 
 
 def _records(store, prefix):
@@ -138,12 +159,27 @@ def _records(store, prefix):
 def desired_policy(store, keys, name):
     """The isolation state this node should enforce, from what etcd holds now. Members of a
     network: every address allocated in its pool on any host, except gateway reservations."""
-    pools = _records(store, keys.pools())
+    pools = []
+    for p in _records(store, keys.pools()):
+        if isinstance(p, dict) and _canonical_cidr(p.get("cidr")):
+            pools.append(p)
+        else:
+            log.warning("ignoring malformed pool record %.200r", p)
     members = {p["cidr"]: [] for p in pools}
+    holders = {}                    # address -> its holder ("endpoint:<id>", "gateway:...")
     for block in _records(store, keys.all_blocks()):
-        if block.get("pool") in members:
-            members[block["pool"]].extend(
-                ip for ip, a in block["allocations"].items() if not a["handle"].startswith("gateway:"))
+        if not isinstance(block, dict) or block.get("pool") not in members \
+                or not isinstance(block.get("allocations"), dict):
+            continue
+        allocations = block["allocations"]
+        for ip, a in allocations.items():
+            handle = a.get("handle") if isinstance(a, dict) else None
+            if _canonical_ip(ip) is None or not isinstance(handle, str):
+                log.warning("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
+                continue
+            holders[ip] = handle
+            if not handle.startswith("gateway:"):
+                members[block["pool"]].append(ip)
     rules, host_rules = [], []
     for rule in _records(store, keys.policy_rules()):
         if _valid_rule(rule, members):
@@ -157,10 +193,11 @@ def desired_policy(store, keys, name):
             log.warning("ignoring malformed host rule %.200r", rule)
     ports = []
     for record in _records(store, keys.ports(name)):
-        if _valid_port(record):
+        if _valid_port(record, holders):
             ports.append({k: record.get(k) for k in ("proto", "host_ip", "host_port", "ip", "port")})
         else:
-            log.warning("ignoring malformed published port %.200r", record)
+            log.warning("ignoring published port %.200r: malformed, or its endpoint no longer holds "
+                        "the address", record)
     node_ips = {}
     for n in nodes(store, keys):
         try:

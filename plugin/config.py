@@ -17,7 +17,10 @@ from .validate import hostname as check_hostname
 from .validate import ipv4
 
 DEFAULT_SOCKET = "/run/docker/plugins/l3net.sock"
-RUN_DIR = "/run/l3net"
+# BIRD's control socket and pid file. The managed plugin sees the host's /run at /host/run
+# (plugin.json): /run/l3net itself is gone after a reboot, and dockerd does not create a
+# missing bind-mount source, so the plugin creates the directory.
+RUN_DIR = os.environ.get("L3NET_RUN_DIR", "/run/l3net")
 
 
 @dataclass

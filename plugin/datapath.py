@@ -22,7 +22,7 @@ import threading
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import L3netError
+from .errors import L3netError, run_tool
 
 log = logging.getLogger("l3net.datapath")
 
@@ -60,6 +60,20 @@ def host_port_free(proto, host_ip, port):
                 raise L3netError(f"{host_ip} is not an address of this host") from None
             raise
     return True
+
+
+def forget_flows(address):
+    """Delete the connection-tracking entries of a container's address (it sent them, they
+    were sent to it, or to a port published for it): the address goes to the next container,
+    and an old flow, a UDP one above all, must not reach it as "established"."""
+    for match in ("--orig-src", "--orig-dst", "--reply-src"):
+        try:
+            res = run_tool(["conntrack", "-D", match, address], "install conntrack", timeout=10)
+        except L3netError as e:
+            log.warning("old connections of %s not forgotten: %s", address, e)
+            return
+        if res.returncode not in (0, 1):       # 1: no entry matched
+            log.warning("conntrack -D %s %s: %s", match, address, res.stderr.strip())
 
 
 # Where the host's /proc/sys is: a managed plugin sees a read-only /proc/sys and gets the
@@ -211,6 +225,7 @@ class Datapath:
     temp_ifname = staticmethod(temp_ifname)
     host_port_free = staticmethod(host_port_free)
     link_exists = staticmethod(link_exists)
+    forget_flows = staticmethod(forget_flows)
 
     def create(self, endpoint_id, address, mac=None):
         """Create the veth for an endpoint and route ``address`` to it. Rolls back on failure.

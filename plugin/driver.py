@@ -19,6 +19,7 @@ from ipam import pools as P
 
 from .datapath import LinkExists
 from .errors import L3netError
+from .ports import PortClaims
 from .ports import describe as describe_port
 from .store import get_json
 
@@ -50,7 +51,7 @@ class Driver:
         # writes them, and a restarted process starts empty and reads etcd).
         self._networks = {}
         self._endpoints = {}
-        self._published = None      # see _published_ports()
+        self.ports = PortClaims(store, keys, host)
 
     # -- records ----------------------------------------------------------
     def _cached(self, cache, key, record_id):
@@ -241,6 +242,9 @@ class Driver:
     def _delete_later(self, endpoint_id):
         def forget():
             self.unpublish(endpoint_id)
+            record = self._endpoints.get(endpoint_id) or self.endpoint(endpoint_id)
+            if record is not None:
+                self.datapath.forget_flows(record["address"])
             self.store.delete(self.keys.endpoint(self.host, endpoint_id))
             self._endpoints.pop(endpoint_id, None)
             self.journal.remove(endpoint_id)
@@ -248,42 +252,14 @@ class Driver:
 
     # -- published ports (docker run -p; rules: policy.py, put in force by the agent) ------
     def publish(self, network_id, endpoint_id, mappings):
-        """Claim each host port for the endpoint (one etcd key per protocol and port on this
-        host, all or none in one transaction), then put the DNAT rules in force before
-        answering. A re-sent call finds its own claims and succeeds."""
+        """Claim the host ports (PortClaims), then put the DNAT rules in force before answering."""
         if not mappings:
             return
         record = self._require_endpoint(endpoint_id)
-        network = self.network(network_id) or {}
-        if network.get("internal"):
+        if (self.network(network_id) or {}).get("internal"):
             raise L3netError("the network is internal (--internal): no ports can be published on it")
-        expect, put = {}, {}
-        for m in mappings:
-            key = self.keys.port(self.host, m["proto"], m["host_port"])
-            value, rev = self.store.get(key)
-            holder = json.loads(value).get("endpoint") if value is not None else None
-            if holder == endpoint_id:
-                continue
-            if holder is not None and self._endpoint_alive(holder):
-                raise L3netError(f"host port {m['proto']}/{m['host_port']} is already published by "
-                                 f"another container (endpoint {str(holder)[:12]})")
-            # (a dead holder: a container gone without its revoke, say the host crashed and
-            # dockerd now restarts it; its claim is taken over, by compare-and-swap)
-            if not self.datapath.host_port_free(m["proto"], m["host_ip"], m["host_port"]):
-                raise L3netError(f"host port {m['proto']}/{m['host_port']} is in use on this host")
-            expect[key] = rev if holder is not None else 0
-            if holder is not None:
-                log.info("host port %s/%s: taking it over from endpoint %s, which is gone",
-                         m["proto"], m["host_port"], str(holder)[:12])
-            put[key] = json.dumps(dict(m, endpoint=endpoint_id, network=network_id, ip=record["address"]),
-                                  sort_keys=True)
-        published = self._published_ports()
-        if put and not self.store.txn(expect, put=put):
-            raise L3netError("another container published one of these host ports meanwhile")
-        for key in put:
-            for keys in published.values():
-                keys.discard(key)                   # a dead holder's, taken over
-            published.setdefault(endpoint_id, set()).add(key)
+        self.ports.claim(endpoint_id, network_id, record["address"], mappings, self._endpoint_alive,
+                         self.datapath.host_port_free)
         if self.sync_policy is not None:
             self.sync_policy()
         log.info("endpoint %s: published %s", endpoint_id[:12], ", ".join(describe_port(m) for m in mappings))
@@ -294,28 +270,10 @@ class Driver:
         record = self.endpoint(endpoint_id) if isinstance(endpoint_id, str) else None
         return bool(record and not record.get("deleting") and self.datapath.link_exists(record["host_ifname"]))
 
-    def _published_ports(self):
-        """{endpoint: {port keys}} of this host, read from etcd once, then kept here (only this
-        process writes them): a container stop without -p costs no etcd read."""
-        if self._published is None:
-            published = {}
-            for key, value, _ in self.store.get_prefix(self.keys.ports(self.host)):
-                try:
-                    published.setdefault(json.loads(value).get("endpoint"), set()).add(key)
-                except ValueError:
-                    log.warning("ignoring %s: not JSON", key)
-            self._published = published
-        return self._published
-
-    def unpublish(self, endpoint_id, sync=True):
-        """Release the endpoint's host ports (RevokeExternalConnectivity; DeleteEndpoint too,
-        for a container that died without the revoke). Idempotent."""
-        mine = self._published_ports().get(endpoint_id)
-        if not mine:
-            return
-        self.store.txn({}, delete=sorted(mine))
-        self._published.pop(endpoint_id, None)
-        if sync and self.sync_policy is not None:
+    def unpublish(self, endpoint_id):
+        """RevokeExternalConnectivity; DeleteEndpoint too, for a container that died without
+        the revoke. Idempotent."""
+        if self.ports.release(endpoint_id) and self.sync_policy is not None:
             self.sync_policy()
 
     def oper_info(self, network_id, endpoint_id):

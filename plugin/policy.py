@@ -182,7 +182,8 @@ def render_iptables(state):
          f"-A {POSTROUTING} -m set --match-set {NAT_SET} src -m set ! --match-set {POOLS_SET} dst"
          f" -m set ! --match-set {HOSTS_SET} dst{_comment('outgoing NAT')} -j MASQUERADE"]
     for p in sorted(state.ports, key=lambda p: (p["proto"], p["host_port"])):
-        to = f" -d {p['host_ip']}/32" if p.get("host_ip") else " ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL"
+        to = f" -d {p['host_ip']}/32" if p.get("host_ip") else " ! -d 127.0.0.0/8"
+        to += " -m addrtype --dst-type LOCAL"      # the host's own addresses only, never routed traffic
         n.append(f"-A {DNAT}{to} -p {p['proto']} -m {p['proto']} --dport {p['host_port']}"
                  f"{_comment('published ' + p['ip'])} -j DNAT --to-destination {p['ip']}:{p['port']}")
     n.append("COMMIT")

@@ -1,4 +1,5 @@
-"""Published ports (``docker run -p HOSTPORT:PORT``): what dockerd asks for, checked (pure).
+"""Published ports (``docker run -p HOSTPORT:PORT``): what dockerd asks for, checked (pure),
+and this host's claims on host ports, kept in etcd (PortClaims).
 
 dockerd sends the bindings in ProgramExternalConnectivity's options; l3net answers them with
 one DNAT rule per binding on the container's host (policy.render_iptables), so the port is
@@ -7,9 +8,15 @@ host ports only: dockerd does not read back the port a driver picks (a remote dr
 EndpointOperInfo is not parsed), so ``-P`` / ``-p PORT`` would leave the user guessing.
 """
 
+import json
+import logging
+import threading
+
 from netaddr import AddrFormatError, IPAddress
 
 from .errors import L3netError
+
+log = logging.getLogger("l3net.ports")
 
 PORTMAP = "com.docker.network.portmap"
 PROTOS = {6: "tcp", 17: "udp", "tcp": "tcp", "udp": "udp"}
@@ -63,3 +70,76 @@ def parse_portmap(value):
 def describe(mapping):
     """``0.0.0.0:8080->80/tcp``, as docker ps prints a binding."""
     return f"{mapping.get('host_ip') or '0.0.0.0'}:{mapping['host_port']}->{mapping['port']}/{mapping['proto']}"
+
+
+class PortClaims:
+    """This host's published ports in etcd: one key per protocol and host port (keys.port),
+    its value the binding with its endpoint and address. Read once, then kept here as
+    {endpoint: {key: mod revision}}: only this process writes them, so a container stop
+    without -p costs no etcd read. Every write is a compare-and-swap on those revisions, and
+    one lock orders the calls dockerd makes in parallel."""
+
+    def __init__(self, store, keys, host):
+        self.store, self.keys, self.host = store, keys, host
+        self._lock = threading.Lock()
+        self._claims = None
+
+    def _load(self):
+        if self._claims is None:
+            claims = {}
+            for key, value, rev in self.store.get_prefix(self.keys.ports(self.host)):
+                try:
+                    holder = json.loads(value)["endpoint"]
+                except (ValueError, TypeError, KeyError):
+                    log.warning("ignoring %s: not a port claim", key)
+                    continue
+                claims.setdefault(holder, {})[key] = rev
+            self._claims = claims
+        return self._claims
+
+    def claim(self, endpoint_id, network_id, address, mappings, alive, port_free):
+        """Claim every binding's host port for the endpoint, all or none. A port held by an
+        endpoint that is gone (``alive(holder)`` false: its container died and nobody revoked)
+        is taken over; one held by a live endpoint, or by a host process (``port_free``
+        false), is refused. A re-sent call finds its own claims."""
+        with self._lock:
+            claims = self._load()
+            holders = {key: holder for holder, keys in claims.items() for key in keys}
+            expect, put = {}, {}
+            for m in mappings:
+                key = self.keys.port(self.host, m["proto"], m["host_port"])
+                holder = holders.get(key)
+                if holder == endpoint_id:
+                    continue
+                if holder is not None and alive(holder):
+                    raise L3netError(f"host port {m['proto']}/{m['host_port']} is already published by "
+                                     f"another container (endpoint {str(holder)[:12]})")
+                if not port_free(m["proto"], m["host_ip"], m["host_port"]):
+                    raise L3netError(f"host port {m['proto']}/{m['host_port']} is in use on this host")
+                if holder is not None:
+                    log.info("host port %s/%s: taking it over from endpoint %s, which is gone",
+                             m["proto"], m["host_port"], str(holder)[:12])
+                expect[key] = claims[holder][key] if holder is not None else 0
+                put[key] = json.dumps(dict(m, endpoint=endpoint_id, network=network_id, ip=address),
+                                      sort_keys=True)
+            if not put:
+                return
+            rev = self.store.txn(expect, put=put)
+            if not rev:
+                self._claims = None             # not what we knew: read etcd again next time
+                raise L3netError("a host port changed hands meanwhile; try again")
+            for key in put:
+                for keys in claims.values():
+                    keys.pop(key, None)
+                claims.setdefault(endpoint_id, {})[key] = rev
+
+    def release(self, endpoint_id):
+        """Drop the endpoint's claims (each only if still its own). Returns whether it had any."""
+        with self._lock:
+            mine = self._load().pop(endpoint_id, None)
+            if not mine:
+                return False
+            if not self.store.txn(dict(mine), delete=sorted(mine)):
+                for key, rev in mine.items():
+                    self.store.txn({key: rev}, delete=[key])
+            return True

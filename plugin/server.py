@@ -40,7 +40,7 @@ def build(cfg):
     store = make_store(cfg)
     keys = Keys(cfg.etcd_prefix)
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
-    bird = Bird(cfg.state_dir) if cfg.bgp else None
+    bird = Bird(cfg.state_dir, run_dir=RUN_DIR) if cfg.bgp else None
     firewall = Firewall()
     agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
                   status_path=os.path.join(cfg.state_dir, "status.json"))

@@ -26,7 +26,7 @@ BASE=${L3NET_PLUGIN_BASE:-debian:bookworm-slim}
 LOCAL_BASE=l3net/debian-base:bookworm
 IMAGE=l3net/plugin-image:latest
 BUILD=build/plugin
-PY=${PYTHON:-.venv/bin/python}
+PY=${PYTHON:-}
 say() { echo "plugin: $*"; }
 die() { echo "plugin: $*" >&2; exit 1; }
 
@@ -52,6 +52,18 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
 fi
 say "base image $BASE"
 
+# A Python to build the wheels with: the checkout's .venv (make setup), else one made here;
+# a production node needs no `make setup` (no local etcd, no test tools) for this.
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then
+        PY=.venv/bin/python
+    else
+        command -v python3 >/dev/null || die "python3 not found (apt-get install python3 python3-venv)"
+        [ -x build/wheel-venv/bin/python ] || python3 -m venv build/wheel-venv \
+            || die "cannot create a virtualenv (apt-get install python3-venv)"
+        PY=build/wheel-venv/bin/python
+    fi
+fi
 say "building wheels (dist/wheels)"
 rm -rf dist/wheels
 mkdir -p build
@@ -108,8 +120,10 @@ for var in L3NET_ETCD_ENDPOINTS L3NET_ETCD_PREFIX L3NET_HOST_IP L3NET_HOSTNAME L
     eval "value=\${$var:-}"
     if [ -n "$value" ]; then set -- "$@" "$var=$value"; fi
 done
-[ -n "${L3NET_HOSTNAME:-}$old_hostname" ] || set -- "$@" "L3NET_HOSTNAME=$(hostname)"
-mkdir -p /var/lib/l3net /run/l3net
+[ -n "${L3NET_HOSTNAME:-}$old_hostname" ] || set -- "$@" "L3NET_HOSTNAME=$(hostname -s)"
+if [ -z "${DOCKER_HOST:-}" ]; then
+    mkdir -p /var/lib/l3net     # the state mount's default source (dockerd does not create it)
+fi
 docker plugin create "$NAME" "$BUILD" >/dev/null
 docker plugin set "$NAME" "$@"
 if [ "${L3NET_PLUGIN_NO_ENABLE:-}" = 1 ]; then

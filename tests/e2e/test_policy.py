@@ -326,6 +326,12 @@ def probe_from(nsenter, targets):
     return json.loads(res.stdout)
 
 
+def flows_of(host, ip):
+    """Connection-tracking entries to, from or DNATed to ``ip`` on ``host``."""
+    return [line for match in ("--orig-src", "--orig-dst", "--reply-src")
+            for line in host.sh("conntrack", "-L", match, ip, check=False).stdout.splitlines()]
+
+
 def test_published_ports(bed):
     """docker run -p HOSTPORT:PORT: the container's host answers on HOSTPORT for the outside
     and the hosts (the client's own address reaches the container: no SNAT); containers keep
@@ -358,10 +364,13 @@ def test_published_ports(bed):
         assert "tcp/18080 is already published" in refused("-p", "18080:80")
         assert "fixed host ports only" in refused("-p", "80")
         assert f"tcp/{HOST_PORTS[0]} is in use on this host" in refused("-p", f"{HOST_PORTS[0]}:80")
+        assert flows_of(h1, pub.ip), "the probes' connections are tracked"
     finally:
         bed.remove(pub)
         for name in failed:
             h1.docker("rm", "-f", name, check=False)
+    # its address goes to the next container: its tracked connections must not
+    wait_for(lambda: not flows_of(h1, pub.ip), 10, "the removed container's connections forgotten")
     assert probe_from(outside, [[h1.ip, "tcp", 18080]]) == [None]
     again = bed.start(h1, "web", None, "-p", "18080:80")
     try:

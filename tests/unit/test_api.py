@@ -23,6 +23,7 @@ class FakeDatapath:
     def __init__(self):
         self.links = {}
         self.fail_create = False
+        self.forgotten = []
 
     host_ifname = staticmethod(lambda eid: "l3h" + eid[:11])
     temp_ifname = staticmethod(lambda eid: "l3t" + eid[:11])
@@ -53,6 +54,9 @@ class FakeDatapath:
 
     def link_exists(self, ifname):
         return ifname in self.links
+
+    def forget_flows(self, address):
+        self.forgotten.append(address)
 
 
 @pytest.fixture
@@ -141,6 +145,7 @@ def test_full_lifecycle_leaves_nothing(node):
     ok(node.call("IpamDriver.ReleasePool", {"PoolID": pool_id}))
     ok(node.call("NetworkDriver.DeleteNetwork", {"NetworkID": NET}))
     assert node.dp.links == {}
+    assert node.dp.forgotten[:1] == ["10.20.0.1"], "its old connections forgotten"
     assert node.store.get_prefix("/") == []
 
 

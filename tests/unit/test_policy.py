@@ -159,6 +159,8 @@ def test_malformed_records_in_etcd_are_ignored():
     """Anyone with etcd access can write there; nothing malformed reaches iptables-restore."""
     import json
 
+    from netaddr import IPNetwork
+
     from ipam.allocator import Ipam
     from plugin.agent import desired_policy
     from plugin.keys import Keys
@@ -175,5 +177,27 @@ def test_malformed_records_in_etcd_are_ignored():
     store.put(keys.policy_rule("notjson"), "{")
     store.put(keys.host_rule("h"), json.dumps({"id": "h", "proto": "tcp", "ports": "22", "node": "a b"}))
     store.put(keys.host_rule("i"), json.dumps({"id": "i", "proto": "icmp", "ports": None, "node": None}))
+    # pools, allocations and published ports: only canonical addresses and numbers, and a port
+    # only while its endpoint holds the address
+    ipam = Ipam(store, keys, "h1")
+    pool_id, _, _ = ipam.request_pool("10.30.0.0/24")
+    held = ipam.request_address(pool_id).split("/")[0]
+    ipam.set_handle(IPNetwork("10.30.0.0/24"), held, "endpoint:" + "e" * 64)
+    store.put(keys.pool("10.66.0.0/24"), json.dumps({"cidr": "10.66.0.0/24\nflush l3n-hosts", "refs": {}}))
+    block_key = next(k for k, _, _ in store.get_prefix(keys.all_blocks()) if "10.30" in k)
+    block = json.loads(store.get(block_key)[0])
+    block["allocations"]["10.30.0.9\n-I INPUT 1 -j ACCEPT"] = {"handle": "endpoint:x", "host": "h1"}
+    block["allocations"]["10.30.0.10"] = "junk"
+    store.put(block_key, json.dumps(block))
+    claim = {"proto": "tcp", "host_ip": None, "host_port": 8080, "ip": held, "port": 80, "endpoint": "e" * 64}
+    for i, port in enumerate([claim, dict(claim, port=True, host_port=81), dict(claim, ip=167772161, host_port=82),
+                              dict(claim, host_ip="1.2.3.4 -j ACCEPT", host_port=83),
+                              dict(claim, endpoint="f" * 64, host_port=84), dict(claim, ip="10.30.0.200", host_port=85),
+                              "junk"]):
+        store.put(keys.port("h1", "tcp", 8080 + i), json.dumps(port))
     state = desired_policy(store, keys, "h1")
     assert [r["id"] for r in state.rules] == ["aaaaaaaa"] and state.host_rules == []
+    assert state.pools == ["10.20.0.0/24", "10.30.0.0/24"] and state.members["10.30.0.0/24"] == [held]
+    assert [p["host_port"] for p in state.ports] == [8080]
+    render_iptables(state)
+    render_ipsets(state)
