@@ -46,6 +46,7 @@ class Config:
     log_format: str = "text"
     metrics_port: int = 0              # 0: no metrics endpoint
     metrics_address: str = "127.0.0.1"
+    iptables_backend: str = "auto"
 
     @property
     def driver_name(self):

@@ -24,7 +24,50 @@ TIMEOUT = 15
 WAIT = ["-w", "5"]          # xtables lock: wait up to 5 s for another writer (dockerd)
 
 
+# iptables binaries: the host's own by default; the managed plugin brings its own iptables,
+# which must write where dockerd writes (nft or legacy kernel tables): see choose_backend().
+IPTABLES = {"iptables": "iptables", "iptables-save": "iptables-save", "iptables-restore": "iptables-restore"}
+BACKENDS = ("nft", "legacy")
+
+
+def count_rules(saved):
+    """Rules in ``iptables-save`` output (l3net's own not counted: they follow the choice)."""
+    return sum(1 for line in saved.splitlines() if line.startswith("-A ") and "L3NET" not in line)
+
+
+def pick_backend(counts):
+    """{backend: rules found} -> the backend to use, or None (no evidence: keep the default).
+    The one holding the host's rules (dockerd's): rules written to the other would be
+    bypassed, silently."""
+    found = {b: n for b, n in counts.items() if n}
+    return max(found, key=found.get) if found else None
+
+
+def choose_backend(setting="auto"):
+    """Use iptables-nft / iptables-legacy (``setting``), or for "auto" the one that holds the
+    host's rules, else plain ``iptables``. Returns a line for the log."""
+    if setting in BACKENDS:
+        chosen, why = setting, "as configured"
+    elif setting == "auto":
+        counts = {}
+        for backend in BACKENDS:
+            try:
+                counts[backend] = count_rules(_run([f"iptables-{backend}-save"]))
+            except L3netError:
+                counts[backend] = 0         # that variant is not installed, or its tables not loaded
+        chosen = pick_backend(counts)
+        why = ", ".join(f"{n} rules in {b}" for b, n in counts.items())
+        if chosen is None:
+            return "iptables: the default (no rules in either backend yet; L3NET_IPTABLES_BACKEND to choose)"
+    else:
+        raise L3netError(f"invalid iptables backend {setting!r}: auto, nft or legacy")
+    for tool in IPTABLES:
+        IPTABLES[tool] = tool.replace("iptables", f"iptables-{chosen}", 1)
+    return f"iptables: {chosen} ({why})"
+
+
 def _run(args, stdin=None):
+    args = [IPTABLES.get(args[0], args[0]), *args[1:]]
     res = run_tool(args, "install iptables and ipset", f"{args[0]} (xtables lock held?)", TIMEOUT, stdin)
     if res.returncode != 0:
         raise L3netError(f"{args[0]} failed: {res.stderr.strip()[:500]}")

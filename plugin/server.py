@@ -33,7 +33,7 @@ def build(cfg):
     from .agent import Agent
     from .bird import Bird
     from .driver import Driver
-    from .firewall import Firewall
+    from .firewall import Firewall, choose_backend
     from .journal import Journal
     from .keys import Keys
 
@@ -41,6 +41,7 @@ def build(cfg):
     keys = Keys(cfg.etcd_prefix)
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
     bird = Bird(cfg.state_dir, run_dir=RUN_DIR) if cfg.bgp else None
+    log.info("%s", choose_backend(cfg.iptables_backend))
     firewall = Firewall()
     agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
                   status_path=os.path.join(cfg.state_dir, "status.json"))
@@ -177,18 +178,22 @@ def prepare_paths(cfg):
               show_default=True, help="Serve Prometheus metrics on this port (0: off).")
 @click.option("--metrics-address", envvar="L3NET_METRICS_ADDRESS", default=Config.metrics_address,
               show_default=True, help="Address the metrics port listens on.")
+@click.option("--iptables-backend", envvar="L3NET_IPTABLES_BACKEND", default=Config.iptables_backend,
+              show_default=True, type=click.Choice(["auto", "nft", "legacy"]),
+              help="Which iptables to write to: auto = the one holding the host's (dockerd's) rules.")
 @click.option("--remove-rules", is_flag=True,
               help="Remove l3net's iptables chains and ipsets from this host, then exit "
                    "(after the plugin is stopped for good).")
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
          default_pool_size, block_size, no_bgp, threads, log_level, log_format, metrics_port,
-         metrics_address, remove_rules):
+         metrics_address, iptables_backend, remove_rules):
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level, log_format)
     if remove_rules:
-        from .firewall import remove_all
+        from .firewall import choose_backend, remove_all
         try:
+            click.echo(choose_backend(iptables_backend))
             for what in remove_all():
                 click.echo(f"removed {what}")
         except L3netError as e:
@@ -201,7 +206,8 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
                  host_ip=host_ip, socket=socket_path, state_dir=state_dir,
                  default_pool=default_pool, default_pool_size=default_pool_size,
                  block_size=block_size, bgp=not no_bgp, threads=threads, log_level=log_level,
-                 metrics_port=metrics_port, metrics_address=metrics_address, log_format=log_format)
+                 metrics_port=metrics_port, metrics_address=metrics_address, log_format=log_format,
+                 iptables_backend=iptables_backend)
     try:
         cfg.check()
         parse_endpoints(cfg.etcd_endpoints)

@@ -131,3 +131,32 @@ def test_firewall_applies_updates_and_repairs_drift_in_a_namespace():
     res = subprocess.run(["unshare", "-n", sys.executable, "-c", SCRIPT], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert "FIREWALL-OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_iptables_backend_follows_the_hosts_rules():
+    """The managed plugin's own iptables must write where dockerd does: the backend with the
+    host's rules wins (l3net's own rules are not evidence); no rules at all: the default."""
+    from plugin.firewall import count_rules, pick_backend
+    legacy = "*filter\n:FORWARD DROP [0:0]\n-A FORWARD -j DOCKER-USER\n-A FORWARD -o docker0 -j DOCKER\nCOMMIT\n"
+    nft = "*filter\n-A FORWARD -j L3NET-FORWARD\n-A L3NET-FORWARD -o l3h+ -j L3NET-TO-CONTAINER\nCOMMIT\n"
+    assert count_rules(legacy) == 2 and count_rules(nft) == 0
+    assert pick_backend({"nft": count_rules(nft), "legacy": count_rules(legacy)}) == "legacy"
+    assert pick_backend({"nft": 5, "legacy": 0}) == "nft"
+    assert pick_backend({"nft": 0, "legacy": 0}) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("iptables-nft-save"), reason="needs root and iptables-nft")
+def test_choose_backend_on_this_host():
+    """Here dockerd writes nft rules (Debian 12): auto picks nft, names the tools accordingly."""
+    from plugin import firewall
+    saved = dict(firewall.IPTABLES)
+    try:
+        line = firewall.choose_backend("auto")
+        if "default" not in line:
+            assert line.startswith("iptables: nft") and firewall.IPTABLES["iptables-save"] == "iptables-nft-save"
+        assert firewall.choose_backend("legacy").startswith("iptables: legacy (as configured)")
+        assert firewall.IPTABLES["iptables-restore"] == "iptables-legacy-restore"
+        with pytest.raises(Exception, match="invalid iptables backend"):
+            firewall.choose_backend("xt")
+    finally:
+        firewall.IPTABLES.update(saved)
