@@ -369,5 +369,6 @@ class Agent:
                 self._cancel_watch()
             except Exception:  # noqa: BLE001 - etcd may be gone already
                 pass
-        if self.bird is not None:
-            self.bird.stop()
+        # BIRD is left running: a plugin restart (an upgrade) costs no route, and the next
+        # plugin adopts it (bird.py). A node down for good leaves the mesh when its registry
+        # lease expires: the other nodes drop their sessions with it.

@@ -1,8 +1,9 @@
 """BIRD 2 as a supervised child: write and check its config, start it, reconfigure, restart.
 
 Files: the config under the state dir (``bird.conf``), the control socket and pid file under
-``/run/l3net``. A BIRD left running by a previous plugin process (plugin killed, BIRD not) is
-adopted through its pid file instead of started twice, so routes survive a plugin restart.
+``/run/l3net``. BIRD outlives the plugin process (its own session; the plugin does not stop it
+when it stops): the next plugin adopts it through its pid file instead of starting a second
+one, so routes survive a plugin restart or upgrade.
 Every command is bounded by a timeout; none goes through a shell.
 """
 
@@ -91,27 +92,53 @@ class Bird:
                 raise L3netError(f"BIRD exited at start: {err}")
             if os.path.exists(self.socket):
                 log.info("BIRD started (pid %d)", self.proc.pid)
+                for pid in other_birds(self.proc.pid):
+                    log.warning("another BIRD (pid %d) runs in this network namespace: if it has a kernel "
+                                "protocol, it deletes l3net's routes (both are proto bird); the "
+                                "distribution's bird.service should be disabled", pid)
                 return
             time.sleep(0.05)
         raise L3netError("BIRD did not open its control socket within 10s")
 
     def stop(self):
+        """Stop our BIRD (peers withdraw this node's routes). Returns whether one ran."""
         pid = self.pid()
         if pid is None:
-            return
+            return False
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            return False
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and self.pid() is not None:
             if self.proc is not None:
                 self.proc.poll()
             time.sleep(0.05)
         self.current = None
+        return True
 
     def show(self, *what):
         return show(self.socket, *what, birdc=self.birdc)
+
+
+def other_birds(ours, proc="/proc"):
+    """Pids of BIRD processes other than ``ours`` in this process's network namespace."""
+    try:
+        here = os.readlink(f"{proc}/self/ns/net")
+    except OSError:
+        return []
+    found = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit() or int(entry) == ours:
+            continue
+        try:
+            with open(f"{proc}/{entry}/cmdline", "rb") as f:
+                name = os.path.basename(f.read().split(b"\0")[0].decode(errors="replace"))
+            if name == "bird" and os.readlink(f"{proc}/{entry}/ns/net") == here:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
 
 
 def show(socket, *what, birdc="birdc"):

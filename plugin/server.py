@@ -101,8 +101,8 @@ class PluginServer(BaseApplication):
                 log.warning("could not prepare the host for routing: %s", e)
 
         def worker_exit(server, worker):
-            # A stopped plugin is a stopped node: BIRD goes too, so peers withdraw our routes
-            # at once. (A plugin killed with -9 leaves BIRD running; the next one adopts it.)
+            # The agent stops; BIRD does not (see Agent.stop): containers keep running without
+            # the plugin, and so do their routes, on this host and its peers.
             agent = getattr(self, "agent", None)
             if agent is not None:
                 agent.stop()
@@ -182,8 +182,8 @@ def prepare_paths(cfg):
               show_default=True, type=click.Choice(["auto", "nft", "legacy"]),
               help="Which iptables to write to: auto = the one holding the host's (dockerd's) rules.")
 @click.option("--remove-rules", is_flag=True,
-              help="Remove l3net's iptables chains and ipsets from this host, then exit "
-                   "(after the plugin is stopped for good).")
+              help="Remove l3net's iptables chains and ipsets from this host and stop its BIRD, "
+                   "then exit (after the plugin is stopped for good).")
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
          default_pool_size, block_size, no_bgp, threads, log_level, log_format, metrics_port,
@@ -191,11 +191,14 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level, log_format)
     if remove_rules:
+        from .bird import Bird
         from .firewall import choose_backend, remove_all
         try:
             click.echo(choose_backend(iptables_backend))
             for what in remove_all():
                 click.echo(f"removed {what}")
+            if Bird(state_dir, run_dir=RUN_DIR).stop():
+                click.echo("stopped BIRD (peers withdraw this node's routes)")
         except L3netError as e:
             click.echo(f"l3net-plugin: {e}", err=True)
             sys.exit(1)

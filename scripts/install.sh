@@ -46,5 +46,6 @@ DEFAULTS_EOF
 fi
 if [ -d /run/systemd/system ] && [ "$UNITDIR" = /etc/systemd/system ]; then
     systemctl daemon-reload
+    scripts/quiet-system-bird.sh
 fi
 say "done: systemctl enable --now l3net-plugin"

@@ -28,6 +28,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+scripts/quiet-system-bird.sh
+
 if [ ! -x .venv/bin/l3net-plugin ] || [ setup.cfg -nt .venv/.installed ]; then
     say "installing l3net into .venv"
     python3 -m venv .venv

@@ -180,6 +180,15 @@ class Host:
         wait_until(lambda: self.sh("test", "-S", "/run/docker/plugins/l3net.sock",
                                    check=False).returncode == 0, 30, f"plugin on {self.name}")
 
+    def stop_plugin(self):
+        """Stop the plugin as systemd would (SIGTERM; its BIRD is left running)."""
+        try:
+            os.killpg(self.plugin.pid, signal.SIGTERM)
+            self.plugin.wait(15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.plugin.pid, signal.SIGKILL)
+            self.plugin.wait(5)
+
     def kill_plugin(self):
         """kill -9 the plugin and its BIRD (a node dying)."""
         if self.plugin is not None:
@@ -205,11 +214,7 @@ class Host:
             if ids:
                 self.docker("rm", "-f", *ids, check=False, timeout=120)
             if self.plugin is not None:
-                try:
-                    os.killpg(self.plugin.pid, signal.SIGTERM)
-                    self.plugin.wait(15)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    os.killpg(self.plugin.pid, signal.SIGKILL)
+                self.stop_plugin()
             if self.dockerd is not None:
                 self.stop_dockerd()
             # Whatever else this host runs: its BIRD (the containerd shims went with dockerd).

@@ -6,6 +6,7 @@ as the next hop.
 """
 
 import json
+import os
 import re
 import time
 import uuid
@@ -125,6 +126,32 @@ def test_dead_node_routes_withdrawn_then_restored(bed, containers):
     assert not pings(h1, name1, ip2)
     h2.start_plugin()
     wait_for(lambda: pings(h1, name1, ip2), 30, "host 2's container reachable again")
+
+
+def test_plugin_restart_moves_no_route(bed, containers):
+    """A plugin stopped and started again (an upgrade of the host service): its BIRD stays and
+    is adopted, the other hosts keep the route, and traffic flows all along."""
+    h1, h2, _ = bed.hosts
+    name1, _ = containers(h1)
+    _, ip2 = containers(h2)
+    wait_for(lambda: pings(h1, name1, ip2), 20, "host 2's container from host 1")
+    bird = h2.sh("cat", "/run/l3net/bird.pid").stdout.strip()
+    route = h1.sh("ip", "route", "get", ip2).stdout
+    assert f"via {h2.ip}" in route, route
+    h2.stop_plugin()
+    deadline = time.monotonic() + 3        # the plugin down: routes and traffic as before
+    while time.monotonic() < deadline:
+        assert f"via {h2.ip}" in h1.sh("ip", "route", "get", ip2).stdout
+    assert pings(h1, name1, ip2), "traffic while the plugin is down"
+    started = time.time()
+    h2.start_plugin()
+
+    def synced():
+        with open(os.path.join(h2.dir, "state", "status.json")) as f:
+            return (json.load(f).get("last_sync") or 0) > started
+    wait_for(synced, 10, "the new plugin's first sync")
+    assert h2.sh("cat", "/run/l3net/bird.pid").stdout.strip() == bird, "BIRD adopted, not restarted"
+    assert pings(h1, name1, ip2) and f"via {h2.ip}" in h1.sh("ip", "route", "get", ip2).stdout
 
 
 def test_bird_that_dies_is_restarted(bed, containers):

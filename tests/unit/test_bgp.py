@@ -137,3 +137,22 @@ other      BGP        ---        down   02:06:23.370
         ("198.18.1.12", "up", True), ("198.18.1.13", "start", False), (None, "down", False)]
     assert sessions[1]["info"] == "Active        Socket: Connection refused"
     assert sessions[2]["info"] == ""
+
+
+def test_another_bird_in_this_network_namespace_is_found(tmp_path):
+    """The distribution's BIRD beside ours would delete our routes: the plugin names it."""
+    import os
+    import subprocess
+    import sys
+
+    from plugin.bird import other_birds
+    link = tmp_path / "bird"
+    os.symlink(sys.executable, link)            # a process whose argv[0] is ".../bird"
+    same = subprocess.Popen([str(link), "-c", "import time; time.sleep(30)"])
+    try:
+        from tests.conftest import wait_for
+        wait_for(lambda: same.pid in other_birds(ours=-1), 5, "the other BIRD found")
+        assert same.pid not in other_birds(ours=same.pid)
+    finally:
+        same.kill()
+        same.wait()
