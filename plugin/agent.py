@@ -58,7 +58,9 @@ class Registry:
 
 
 def nodes(store, keys):
-    return [json.loads(v) for _, v, _ in store.get_prefix(keys.nodes())]
+    """Registered nodes (records that are not a JSON object with a name are skipped: one bad
+    record must not stop every node's sync)."""
+    return [n for n in _records(store, keys.nodes()) if isinstance(n, dict) and isinstance(n.get("name"), str)]
 
 
 def bgp_settings(store, keys, name):
@@ -218,14 +220,17 @@ def node_stats(view, keys, name):
     "endpoints": endpoints on this node}."""
     pools, endpoints = {}, 0
     for p in _records(view, keys.pools()):
-        cidr = IPNetwork(p["cidr"])
-        pools[p["cidr"]] = [0, max(cidr.size - 2, 1)]
+        cidr = _canonical_cidr(p.get("cidr")) if isinstance(p, dict) else None
+        if cidr:
+            pools[cidr] = [0, max(IPNetwork(cidr).size - 2, 1)]
     for block in _records(view, keys.all_blocks()):
-        allocations = block.get("allocations", {})
+        allocations = block.get("allocations") if isinstance(block, dict) else None
+        if not isinstance(allocations, dict):
+            continue
         if block.get("pool") in pools:
             pools[block["pool"]][0] += len(allocations)
-        endpoints += sum(1 for a in allocations.values()
-                         if a.get("host") == name and a.get("handle", "").startswith("endpoint:"))
+        endpoints += sum(1 for a in allocations.values() if isinstance(a, dict) and a.get("host") == name
+                         and str(a.get("handle", "")).startswith("endpoint:"))
     return {"pools": {k: tuple(v) for k, v in pools.items()}, "endpoints": endpoints}
 
 

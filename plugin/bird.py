@@ -19,6 +19,8 @@ log = logging.getLogger("l3net.bird")
 
 TIMEOUT = 15
 HINT = "install bird2 (or run with --no-bgp)"
+# The host's /proc: the managed plugin's is its own, the host's is at /host/proc (plugin.json).
+HOST_PROC = os.path.dirname(os.environ.get("L3NET_PROC_SYS", "/proc/sys"))
 
 
 class Bird:
@@ -35,10 +37,9 @@ class Bird:
     def _run(self, args, what):
         return run_tool(args, HINT, what, TIMEOUT)
 
-    def pid(self):
-        """The pid of our running BIRD, or None."""
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc.pid
+    def _on_socket(self):
+        """(pid, command line) of the BIRD in our pid file that serves our control socket (one
+        a previous plugin left running), or None."""
         try:
             with open(self.pidfile) as f:
                 pid = int(f.read().strip())
@@ -46,16 +47,28 @@ class Bird:
                 cmd = f.read().split(b"\0")
             if cmd and os.path.basename(cmd[0].decode()) == os.path.basename(self.bird) and \
                     self.socket.encode() in cmd:
-                return pid
+                return pid, cmd
         except (OSError, ValueError):
             pass
         return None
+
+    def pid(self):
+        """The pid of our running BIRD (ours: our socket and our config file), or None."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc.pid
+        found = self._on_socket()
+        return found[0] if found and self.conf.encode() in found[1] else None
 
     def apply(self, text):
         """Make BIRD run with config ``text``: check it, then start or reconfigure."""
         running = self.pid() is not None
         if text == self.current and running:
             return False
+        if self.current is None:            # this process's first: started or adopted
+            for pid in other_birds(self.socket, HOST_PROC):
+                log.warning("another BIRD (pid %d) runs in this network namespace: if it has a kernel "
+                            "protocol, it deletes l3net's routes (both are proto bird); disable the "
+                            "distribution's bird.service", pid)
         tmp = self.conf + ".new"
         with open(tmp, "w") as f:
             f.write(text)
@@ -74,6 +87,10 @@ class Bird:
         return True
 
     def start(self):
+        # A BIRD on our socket with another config file (the state directory moved): it would
+        # never load ours, and two BIRDs would fight over the routes. It goes first.
+        if self._on_socket():
+            self.stop()
         try:
             os.unlink(self.socket)
         except FileNotFoundError:
@@ -92,17 +109,15 @@ class Bird:
                 raise L3netError(f"BIRD exited at start: {err}")
             if os.path.exists(self.socket):
                 log.info("BIRD started (pid %d)", self.proc.pid)
-                for pid in other_birds(self.proc.pid):
-                    log.warning("another BIRD (pid %d) runs in this network namespace: if it has a kernel "
-                                "protocol, it deletes l3net's routes (both are proto bird); the "
-                                "distribution's bird.service should be disabled", pid)
                 return
             time.sleep(0.05)
         raise L3netError("BIRD did not open its control socket within 10s")
 
     def stop(self):
-        """Stop our BIRD (peers withdraw this node's routes). Returns whether one ran."""
-        pid = self.pid()
+        """Stop the BIRD on our socket (peers withdraw this node's routes). Returns whether
+        one ran."""
+        found = self._on_socket()
+        pid = self.pid() or (found[0] if found else None)
         if pid is None:
             return False
         try:
@@ -110,31 +125,43 @@ class Bird:
         except ProcessLookupError:
             return False
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and self.pid() is not None:
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and self._alive(pid):
             if self.proc is not None:
                 self.proc.poll()
             time.sleep(0.05)
         self.current = None
         return True
 
+    def _alive(self, pid):
+        if self.proc is not None and self.proc.pid == pid:
+            return self.proc.poll() is None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
     def show(self, *what):
         return show(self.socket, *what, birdc=self.birdc)
 
 
-def other_birds(ours, proc="/proc"):
-    """Pids of BIRD processes other than ``ours`` in this process's network namespace."""
+def other_birds(socket, proc="/proc"):
+    """Pids of BIRD processes in this process's network namespace that are not ours (ours is
+    the one with our control socket on its command line; ``proc``: the host's /proc, which a
+    managed plugin sees at /host/proc, its own showing only its own processes)."""
     try:
         here = os.readlink(f"{proc}/self/ns/net")
     except OSError:
         return []
     found = []
     for entry in os.listdir(proc):
-        if not entry.isdigit() or int(entry) == ours:
+        if not entry.isdigit():
             continue
         try:
             with open(f"{proc}/{entry}/cmdline", "rb") as f:
-                name = os.path.basename(f.read().split(b"\0")[0].decode(errors="replace"))
-            if name == "bird" and os.readlink(f"{proc}/{entry}/ns/net") == here:
+                cmd = f.read().split(b"\0")
+            if os.path.basename(cmd[0].decode(errors="replace")) == "bird" and socket.encode() not in cmd \
+                    and os.readlink(f"{proc}/{entry}/ns/net") == here:
                 found.append(int(entry))
         except OSError:
             continue

@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config, etcd_options, make_store
+from .config import Config, bird_socket, etcd_options, make_store
 from .errors import L3netError
 from .keys import Keys
 
@@ -72,12 +72,14 @@ STALE = 10.0      # seconds: an agent that has not synced for longer is not in s
 @cli.command()
 @click.option("--state-dir", envvar="L3NET_STATE_DIR", default=Config.state_dir, show_default=True,
               help="The plugin's state directory (where its agent writes status.json).")
-@click.option("--socket", "sock", default="/run/l3net/bird.ctl", show_default=True,
-              help="BIRD's control socket.")
+@click.option("--socket", "sock", default=None,
+              help="BIRD's control socket [default: /run/l3net/bird.ctl, or the managed plugin's "
+                   "/var/lib/l3net/run/bird.ctl].")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def status(obj, state_dir, sock, as_json):
     """This node's health: etcd, agent, BGP, policy, counts. Exit status 1 if unhealthy."""
+    sock = sock or bird_socket()
 
     from .bird import show
     from .metrics import bgp_states
@@ -210,7 +212,7 @@ def diagnose(obj, src, dst, proto, port, hostname):
     bgp = {}
     try:
         from .bird import show
-        bgp = bgp_states(show("/run/l3net/bird.ctl", "protocols"))
+        bgp = bgp_states(show(bird_socket(), "protocols"))
     except L3netError:
         pass
     facts = Facts(pools=pools, allocations=allocations,
@@ -541,12 +543,14 @@ def peer_remove(obj, ip, node):
 
 
 @bgp.command("status")
-@click.option("--socket", "sock", default="/run/l3net/bird.ctl", show_default=True,
-              help="BIRD's control socket.")
+@click.option("--socket", "sock", default=None,
+              help="BIRD's control socket [default: /run/l3net/bird.ctl, or the managed plugin's "
+                   "/var/lib/l3net/run/bird.ctl].")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def bgp_status(obj, sock, as_json):
     """This node's BGP sessions, as BIRD reports them, with the peer's node name from etcd."""
+    sock = sock or bird_socket()
     from .agent import nodes
     from .bgp import parse_protocols
     from .bird import show

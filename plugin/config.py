@@ -17,10 +17,17 @@ from .validate import hostname as check_hostname
 from .validate import ipv4
 
 DEFAULT_SOCKET = "/run/docker/plugins/l3net.sock"
-# BIRD's control socket and pid file. The managed plugin sees the host's /run at /host/run
-# (plugin.json): /run/l3net itself is gone after a reboot, and dockerd does not create a
-# missing bind-mount source, so the plugin creates the directory.
+# BIRD's control socket and pid file. The managed plugin keeps them in its state mount
+# (plugin.json: /var/lib/l3net/run): a /run/l3net bind mount would be missing after a reboot,
+# and dockerd does not create a missing bind-mount source.
 RUN_DIR = os.environ.get("L3NET_RUN_DIR", "/run/l3net")
+# Where l3netctl on the host looks for BIRD's control socket: the host service's, then the
+# managed plugin's (in its default state directory).
+BIRD_SOCKETS = ("/run/l3net/bird.ctl", "/var/lib/l3net/run/bird.ctl")
+
+
+def bird_socket():
+    return next((p for p in BIRD_SOCKETS if os.path.exists(p)), BIRD_SOCKETS[0])
 
 
 @dataclass

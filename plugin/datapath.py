@@ -66,7 +66,7 @@ def forget_flows(address):
     """Delete the connection-tracking entries of a container's address (it sent them, they
     were sent to it, or to a port published for it): the address goes to the next container,
     and an old flow, a UDP one above all, must not reach it as "established"."""
-    for match in ("--orig-src", "--orig-dst", "--reply-src"):
+    for match in ("--orig-src", "--reply-src"):     # sent by it; sent to it, DNATed or not
         try:
             res = run_tool(["conntrack", "-D", match, address], "install conntrack", timeout=10)
         except L3netError as e:

@@ -244,11 +244,22 @@ class Driver:
             self.unpublish(endpoint_id)
             record = self._endpoints.get(endpoint_id) or self.endpoint(endpoint_id)
             if record is not None:
-                self.datapath.forget_flows(record["address"])
+                self._forget_flows(record)
             self.store.delete(self.keys.endpoint(self.host, endpoint_id))
             self._endpoints.pop(endpoint_id, None)
             self.journal.remove(endpoint_id)
         self.datapath.delete_later(endpoint_id, then=forget)
+
+    def _forget_flows(self, record):
+        """The endpoint's tracked connections go with it, unless its address already has a new
+        holder (deletion runs in the background, and the IPAM hands the lowest free address
+        out first): then they may be the new container's. Checked on a fresh read just before;
+        a new holder's first connection is a container start away."""
+        held = self.ipam.holder(IPNetwork(record["pool"]), record["address"])
+        if held is None or held.get("handle") == f"endpoint:{record['id']}":
+            self.datapath.forget_flows(record["address"])
+        else:
+            log.debug("%s already has a new holder: its tracked connections stay", record["address"])
 
     # -- published ports (docker run -p; rules: policy.py, put in force by the agent) ------
     def publish(self, network_id, endpoint_id, mappings):

@@ -13,7 +13,9 @@ them from interleaving.
 """
 
 import logging
+import os
 import threading
+import time
 
 from . import policy as P
 from .errors import L3netError, run_tool
@@ -43,27 +45,82 @@ def pick_backend(counts):
     return max(found, key=found.get) if found else None
 
 
-def choose_backend(setting="auto"):
-    """Use iptables-nft / iptables-legacy (``setting``), or for "auto" the one that holds the
-    host's rules, else plain ``iptables``. Returns a line for the log."""
-    if setting in BACKENDS:
-        chosen, why = setting, "as configured"
-    elif setting == "auto":
-        counts = {}
-        for backend in BACKENDS:
-            try:
-                counts[backend] = count_rules(_run([f"iptables-{backend}-save"]))
-            except L3netError:
-                counts[backend] = 0         # that variant is not installed, or its tables not loaded
-        chosen = pick_backend(counts)
-        why = ", ".join(f"{n} rules in {b}" for b, n in counts.items())
-        if chosen is None:
-            return "iptables: the default (no rules in either backend yet; L3NET_IPTABLES_BACKEND to choose)"
-    else:
-        raise L3netError(f"invalid iptables backend {setting!r}: auto, nft or legacy")
+_backend = {"settled": True, "saved": None, "checked": 0.0}
+
+
+def _use(backend):
     for tool in IPTABLES:
-        IPTABLES[tool] = tool.replace("iptables", f"iptables-{chosen}", 1)
+        IPTABLES[tool] = tool if backend is None else tool.replace("iptables", f"iptables-{backend}", 1)
+
+
+def _detect():
+    counts = {}
+    for backend in BACKENDS:
+        try:
+            counts[backend] = count_rules(_run([f"iptables-{backend}-save"]))
+        except L3netError:
+            counts[backend] = 0         # that variant is not installed, or its tables not loaded
+    return pick_backend(counts), ", ".join(f"{n} rules in {b}" for b, n in counts.items())
+
+
+def choose_backend(setting="auto", state_dir=None):
+    """Write with iptables-nft or iptables-legacy: ``setting``, or for "auto" the one a
+    previous run settled on (``<state_dir>/iptables-backend``), else the one that holds the
+    host's rules (dockerd's), else plain ``iptables`` for now: then the firewall keeps looking
+    (backend_drift) until dockerd's rules show where they are. Returns a line for the log."""
+    _use(None)
+    _backend.update(settled=True, saved=os.path.join(state_dir, "iptables-backend") if state_dir else None)
+    if setting in BACKENDS:
+        _use(setting)
+        return f"iptables: {setting} (as configured)"
+    if setting != "auto":
+        raise L3netError(f"invalid iptables backend {setting!r}: auto, nft or legacy")
+    try:
+        with open(_backend["saved"]) as f:
+            saved = f.read().strip()
+        if saved in BACKENDS:
+            _use(saved)
+            return f"iptables: {saved} (settled before: {_backend['saved']})"
+    except (OSError, TypeError):
+        pass
+    chosen, why = _detect()
+    if chosen is None:
+        _backend.update(settled=False, checked=time.monotonic())
+        return f"iptables: the default for now ({why}; looking again until dockerd's rules appear)"
+    _settle(chosen)
     return f"iptables: {chosen} ({why})"
+
+
+def _settle(backend):
+    _use(backend)
+    _backend["settled"] = True
+    if _backend["saved"]:
+        try:
+            with open(_backend["saved"], "w") as f:
+                f.write(backend + "\n")
+        except OSError as e:
+            log.warning("could not save the iptables backend: %s", e)
+
+
+def backend_drift(every=10.0):
+    """While the backend is not settled, look again (every ``every`` s) for the host's rules:
+    found in a backend, settle on it; if our rules went to the other one, take them off
+    there and return a reason to write everything again. Else None."""
+    if _backend["settled"] or time.monotonic() - _backend["checked"] < every:
+        return None
+    _backend["checked"] = time.monotonic()
+    chosen, why = _detect()
+    if chosen is None:
+        return None
+    default = "legacy" if "legacy" in run_tool(["iptables", "-V"], "install iptables").stdout else "nft"
+    if chosen == default:
+        _settle(chosen)
+        log.info("iptables: %s (%s)", chosen, why)
+        return None
+    for what in remove_all(sets=False):
+        log.info("removed %s from the default iptables", what)
+    _settle(chosen)
+    return f"iptables backend is {chosen} ({why}): our rules moved there"
 
 
 def _run(args, stdin=None):
@@ -284,6 +341,10 @@ class Firewall:
         with self._lock:
             if self.applied is None:
                 return None
+            moved = backend_drift()
+            if moved:
+                self.applied = None
+                return moved
             if our_rules(_run(["iptables-save"])) != self._snapshot:
                 reason = "iptables rules changed"
             else:
@@ -309,9 +370,10 @@ class Firewall:
                 self.applied.members[pool] = sorted(self.applied.members[pool] + [address])
 
 
-def remove_all():
-    """Take l3net's rules off this host: hooks, chains, sets (``l3net-plugin --remove-rules``,
-    after the plugin is stopped for good). Returns what was removed."""
+def remove_all(sets=True):
+    """Take l3net's rules off this host: hooks, chains, and unless ``sets`` is false its sets
+    (``l3net-plugin --remove-rules``, after the plugin is stopped for good). Returns what was
+    removed."""
     saved = _run(["iptables-save"])
     removed = []
     for (table, chain, ours), (count, _) in hooks_found(saved).items():
@@ -329,6 +391,12 @@ def remove_all():
             if f":{name} " in saved:
                 _run(["iptables", *WAIT, "-t", table, "-X", name])
                 removed.append(f"chain {table}/{name}")
+    return removed + (destroy_sets() if sets else [])
+
+
+def destroy_sets():
+    """Destroy l3net's ipsets (none may still be referenced by a rule). Returns what went."""
+    removed = []
     for name in sorted(set_sizes(_run(["ipset", "list", "-t"]))):
         _run(["ipset", "destroy", name])
         removed.append(f"ipset {name}")

@@ -91,6 +91,8 @@ class PortClaims:
                 try:
                     holder = json.loads(value)["endpoint"]
                 except (ValueError, TypeError, KeyError):
+                    holder = None
+                if not isinstance(holder, str):
                     log.warning("ignoring %s: not a port claim", key)
                     continue
                 claims.setdefault(holder, {})[key] = rev
@@ -124,7 +126,11 @@ class PortClaims:
                                       sort_keys=True)
             if not put:
                 return
-            rev = self.store.txn(expect, put=put)
+            try:
+                rev = self.store.txn(expect, put=put)
+            except Exception:
+                self._claims = None             # written or not: read etcd again next time
+                raise
             if not rev:
                 self._claims = None             # not what we knew: read etcd again next time
                 raise L3netError("a host port changed hands meanwhile; try again")
@@ -136,10 +142,15 @@ class PortClaims:
     def release(self, endpoint_id):
         """Drop the endpoint's claims (each only if still its own). Returns whether it had any."""
         with self._lock:
-            mine = self._load().pop(endpoint_id, None)
+            mine = self._load().get(endpoint_id)
             if not mine:
                 return False
-            if not self.store.txn(dict(mine), delete=sorted(mine)):
-                for key, rev in mine.items():
-                    self.store.txn({key: rev}, delete=[key])
+            try:
+                if not self.store.txn(dict(mine), delete=sorted(mine)):
+                    for key, rev in mine.items():
+                        self.store.txn({key: rev}, delete=[key])
+            except Exception:
+                self._claims = None             # some deleted or not: read etcd again next time
+                raise
+            self._claims.pop(endpoint_id, None)
             return True

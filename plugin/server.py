@@ -40,8 +40,12 @@ def build(cfg):
     store = make_store(cfg)
     keys = Keys(cfg.etcd_prefix)
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
-    bird = Bird(cfg.state_dir, run_dir=RUN_DIR) if cfg.bgp else None
-    log.info("%s", choose_backend(cfg.iptables_backend))
+    bird = Bird(cfg.state_dir, run_dir=RUN_DIR)
+    if not cfg.bgp:
+        if bird.stop():             # one a previous plugin (with BGP) left running
+            log.info("BGP is off: stopped the BIRD a previous plugin left running")
+        bird = None
+    log.info("%s", choose_backend(cfg.iptables_backend, cfg.state_dir))
     firewall = Firewall()
     agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
                   status_path=os.path.join(cfg.state_dir, "status.json"))
@@ -64,6 +68,37 @@ def resume(driver):
 def setup_logging(level, fmt="text"):
     from .logfmt import setup
     setup(level, fmt)
+
+
+def remove_everything(state_dir):
+    """``--remove-rules``: this node's BIRD stopped, l3net's rules taken off every iptables
+    backend that has them (nft, legacy: the plugin may have used either), its ipsets
+    destroyed. Returns the exit status."""
+    from .bird import Bird
+    from .firewall import BACKENDS, choose_backend, destroy_sets, remove_all
+    status = 0
+    try:
+        if Bird(state_dir, run_dir=RUN_DIR).stop():
+            click.echo("stopped BIRD (peers withdraw this node's routes)")
+    except (OSError, L3netError) as e:
+        click.echo(f"l3net-plugin: BIRD: {e}", err=True)
+        status = 1
+    for backend in BACKENDS:
+        try:
+            choose_backend(backend)
+            for what in remove_all(sets=False):
+                click.echo(f"removed {what} ({backend})")
+        except L3netError as e:
+            if "not found" not in str(e):      # that iptables variant is not installed
+                click.echo(f"l3net-plugin: {backend}: {e}", err=True)
+                status = 1
+    try:
+        for what in destroy_sets():
+            click.echo(f"removed {what}")
+    except L3netError as e:
+        click.echo(f"l3net-plugin: {e}", err=True)
+        status = 1
+    return status
 
 
 class GunicornLogger(glogging.Logger):
@@ -191,18 +226,7 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level, log_format)
     if remove_rules:
-        from .bird import Bird
-        from .firewall import choose_backend, remove_all
-        try:
-            click.echo(choose_backend(iptables_backend))
-            for what in remove_all():
-                click.echo(f"removed {what}")
-            if Bird(state_dir, run_dir=RUN_DIR).stop():
-                click.echo("stopped BIRD (peers withdraw this node's routes)")
-        except L3netError as e:
-            click.echo(f"l3net-plugin: {e}", err=True)
-            sys.exit(1)
-        return
+        sys.exit(remove_everything(state_dir))
     cfg = Config(etcd_endpoints=etcd_endpoints, etcd_prefix=etcd_prefix, etcd_timeout=etcd_timeout,
                  etcd_ca_cert=etcd_ca_cert, etcd_cert=etcd_cert, etcd_key=etcd_key,
                  etcd_user=etcd_user, etcd_password=etcd_password, hostname=hostname,

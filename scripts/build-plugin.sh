@@ -33,6 +33,19 @@ die() { echo "plugin: $*" >&2; exit 1; }
 command -v docker >/dev/null || die "docker not found"
 docker info >/dev/null 2>&1 || die "dockerd is not running"
 
+# A Python (wheels, and reading config.json): the checkout's .venv (make setup), else one made
+# here; a production node needs no `make setup` (no local etcd, no test tools) for this.
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then
+        PY=.venv/bin/python
+    else
+        command -v python3 >/dev/null || die "python3 not found (apt-get install python3 python3-venv)"
+        [ -x build/wheel-venv/bin/python ] || python3 -m venv build/wheel-venv \
+            || die "cannot create a virtualenv (apt-get install python3-venv)"
+        PY=build/wheel-venv/bin/python
+    fi
+fi
+
 build() {
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
@@ -52,18 +65,6 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
 fi
 say "base image $BASE"
 
-# A Python to build the wheels with: the checkout's .venv (make setup), else one made here;
-# a production node needs no `make setup` (no local etcd, no test tools) for this.
-if [ -z "$PY" ]; then
-    if [ -x .venv/bin/python ]; then
-        PY=.venv/bin/python
-    else
-        command -v python3 >/dev/null || die "python3 not found (apt-get install python3 python3-venv)"
-        [ -x build/wheel-venv/bin/python ] || python3 -m venv build/wheel-venv \
-            || die "cannot create a virtualenv (apt-get install python3-venv)"
-        PY=build/wheel-venv/bin/python
-    fi
-fi
 say "building wheels (dist/wheels)"
 rm -rf dist/wheels
 mkdir -p build
@@ -123,6 +124,7 @@ done
 [ -n "${L3NET_HOSTNAME:-}$old_hostname" ] || set -- "$@" "L3NET_HOSTNAME=$(hostname -s)"
 if [ -z "${DOCKER_HOST:-}" ]; then
     mkdir -p /var/lib/l3net     # the state mount's default source (dockerd does not create it)
+    scripts/quiet-system-bird.sh
 fi
 docker plugin create "$NAME" "$BUILD" >/dev/null
 docker plugin set "$NAME" "$@"

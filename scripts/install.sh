@@ -48,4 +48,7 @@ if [ -d /run/systemd/system ] && [ "$UNITDIR" = /etc/systemd/system ]; then
     systemctl daemon-reload
     scripts/quiet-system-bird.sh
 fi
+for tool in bird birdc iptables-restore ipset conntrack; do
+    command -v "$tool" >/dev/null || say "WARNING: $tool not found: apt-get install bird2 iptables ipset conntrack"
+done
 say "done: systemctl enable --now l3net-plugin"

@@ -13,8 +13,11 @@ conf=/etc/bird/bird.conf
 want=$(dpkg-query -W -f='${Conffiles}\n' bird2 2>/dev/null | awk -v f="$conf" '$1 == f { print $2 }')
 have=$(md5sum "$conf" 2>/dev/null | cut -d' ' -f1)
 if [ -n "$want" ] && [ "$want" = "$have" ]; then
-    systemctl disable --now --quiet bird.service
-    echo "l3net: disabled the distribution's bird.service (its default configuration would delete l3net's routes; l3net runs its own BIRD)"
+    if systemctl disable --now --quiet bird.service; then
+        echo "l3net: disabled the distribution's bird.service (its default configuration would delete l3net's routes; l3net runs its own BIRD)"
+    else
+        echo "l3net: WARNING: could not disable bird.service: its kernel protocol deletes l3net's routes" >&2
+    fi
 else
     echo "l3net: WARNING: bird.service runs with a changed $conf: a kernel protocol in it deletes l3net's routes (proto bird); disable it or drop that protocol" >&2
 fi

@@ -384,3 +384,19 @@ def test_port_in_use_on_the_host_or_internal_network_refused(node):
         "NetworkID": net2, "EndpointID": ep2, "Options": {"com.docker.network.portmap": [binding(8080)]}})
     assert status == 500 and "internal" in body["Err"]
     assert port_keys(node) == []
+
+
+def test_a_reused_address_keeps_its_new_holders_connections(node):
+    """The deletion runs late (in the background): if the address already went to a new
+    container, the tracked connections are that container's and stay."""
+    pool_id = setup_network(node)
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": ""}))["Address"]
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr}}))
+    ok(node.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": addr}))
+    again = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": ""}))["Address"]
+    assert again == addr
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP2, "Interface": {"Address": addr}}))
+    ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP}))
+    assert node.dp.forgotten == []
+    ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP2}))
+    assert node.dp.forgotten == [addr.split("/")[0]]

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,8 @@ from plugin.agent import Registry, desired_bgp
 from plugin.bgp import BgpState, Peer, render
 from plugin.keys import Keys
 from plugin.store import MemoryStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 MESH = BgpState(node="h1", router_id="198.18.0.11", pools=["10.20.0.0/16", "10.250.0.0/24"],
@@ -151,8 +154,44 @@ def test_another_bird_in_this_network_namespace_is_found(tmp_path):
     same = subprocess.Popen([str(link), "-c", "import time; time.sleep(30)"])
     try:
         from tests.conftest import wait_for
-        wait_for(lambda: same.pid in other_birds(ours=-1), 5, "the other BIRD found")
-        assert same.pid not in other_birds(ours=same.pid)
+        wait_for(lambda: same.pid in other_birds("/run/l3net/bird.ctl"), 5, "the other BIRD found")
+        assert same.pid not in other_birds("import time; time.sleep(30)")   # ours: names our socket
     finally:
         same.kill()
         same.wait()
+
+
+SCRIPT = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from plugin.bird import Bird
+run, a, b = sys.argv[2:5]
+conf = "router id 192.0.2.1;\\nprotocol device {}\\n"
+first = Bird(a, run_dir=run)
+first.apply(conf)
+old = first.pid()
+later = Bird(a, run_dir=run)                 # a new plugin process, same state: adopts
+later.apply(conf)
+assert later.pid() == old, (later.pid(), old)
+moved = Bird(b, run_dir=run)                 # the state directory moved: the old BIRD goes
+moved.apply(conf)
+new = moved.pid()
+assert new and new != old, (new, old)
+assert not os.path.exists(f"/proc/{old}") or open(f"/proc/{old}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+assert moved.stop() and not Bird(b, run_dir=run).stop()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("bird") or not shutil.which("unshare"),
+                    reason="needs root, bird and unshare")
+def test_bird_is_adopted_or_replaced_when_its_config_moved(tmp_path):
+    """A BIRD left by a previous plugin is adopted when it runs our config file, stopped and
+    replaced when it runs another one (the state directory moved). In a network namespace of
+    its own: the host's routes are not touched."""
+    dirs = [tmp_path / d for d in ("run", "a", "b")]
+    for d in dirs:
+        d.mkdir()
+    res = subprocess.run(["unshare", "-n", sys.executable, "-c", SCRIPT, ROOT, *map(str, dirs)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr

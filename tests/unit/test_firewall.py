@@ -160,3 +160,30 @@ def test_choose_backend_on_this_host():
             firewall.choose_backend("xt")
     finally:
         firewall.IPTABLES.update(saved)
+        firewall._backend.update(settled=True, saved=None)
+
+
+def test_backend_settles_when_dockerds_rules_appear(tmp_path, monkeypatch):
+    """Started before dockerd wrote anything (a reboot): plain iptables for now; once the
+    host's rules show up in the other backend, ours move there and the choice is saved for
+    the next start."""
+    from plugin import firewall
+    saved = dict(firewall.IPTABLES)
+    evidence = {"now": (None, "0 rules in nft, 0 rules in legacy")}
+    removed = []
+    monkeypatch.setattr(firewall, "_detect", lambda: evidence["now"])
+    monkeypatch.setattr(firewall, "remove_all", lambda sets=True: removed.append(sets) or ["hook"])
+    monkeypatch.setattr(firewall, "run_tool", lambda *a, **k: subprocess.CompletedProcess(a, 0, "iptables v1.8.9 (nf_tables)", ""))
+    try:
+        assert "for now" in firewall.choose_backend("auto", str(tmp_path))
+        assert firewall.backend_drift(every=0) is None and firewall.IPTABLES["iptables"] == "iptables"
+        evidence["now"] = ("legacy", "0 rules in nft, 12 rules in legacy")
+        reason = firewall.backend_drift(every=0)
+        assert "legacy" in reason and removed == [False]
+        assert firewall.IPTABLES["iptables-restore"] == "iptables-legacy-restore"
+        assert (tmp_path / "iptables-backend").read_text().strip() == "legacy"
+        assert firewall.backend_drift(every=0) is None                  # settled
+        assert "settled before" in firewall.choose_backend("auto", str(tmp_path))
+    finally:
+        firewall.IPTABLES.update(saved)
+        firewall._backend.update(settled=True, saved=None)
