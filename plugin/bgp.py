@@ -39,6 +39,10 @@ class BgpState:
     hold_time: int = HOLD_TIME
 
 
+GR_TIME = 30        # s peers keep a restarting node's routes (the registry lease is 30 s too)
+GR_WAIT = 10        # s a restarted BIRD waits for its sessions before writing the kernel
+
+
 def protocol_name(peer):
     """BIRD protocol names are identifiers: derive one from the peer, unique per address."""
     return "l3_" + re.sub(r"[^A-Za-z0-9]", "_", peer.ip)
@@ -80,6 +84,12 @@ def render(state):
         f"# BIRD configuration of l3net node {s.node}. Rendered by l3net-plugin; any edit is",
         "# overwritten on the next change.",
         f"router id {s.router_id};",
+        "# BGP graceful restart: when this BIRD restarts (the plugin's upgrade or crash; a managed",
+        "# plugin's BIRD dies with it), peers keep its routes and the kernel keeps its own, until",
+        "# the new one has converged (-R) or the restart time runs out. A host that vanishes",
+        "# (hold timer) still loses its routes at once. After a restart, the kernel is written",
+        "# once every session has converged, or after this many seconds.",
+        f"graceful restart wait {GR_WAIT};",
         "log stderr { warning, error, fatal };",
         "",
         "function l3net_pool() {",
@@ -112,6 +122,7 @@ def render(state):
         "protocol kernel l3net_kernel {",
         "  learn;",
         "  scan time 10;",
+        "  graceful restart on;",
         "  ipv4 {",
         "    import filter { if l3net_pool() && net.len = 32 then accept; reject; };",
         "    export filter {",
@@ -135,6 +146,11 @@ def render(state):
         f"  keepalive time {max(1, s.hold_time // 3)};",
         "  connect delay time 1;",
         "  connect retry time 5;",
+        "  # After an error (a hold timer that expired in a network blip) try again after 1 s,",
+        "  # not BIRD's default 60: the session is back soon after the network is.",
+        "  error wait time 1, 30;",
+        "  graceful restart on;",
+        f"  graceful restart time {GR_TIME};",
         "  ipv4 {",
         "    import filter { if l3net_pool() then accept; reject; };",
         "    export filter l3net_export;",

@@ -98,7 +98,7 @@ class Bird:
         # -f: foreground, so it is our child and we see it die. Its log goes to a file (a pipe
         # nobody drains would stall it).
         with open(self.logfile, "a") as logf:
-            self.proc = subprocess.Popen([self.bird, "-f", "-c", self.conf, "-s", self.socket,
+            self.proc = subprocess.Popen([self.bird, "-f", "-R", "-c", self.conf, "-s", self.socket,
                                           "-P", self.pidfile], stdin=subprocess.DEVNULL,
                                          stdout=logf, stderr=logf, start_new_session=True)
         deadline = time.monotonic() + 10

@@ -104,16 +104,20 @@ def test_dockerd_restart_brings_restart_always_containers_back(bed):
 
 
 def test_plugin_disable_and_enable(bed):
-    """Disabled, the plugin takes its BIRD with it (peers withdraw the node's routes), but
-    containers on the host keep talking: the data path is the kernel's. Enabled again, routes
-    come back and new containers start."""
+    """Disabled, the plugin takes its BIRD with it, but containers keep talking, on the host
+    (the data path is the kernel's) and across hosts (BGP graceful restart: the peers keep the
+    node's routes, its kernel keeps theirs). Enabled again, new containers start."""
     h1, h2 = bed.hosts
     running, neighbour = start(h2, "web"), start(h2, "web")
     neighbour_ip = ip_of(h2, neighbour, "web")
-    remote = ip_of(h1, start(h1, "web"), "web")
+    remote_name = start(h1, "web")
+    remote = ip_of(h1, remote_name, "web")
+    running_ip = ip_of(h2, running, "web")
     wait_for(lambda: pings(h2, running, remote), 30, "across hosts before disable")
     h2.docker("plugin", "disable", "-f", NAME)
     assert pings(h2, running, neighbour_ip), "same-host traffic needs no plugin"
+    wait_for(lambda: pings(h2, running, remote) and pings(h1, remote_name, running_ip), 5,
+             "across hosts, both ways, while the plugin is disabled")
     h2.docker("plugin", "enable", "--timeout", "60", NAME)
     wait_for(lambda: pings(h2, running, remote), 30, "across hosts again after enable")
     fresh = start(h2, "web")

@@ -114,18 +114,46 @@ def test_parallel_starts_on_all_hosts_get_unique_addresses(bed, containers):
     assert len(set(got)) == len(got) == 15, got
 
 
-def test_dead_node_routes_withdrawn_then_restored(bed, containers):
+def test_vanished_host_routes_withdrawn_then_restored(bed, containers):
+    """A host that vanishes (its link down: no goodbye, no keepalive) loses its routes on the
+    others within the BGP hold time; back, it gets them again."""
     h1, h2, h3 = bed.hosts
     name1, _ = containers(h1)
     _, ip2 = containers(h2)
     wait_for(lambda: pings(h1, name1, ip2), 20, "host 2's container from host 1")
-    h2.kill_plugin()
-    hold = 9
-    wait_for(lambda: h2.ip not in routes(h1) and h2.ip not in routes(h3), hold + 5,
-             "host 2's routes withdrawn on hosts 1 and 3")
-    assert not pings(h1, name1, ip2)
-    h2.start_plugin()
+    h2.sh("ip", "link", "set", "eth0", "down")
+    try:
+        hold = 9
+        wait_for(lambda: h2.ip not in routes(h1) and h2.ip not in routes(h3), hold + 5,
+                 "host 2's routes withdrawn on hosts 1 and 3")
+        assert not pings(h1, name1, ip2)
+    finally:
+        h2.sh("ip", "link", "set", "eth0", "up")
+        h2.sh("ip", "route", "replace", "default", "via", f"{NET}.1")
     wait_for(lambda: pings(h1, name1, ip2), 30, "host 2's container reachable again")
+
+
+def test_killed_plugin_and_bird_keep_their_routes(bed, containers):
+    """The plugin and its BIRD killed (a crash; a managed plugin's BIRD dies with the plugin on
+    an upgrade) while the host lives: BGP graceful restart, peers keep its routes, the kernel
+    keeps its own, traffic flows on; the new BIRD converges without a gap."""
+    h1, h2, _ = bed.hosts
+    name1, ip1 = containers(h1)
+    name2, ip2 = containers(h2)
+    wait_for(lambda: pings(h1, name1, ip2) and pings(h2, name2, ip1), 20, "both ways before")
+    h2.kill_plugin()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert f"via {h2.ip}" in h1.sh("ip", "route", "get", ip2).stdout, "withdrawn on host 1"
+        assert f"via {h1.ip}" in h2.sh("ip", "route", "get", ip1).stdout, "gone from host 2's kernel"
+    wait_for(lambda: pings(h1, name1, ip2) and pings(h2, name2, ip1), 5, "traffic while BIRD is dead")
+    h2.start_plugin()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert f"via {h2.ip}" in h1.sh("ip", "route", "get", ip2).stdout
+        assert f"via {h1.ip}" in h2.sh("ip", "route", "get", ip1).stdout
+    wait_for(lambda: h2.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols",
+                           check=False).stdout.count("Established") == 2, 30, "host 2's sessions up again")
 
 
 def test_plugin_restart_moves_no_route(bed, containers):
