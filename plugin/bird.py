@@ -125,7 +125,7 @@ class Bird:
         except ProcessLookupError:
             return False
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and self._alive(pid):
+        while time.monotonic() < deadline and self._alive(pid):
             if self.proc is not None:
                 self.proc.poll()
             time.sleep(0.05)
