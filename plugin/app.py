@@ -56,9 +56,8 @@ def create_app(driver, ipam):
     @app.after_request
     def log_call(response):
         ms = (time.monotonic() - g.get("start", time.monotonic())) * 1000
-        extra = "".join(f" {k}={g.get(k)}" for k in ("network", "endpoint", "pool", "address")
-                        if g.get(k))
         fields = {k: g.get(k) for k in ("network", "endpoint", "pool", "address") if g.get(k)}
+        extra = "".join(f" {k}={v}" for k, v in fields.items())
         log.info("%s %s %d %.1fms%s", request.method, request.path, response.status_code, ms, extra,
                  extra={"method": request.path.lstrip("/"), "status": response.status_code,
                         "ms": round(ms, 2), **fields})

@@ -43,14 +43,10 @@ class Bird:
         try:
             with open(self.pidfile) as f:
                 pid = int(f.read().strip())
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            if cmd and os.path.basename(cmd[0].decode()) == os.path.basename(self.bird) and \
-                    self.socket.encode() in cmd:
-                return pid, cmd
         except (OSError, ValueError):
-            pass
-        return None
+            return None
+        cmd = bird_cmdline(pid, name=os.path.basename(self.bird))
+        return (pid, cmd) if cmd and self.socket.encode() in cmd else None
 
     def pid(self):
         """The pid of our running BIRD (ours: our socket and our config file), or None."""
@@ -155,17 +151,24 @@ def other_birds(socket, proc="/proc"):
         return []
     found = []
     for entry in os.listdir(proc):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"{proc}/{entry}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            if os.path.basename(cmd[0].decode(errors="replace")) == "bird" and socket.encode() not in cmd \
-                    and os.readlink(f"{proc}/{entry}/ns/net") == here:
-                found.append(int(entry))
-        except OSError:
-            continue
+        cmd = bird_cmdline(entry, proc) if entry.isdigit() else None
+        if cmd and socket.encode() not in cmd:
+            try:
+                if os.readlink(f"{proc}/{entry}/ns/net") == here:
+                    found.append(int(entry))
+            except OSError:
+                continue
     return found
+
+
+def bird_cmdline(pid, proc="/proc", name="bird"):
+    """The command line (a list of bytes) of process ``pid`` if it is a BIRD, else None."""
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return None
+    return cmd if os.path.basename(cmd[0].decode(errors="replace")) == name else None
 
 
 def show(socket, *what, birdc="birdc"):

@@ -520,7 +520,7 @@ def peer_add(obj, ip, asn, node, name):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def peer_list(obj, as_json):
-    rows = [dict(json.loads(v), scope="global") for _, v, _ in obj.store.get_prefix(obj.keys.bgp_peers())]
+    rows = [dict(p, scope="global") for p in obj.records(obj.keys.bgp_peers())]
     for key, value, _ in obj.store.get_prefix(obj.keys.bgp_nodes()):
         for p in json.loads(value).get("peers", []):
             rows.append(dict(p, scope="node " + obj.keys.host_of(key)))
@@ -561,8 +561,7 @@ def bgp_status(obj, sock, as_json):
     sessions = parse_protocols(show(sock, "protocols"))
     try:
         names = {n["ip"]: n["name"] for n in nodes(obj.store, obj.keys)}
-        names.update({json.loads(v)["ip"]: json.loads(v).get("name") or "" for _, v, _
-                      in obj.store.get_prefix(obj.keys.bgp_peers())})
+        names.update({p["ip"]: p.get("name") or "" for p in obj.records(obj.keys.bgp_peers())})
     except (L3netError, ValueError, KeyError):
         names = {}                  # etcd down: BIRD's view is still worth showing
     rows = [{"peer": s["peer"] or s["name"], "node": names.get(s["peer"], ""), "state": s["state"],

@@ -13,10 +13,11 @@ import json
 import logging
 import time
 
-from netaddr import AddrFormatError, IPNetwork
+from netaddr import IPNetwork
 
 from ipam import pools as P
 
+from . import validate as V
 from .datapath import LinkExists
 from .errors import L3netError
 from .ports import PortClaims
@@ -123,13 +124,7 @@ class Driver:
             return []
         if not isinstance(value, dict):
             raise L3netError("AuxAddresses must be an object")
-        out = []
-        for name, address in value.items():
-            try:
-                out.append(str(IPNetwork(str(address)).ip))
-            except (ValueError, TypeError, AddrFormatError):
-                raise L3netError(f"invalid aux address {name!r}: {address!r}") from None
-        return out
+        return [str(V.ipv4_interface(address, f"aux address {name!r}")) for name, address in value.items()]
 
     def delete_network(self, network_id):
         self.store.delete(self.keys.network(self.host, network_id))
