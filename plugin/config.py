@@ -1,8 +1,8 @@
 """Configuration of a node: flags and environment shared by l3net-plugin and l3netctl.
 
-The contract (DESIGN.md): ``--etcd-endpoints`` (L3NET_ETCD_ENDPOINTS), ``--etcd-prefix``
-(L3NET_ETCD_PREFIX), ``--hostname``, ``--host-ip``, ``--socket``, ``--state-dir``, each with
-its ``L3NET_*`` variable. Flags win over the environment.
+The contract shared by both commands: ``--etcd-endpoints`` (L3NET_ETCD_ENDPOINTS),
+``--etcd-prefix`` (L3NET_ETCD_PREFIX), ``--hostname``, ``--host-ip``, ``--socket``,
+``--state-dir``, each with its ``L3NET_*`` variable. Flags win over the environment.
 """
 
 import os
