@@ -17,6 +17,7 @@ import threading
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
+from plugin import infra
 from plugin.errors import L3netError
 from plugin.keys import key_cidr
 
@@ -34,8 +35,12 @@ POOL_GATEWAY = "169.254.1.1/32"
 
 class Ipam:
     def __init__(self, store, keys, host, default_range="10.250.0.0/16", default_prefix=24,
-                 block_prefix=26):
+                 block_prefix=26, infrastructure=None):
+        """``infrastructure``: a callable returning ([(IPNetwork, why)], [allowed CIDR]): what no
+        pool may overlap and where pools must lie (plugin/infra.py; the node passes one that
+        reads etcd). By default only the reserved ranges are refused."""
         self.store = store
+        self.infrastructure = infrastructure or (lambda: (infra.infrastructure([], [], []), []))
         self.keys = keys
         self.host = host
         self.default_range = IPNetwork(default_range)
@@ -112,6 +117,7 @@ class Ipam:
             clash = P.overlapping(cidr, self._pool_cidrs())
             if clash is not None:
                 raise L3netError(f"subnet {cidr} overlaps pool {clash} already defined in l3net")
+            self.check_not_infrastructure(cidr)
             self._join_pool(cidr, opts, auto=False)
         else:
             if subpool:
@@ -137,10 +143,21 @@ class Ipam:
         self._block_prefix[str(cidr)] = P.effective_block_prefix(cidr, record["block_prefix"])
         return record
 
+    def check_not_infrastructure(self, cidr):
+        """Refuse a pool over the cluster's infrastructure or outside the allowed ranges."""
+        reserved, allowed = self.infrastructure()
+        why = infra.pool_conflict(cidr, reserved, allowed)
+        if why:
+            raise L3netError(why)
+
     def _claim_auto_pool(self, opts):
-        """Pick a free /24 (default) of the default range and create it, first come first served."""
+        """Pick a free /24 (default) of the default range and create it, first come first
+        served, away from the infrastructure and inside the allowed ranges."""
+        reserved, allowed = self.infrastructure()
         for _ in range(MAX_ATTEMPTS):
-            cidr = P.choose_free_subnet(self.default_range, self.default_prefix, self._pool_cidrs())
+            taken = self._pool_cidrs() + [str(net) for net, _ in reserved]
+            cidr = P.choose_free_subnet(self.default_range, self.default_prefix, taken,
+                                        within=[IPNetwork(c) for c in allowed])
             if cidr is None:
                 raise L3netError(f"no free /{self.default_prefix} left in the default range "
                                  f"{self.default_range}; pass --subnet")
@@ -208,6 +225,7 @@ class Ipam:
         clash = P.overlapping(cidr, self._pool_cidrs())
         if clash is not None:
             raise L3netError(f"pool {cidr} overlaps pool {clash}")
+        self.check_not_infrastructure(cidr)
         record = P.new_pool_record(cidr, opts["block_prefix"] or self.block_prefix, opts["nat_outgoing"])
         record["pinned"] = True
         if internal:

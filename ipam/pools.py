@@ -99,10 +99,13 @@ def overlapping(cidr, existing):
     return None
 
 
-def choose_free_subnet(default_range, prefix, existing):
-    """The first ``/prefix`` subnet of ``default_range`` that overlaps no existing pool."""
+def choose_free_subnet(default_range, prefix, existing, within=()):
+    """The first ``/prefix`` subnet of ``default_range`` that overlaps nothing in ``existing``
+    (pools, infrastructure) and, when ``within`` is given, lies inside one of those ranges."""
     taken = [IPNetwork(c) for c in existing]
     for candidate in default_range.subnet(prefix):
+        if within and not any(candidate in w for w in within):
+            continue
         if not any(candidate.first <= t.last and t.first <= candidate.last for t in taken):
             return candidate
     return None

@@ -20,11 +20,12 @@ import re
 import threading
 import time
 
-from netaddr import AddrFormatError, IPAddress, IPNetwork
+from netaddr import IPNetwork
 
 from . import metrics
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
 from .firewall import NoFirewall
+from .infra import canonical_cidr, canonical_ip, infrastructure, node_facts, pool_conflict, protected
 from .keys import key_cidr
 from .policy import PolicyState
 from .store import Snapshot, get_json
@@ -37,10 +38,15 @@ DEBOUNCE = 0.1      # seconds to let a burst of etcd changes settle before a syn
 
 
 class Registry:
-    """This node's record under <prefix>/nodes/<name>, kept alive by a lease."""
+    """This node's record under <prefix>/nodes/<name>, kept alive by a lease. Besides its
+    address and AS it publishes what every node must protect from containers and keep pools
+    off: all its IPv4 addresses, its connected networks and the etcd endpoints it uses
+    (``facts``: a callable returning {"addresses", "networks", "etcd"}, asked at each beat,
+    so a new address is protected within a heartbeat)."""
 
-    def __init__(self, store, keys, name, ip, ttl=LEASE_TTL):
+    def __init__(self, store, keys, name, ip, ttl=LEASE_TTL, facts=None):
         self.store, self.keys, self.name, self.ip, self.ttl = store, keys, name, ip, ttl
+        self.facts = facts or (lambda: {})
         self._lease = None
         self._last = 0.0
 
@@ -51,16 +57,64 @@ class Registry:
         if self._lease is None or not self.store.refresh(self._lease):
             self._lease = self.store.lease(self.ttl)
             log.info("registered node %s (%s) with a %ds lease", self.name, self.ip, self.ttl)
-        record = {"name": self.name, "ip": self.ip, "as": asn, "last_seen": round(now, 3)}
+        try:
+            facts = self.facts()
+        except Exception as e:  # noqa: BLE001 - the record without them still keeps the node in
+            log.warning("could not list this host's addresses: %s", e)
+            facts = {}
+        record = {"name": self.name, "ip": self.ip, "as": asn, "last_seen": round(now, 3),
+                  **{k: facts[k] for k in ("addresses", "networks", "etcd") if k in facts}}
         self.store.put(self.keys.node(self.name), json.dumps(record, sort_keys=True),
                        lease=self._lease)
         self._last = now
 
 
 def nodes(store, keys):
-    """Registered nodes (records that are not a JSON object with a name are skipped: one bad
-    record must not stop every node's sync)."""
-    return [n for n in _records(store, keys.nodes()) if isinstance(n, dict) and isinstance(n.get("name"), str)]
+    """Registered nodes, their fields checked (infra.node_facts): a record without a name and
+    an IPv4 address is skipped, malformed list entries dropped (one bad record must not stop
+    every node's sync, nor reach ipset input)."""
+    out = []
+    for record in _records(store, keys.nodes()):
+        facts = node_facts(record)
+        if facts is None:
+            log.warning("ignoring node record %.200r: no name or IPv4 address", record)
+            continue
+        out.append({**record, **facts})
+    return out
+
+
+def bgp_peer_ips(store, keys):
+    """Addresses of every explicit BGP peer, cluster-wide and per node (protected from containers)."""
+    ips = [p.get("ip") for p in _records(store, keys.bgp_peers()) if isinstance(p, dict)]
+    for n in _records(store, keys.bgp_nodes()):
+        peers = n.get("peers") if isinstance(n, dict) else None
+        ips += [p.get("ip") for p in peers if isinstance(p, dict)] if isinstance(peers, list) else []
+    return sorted({ip for ip in ips if canonical_ip(ip)})
+
+
+def protected_by_operator(store, keys):
+    """The ranges ``l3netctl host protect`` added."""
+    out = []
+    for r in _records(store, keys.protected_ranges()):
+        cidr = r.get("cidr") if isinstance(r, dict) else None
+        if canonical_cidr(cidr):
+            out.append(cidr)
+        else:
+            log.warning("ignoring malformed protected range %.200r", r)
+    return out
+
+
+def pool_ranges(store, keys):
+    """The ranges pools must lie in (``l3netctl pool ranges set``); [] = anywhere."""
+    record = get_json(store, keys.pool_ranges(), {})
+    ranges = record.get("ranges") if isinstance(record, dict) else None
+    return [c for c in ranges if canonical_cidr(c)] if isinstance(ranges, list) else []
+
+
+def read_infrastructure(store, keys):
+    """(what no pool may overlap, the allowed ranges), from etcd: Ipam's ``infrastructure``."""
+    return (infrastructure(nodes(store, keys), bgp_peer_ips(store, keys), protected_by_operator(store, keys)),
+            pool_ranges(store, keys))
 
 
 def bgp_settings(store, keys, name):
@@ -108,25 +162,10 @@ def _valid_rule(rule, pools, host_rule=False):
     if ports is not None and (proto not in ("tcp", "udp") or not PORTS.match(str(ports))):
         return False
     if host_rule:
-        node = rule.get("node")
-        return ports is not None and (node is None or bool(NODE.match(str(node))))
+        node, to = rule.get("node"), rule.get("to")
+        return ports is not None and (node is None or bool(NODE.match(str(node)))) and \
+            (to is None or (node is None and canonical_cidr(to) is not None))
     return rule.get("from") in pools and rule.get("to") in pools
-
-
-def _canonical_ip(value):
-    """``value`` if it is an IPv4 address written the canonical way, else None: what reaches
-    ipset / iptables-restore input from etcd is exactly an address, nothing more."""
-    try:
-        return value if isinstance(value, str) and str(IPAddress(value, 4)) == value else None
-    except (ValueError, TypeError, AddrFormatError):
-        return None
-
-
-def _canonical_cidr(value):
-    try:
-        return value if isinstance(value, str) and str(IPNetwork(value, version=4)) == value else None
-    except (ValueError, TypeError, AddrFormatError):
-        return None
 
 
 def _port_number(value):
@@ -141,9 +180,9 @@ def _valid_port(record, holders):
         return False
     if not (_port_number(record.get("host_port")) and _port_number(record.get("port"))):
         return False
-    if _canonical_ip(record.get("ip")) is None:
+    if canonical_ip(record.get("ip")) is None:
         return False
-    if record.get("host_ip") is not None and _canonical_ip(record.get("host_ip")) is None:
+    if record.get("host_ip") is not None and canonical_ip(record.get("host_ip")) is None:
         return False
     return holders.get(record["ip"]) == f"endpoint:{record.get('endpoint')}"
 
@@ -160,13 +199,21 @@ def _records(store, prefix):
 
 def desired_policy(store, keys, name):
     """The isolation state this node should enforce, from what etcd holds now. Members of a
-    network: every address allocated in its pool on any host, except gateway reservations."""
+    network: every address allocated in its pool on any host, except gateway reservations.
+    A pool over the cluster's infrastructure (reserved ranges, a node's or an etcd endpoint's
+    or a BGP peer's address: written behind l3netctl's back) is not put in force: its members
+    are in no set, so nothing reaches them, and no host address is taken for a container's."""
+    registered = nodes(store, keys)
+    peers = bgp_peer_ips(store, keys)
+    hard = infrastructure(registered, peers, [], networks=False)
     pools = []
     for p in _records(store, keys.pools()):
-        if isinstance(p, dict) and _canonical_cidr(p.get("cidr")):
-            pools.append(p)
-        else:
+        if not isinstance(p, dict) or not canonical_cidr(p.get("cidr")):
             log.warning("ignoring malformed pool record %.200r", p)
+        elif pool_conflict(p["cidr"], hard):
+            log.warning("not enforcing pool %s: %s", p["cidr"], pool_conflict(p["cidr"], hard))
+        else:
+            pools.append(p)
     members = {p["cidr"]: [] for p in pools}
     holders = {}                    # address -> its holder ("endpoint:<id>", "gateway:...")
     for block in _records(store, keys.all_blocks()):
@@ -176,7 +223,7 @@ def desired_policy(store, keys, name):
         allocations = block["allocations"]
         for ip, a in allocations.items():
             handle = a.get("handle") if isinstance(a, dict) else None
-            if _canonical_ip(ip) is None or not isinstance(handle, str):
+            if canonical_ip(ip) is None or not isinstance(handle, str):
                 log.warning("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
                 continue
             holders[ip] = handle
@@ -200,17 +247,13 @@ def desired_policy(store, keys, name):
         else:
             log.warning("ignoring published port %.200r: malformed, or its endpoint no longer holds "
                         "the address", record)
-    node_ips = {}
-    for n in nodes(store, keys):
-        try:
-            node_ips[n["name"]] = str(IPAddress(n["ip"], 4))
-        except (KeyError, ValueError, TypeError, AddrFormatError):
-            log.warning("ignoring node record %.200r: no IPv4 address", n)
     return PolicyState(node=name, pools=sorted(members),
                        nat_pools=sorted(p["cidr"] for p in pools
                                         if p.get("nat_outgoing", True) and not p.get("internal")),
                        members={k: sorted(v) for k, v in members.items()}, rules=rules,
-                       host_rules=host_rules, nodes=node_ips,
+                       host_rules=host_rules, nodes={n["name"]: n["ip"] for n in registered},
+                       host_addresses=sorted({a for n in registered for a in n["addresses"]}),
+                       protected=protected(registered, peers, protected_by_operator(store, keys)),
                        internal=sorted(p["cidr"] for p in pools if p.get("internal")),
                        ports=sorted(ports, key=lambda p: (p["proto"], p["host_port"])))
 
@@ -220,7 +263,7 @@ def node_stats(view, keys, name):
     "endpoints": endpoints on this node}."""
     pools, endpoints = {}, 0
     for p in _records(view, keys.pools()):
-        cidr = _canonical_cidr(p.get("cidr")) if isinstance(p, dict) else None
+        cidr = canonical_cidr(p.get("cidr")) if isinstance(p, dict) else None
         if cidr:
             pools[cidr] = [0, max(IPNetwork(cidr).size - 2, 1)]
     for block in _records(view, keys.all_blocks()):
@@ -240,9 +283,9 @@ class Agent:
     the kernel for drift every ``drift_every`` seconds."""
 
     def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0,
-                 status_path=None):
+                 status_path=None, facts=None):
         self.store, self.keys, self.name, self.ip = store, keys, name, ip
-        self.registry = Registry(store, keys, name, ip)
+        self.registry = Registry(store, keys, name, ip, facts=facts)
         self.bird = bird
         self.firewall = firewall or NoFirewall()
         self.interval, self.drift_every = interval, drift_every

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 
 import click
+from netaddr import IPNetwork
 from rich.console import Console
 from rich.table import Table
 
@@ -36,7 +37,10 @@ class Ctx:
 
     def ipam(self):
         from ipam.allocator import Ipam
-        return Ipam(self.store, self.keys, host="l3netctl")
+
+        from .agent import read_infrastructure
+        return Ipam(self.store, self.keys, host="l3netctl",
+                    infrastructure=lambda: read_infrastructure(self.store, self.keys))
 
 
 def emit(rows, columns, as_json, title=None):
@@ -49,7 +53,7 @@ def emit(rows, columns, as_json, title=None):
     for row in rows:
         table.add_row(*[str(row.get(c.lower().replace(" ", "_"), "")) for c in columns])
     if not rows:
-        Console().print("(none)")
+        Console().print(f"{title}: (none)" if title else "(none)")
         return
     Console().print(table)
 
@@ -215,11 +219,18 @@ def diagnose(obj, src, dst, proto, port, hostname):
         bgp = bgp_states(show(bird_socket(), "protocols"))
     except L3netError:
         pass
+    from .agent import bgp_peer_ips, protected_by_operator
+    from .infra import infrastructure, pool_conflict, protected
+    registered, peers = nodes(obj.store, obj.keys), bgp_peer_ips(obj.store, obj.keys)
+    hard = infrastructure(registered, peers, [], networks=False)     # as the agents judge pools
     facts = Facts(pools=pools, allocations=allocations,
-                  nodes={n["name"]: n["ip"] for n in nodes(obj.store, obj.keys)},
+                  nodes={n["name"]: n["ip"] for n in registered},
                   rules=obj.records(obj.keys.policy_rules()),
                   host_rules=obj.records(obj.keys.host_rules()),
-                  here=here, route_to_dst=route, bgp=bgp)
+                  here=here, route_to_dst=route, bgp=bgp,
+                  addresses={n["name"]: n["addresses"] for n in registered},
+                  protected=protected(registered, peers, protected_by_operator(obj.store, obj.keys)),
+                  refused={c: pool_conflict(c, hard) for c in pools if pool_conflict(c, hard)})
     verdict, steps = run_diagnosis(s_ip, d_ip, facts, proto, port)
     click.echo(f"{src} ({s_ip}) -> {dst} ({d_ip}) {proto or ''}{'/' + str(port) if port else ''}".rstrip())
     for step in steps:
@@ -263,6 +274,51 @@ def pool_add(obj, cidr, block_size, no_nat_outgoing, internal):
     click.echo(f"pool {record['cidr']} added (block size /{record['block_prefix']}, "
                f"nat-outgoing {str(record['nat_outgoing']).lower()}"
                f"{', internal' if record.get('internal') else ''})")
+
+
+@pool.group("ranges", invoke_without_command=True)
+@click.pass_context
+def pool_ranges(ctx):
+    """Where pools may be: with no ranges set, anywhere but the infrastructure."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(pool_ranges_show)
+
+
+@pool_ranges.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def pool_ranges_show(obj, as_json=False):
+    """The ranges every pool must lie in."""
+    from .agent import pool_ranges as read
+    ranges = read(obj.store, obj.keys)
+    if as_json:
+        click.echo(json.dumps(ranges))
+    else:
+        click.echo("\n".join(ranges) if ranges else "(any: no ranges set)")
+
+
+@pool_ranges.command("set")
+@click.argument("cidrs", nargs=-1, required=True)
+@click.pass_obj
+def pool_ranges_set(obj, cidrs):
+    """Allow new pools only inside CIDRS (refused while an existing pool lies outside them)."""
+    from ipam.pools import parse_cidr
+    ranges = sorted({str(parse_cidr(c, "range")) for c in cidrs})
+    outside = [p["cidr"] for p in obj.ipam().pools()
+               if not any(IPNetwork(p["cidr"]) in IPNetwork(r) for r in ranges)]
+    if outside:
+        raise L3netError(f"pool {', '.join(outside)} lies outside {', '.join(ranges)}: include it, "
+                         "or remove that pool first")
+    obj.store.put(obj.keys.pool_ranges(), json.dumps({"ranges": ranges}))
+    click.echo(f"pools allowed only in {', '.join(ranges)}")
+
+
+@pool_ranges.command("clear")
+@click.pass_obj
+def pool_ranges_clear(obj):
+    """Allow pools anywhere again (but over the infrastructure)."""
+    obj.store.delete(obj.keys.pool_ranges())
+    click.echo("pools allowed anywhere but the infrastructure")
 
 
 @pool.command("remove")
@@ -655,29 +711,89 @@ def _remove_rule(obj, key_of, rule_id):
 
 @cli.group()
 def host():
-    """Host services containers may reach (by default no cluster host is reachable)."""
+    """What containers may reach of the cluster's hosts and infrastructure (by default: nothing)."""
 
 
 @host.command("allow")
 @click.option("--proto", type=click.Choice(("tcp", "udp")), required=True)
 @click.option("--port", "port", required=True, help="Port or range N-M.")
 @click.option("--node", type=node_type, help="Only on this node (default: every node).")
+@click.option("--to", "to", help="A protected destination instead of the nodes: a CIDR such as "
+                                 "169.254.169.254/32 (cloud metadata).")
 @click.pass_obj
-def host_allow(obj, proto, port, node):
-    """Open a host service to containers; prints the new rule's id last."""
+def host_allow(obj, proto, port, node, to):
+    """Open a host service (or, with --to, a protected destination) to containers; prints the
+    new rule's id last."""
+    from ipam.pools import parse_cidr
+    if to is not None:
+        if node is not None:
+            raise click.BadParameter("--to and --node do not go together")
+        to = str(parse_cidr(to if "/" in to else f"{to}/32", "--to"))
     rule = {"id": new_id(), "proto": proto, "ports": port_range(port, proto), "node": node,
             "created": round(time.time(), 3)}
+    if to is not None:
+        rule["to"] = to
     obj.store.put(obj.keys.host_rule(rule["id"]), json.dumps(rule, sort_keys=True))
-    click.echo(f"containers may reach {proto}/{rule['ports']} on {node or 'every node'}")
+    click.echo(f"containers may reach {proto}/{rule['ports']} on {to or node or 'every node'}")
     click.echo(rule["id"])
 
 
+@host.command("protect")
+@click.argument("cidr")
+@click.pass_obj
+def host_protect(obj, cidr):
+    """Keep containers away from CIDR too (e.g. the management network)."""
+    from ipam.pools import parse_cidr
+    from .infra import overlaps
+    net = parse_cidr(cidr if "/" in cidr else f"{cidr}/32", "range")
+    pools = [p["cidr"] for p in obj.records(obj.keys.pools()) if overlaps(net, IPNetwork(p["cidr"]))]
+    if pools:
+        raise L3netError(f"{net} overlaps pool {', '.join(pools)}: containers would lose each other")
+    obj.store.put(obj.keys.protected_range(net), json.dumps({"cidr": str(net), "created": round(time.time(), 3)}))
+    click.echo(f"containers may not reach {net}")
+
+
+@host.command("unprotect")
+@click.argument("cidr")
+@click.pass_obj
+def host_unprotect(obj, cidr):
+    """Forget a range added with ``host protect`` (the automatic ones stay)."""
+    from ipam.pools import parse_cidr
+    net = parse_cidr(cidr if "/" in cidr else f"{cidr}/32", "range")
+    if obj.store.get(obj.keys.protected_range(net))[0] is None:
+        raise L3netError(f"{net} is not a protected range of the operator's (l3netctl host list)")
+    obj.store.delete(obj.keys.protected_range(net))
+    click.echo(f"{net} no longer protected (unless it is a node, etcd or a BGP peer)")
+
+
 @host.command("list")
+@click.option("--all", "show_all", is_flag=True,
+              help="Also what is protected without being asked: link-local, every node's addresses, "
+                   "the etcd endpoints, the BGP peers.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def host_list(obj, as_json):
-    rows = obj.records(obj.keys.host_rules())
-    emit(rows, ["Id", "Proto", "Ports", "Node"], as_json)
+def host_list(obj, show_all, as_json):
+    """Host rules (what is open to containers), then the protected ranges (the operator's; with
+    --all also the automatic ones, and why each is there)."""
+    from .agent import bgp_peer_ips, nodes, protected_by_operator
+    from .infra import LINK_LOCAL
+    rows = [dict(r, kind="allow") for r in obj.records(obj.keys.host_rules())]
+    protected = [(c, "operator (l3netctl host protect)") for c in protected_by_operator(obj.store, obj.keys)]
+    if show_all:
+        protected.append((LINK_LOCAL, "link-local: cloud metadata, the containers' gateway"))
+        for n in nodes(obj.store, obj.keys):
+            protected += [(f"{a}/32", f"node {n['name']}") for a in n["addresses"]]
+            protected += [(f"{a}/32", f"etcd endpoint (of {n['name']})") for a in n["etcd"]]
+        protected += [(f"{ip}/32", "BGP peer") for ip in bgp_peer_ips(obj.store, obj.keys)]
+    for cidr, why in dict.fromkeys(protected):
+        rows.append({"kind": "protect", "id": cidr, "cidr": cidr, "source": why})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    emit([dict(r, to=r.get("to") or "") for r in rows if r["kind"] == "allow"],
+         ["Id", "Proto", "Ports", "Node", "To"], False, title="Open to containers")
+    emit([r for r in rows if r["kind"] == "protect"], ["CIDR", "Source"], False,
+         title="Protected from containers" + ("" if show_all else " (by the operator; --all for every range)"))
 
 
 @host.command("remove")

@@ -10,6 +10,12 @@ Side effects only; no decisions. The shape, for a container with address 10.20.0
 The container has no on-link neighbours: it ARPs for 169.254.1.1, the host side answers with
 its own MAC (proxy ARP: the host has a route to that address elsewhere), so every packet goes
 to the host, which routes it. No bridge, no encapsulation.
+
+l3net is IPv4-only, and the host side of a veth is an ordinary interface: left alone, it would
+get an IPv6 link-local address and accept router advertisements, so one crafted RA from a
+container (Docker's default NET_RAW is enough) would give the host a default route through the
+container. So IPv6 is switched off on the host side *before the link comes up* (no address is
+ever configured, no RA ever processed); firewall.py drops IPv6 to and from the veths as well.
 """
 
 import errno
@@ -130,9 +136,9 @@ def random_mac():
 
 
 def create_veth(host_if, temp_if, mac):
-    """Create the pair, host side up, container side with ``mac``. Returns the host index."""
+    """Create the pair, both sides down, container side with ``mac``. Returns the host index."""
     try:
-        _ipr().link("add", ifname=host_if, kind="veth", state="up",
+        _ipr().link("add", ifname=host_if, kind="veth",
                     peer={"ifname": temp_if, "address": mac})
     except NetlinkError as e:
         if e.code == errno.EEXIST:
@@ -144,14 +150,62 @@ def create_veth(host_if, temp_if, mac):
     return idx
 
 
+def ipv6_off(ifname):
+    """No IPv6 on ``ifname``: no RA taken, then no IPv6 at all (which also drops any address
+    and route it had). Nothing to do on a kernel without IPv6."""
+    if not os.path.isdir(f"{PROC_SYS}/net/ipv6/conf/{ifname}"):
+        return
+    _sysctl(f"net/ipv6/conf/{ifname}/accept_ra", 0)
+    _sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", 1)
+
+
 def setup_host_veth(host_if, idx, address):
-    """Make the host side the container's router and route the /32 to it."""
+    """Make the host side the container's router and route the /32 to it. The link is down
+    until its settings are in place: it never has an IPv6 address, not even for a moment."""
+    ipv6_off(host_if)
     # proxy_arp: answer the container's ARP for 169.254.1.1 with our MAC.
     # proxy_delay=0: answer at once (the default delays proxy replies by up to 0.8 s).
     _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", 1)
     _sysctl(f"net/ipv4/neigh/{host_if}/proxy_delay", 0)
     _sysctl(f"net/ipv4/conf/{host_if}/forwarding", 1)
+    _ipr().link("set", index=idx, state="up")
     _ipr().route("replace", dst=f"{address}/32", oif=idx, scope=253, proto=ROUTE_PROTO)
+
+
+def our_veths():
+    """Names of the host sides of l3net veths on this host."""
+    return [name for _, name in socket.if_nameindex() if name.startswith(HOST_PREFIX)]
+
+
+def ipv6_off_everywhere():
+    """IPv6 off on every l3net veth already there (made by an l3net before this rule, or
+    whose setting someone changed). Returns how many were fixed."""
+    fixed = 0
+    for name in our_veths():
+        try:
+            with open(f"{PROC_SYS}/net/ipv6/conf/{name}/disable_ipv6") as f:
+                if f.read().strip() == "1":
+                    continue
+            ipv6_off(name)
+            fixed += 1
+        except (OSError, L3netError) as e:
+            log.warning("could not switch IPv6 off on %s: %s", name, e)
+    return fixed
+
+
+def host_facts():
+    """What this node publishes for the others to protect (agent.Registry): its IPv4
+    addresses (loopback aside) and the networks they are on."""
+    from netaddr import IPNetwork
+    addresses, networks = set(), set()
+    for a in _ipr().get_addr(family=socket.AF_INET):
+        ip, plen = a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL"), a["prefixlen"]
+        if not ip or ip.startswith("127."):
+            continue
+        addresses.add(ip)
+        if plen < 32:
+            networks.add(str(IPNetwork(f"{ip}/{plen}").cidr))
+    return {"addresses": sorted(addresses), "networks": sorted(networks)}
 
 
 def enable_forwarding():
@@ -250,6 +304,10 @@ class Datapath:
         self.reaper.submit(host_ifname(endpoint_id), then)
 
     def prepare_host(self):
-        """Host-wide settings routed containers need: IPv4 forwarding. (What may pass is the
-        policy's business: see firewall.py.)"""
+        """Host-wide settings routed containers need: IPv4 forwarding, and IPv6 off on every
+        veth of ours (those of an older l3net too). (What may pass is the policy's business:
+        see firewall.py.)"""
         enable_forwarding()
+        fixed = ipv6_off_everywhere()
+        if fixed:
+            log.info("switched IPv6 off on %d existing l3net veths", fixed)

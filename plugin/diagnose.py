@@ -7,7 +7,10 @@ or anything outside. The checks, in the order a packet meets them:
   2. the route: DST's host registered (its BGP announces its blocks), and, when this host is
      SRC's, the kernel's route to DST (``ip route get``), with the BGP sessions;
   3. the policy: same network, a policy from SRC's network to DST's (protocol, port), a host
-     rule for a cluster node, outgoing NAT for the outside.
+     rule for a cluster node (any of its addresses), a host rule with ``--to`` for a protected
+     destination (link-local and cloud metadata, etcd, BGP peers, the operator's ranges),
+     outgoing NAT for the outside. A pool the agents refuse (it lies over infrastructure) is
+     said so first.
 """
 
 from dataclasses import dataclass, field
@@ -25,6 +28,9 @@ class Facts:
     here: str = None                 # this host's node name
     route_to_dst: str = None         # `ip route get DST` on this host, if asked
     bgp: dict = field(default_factory=dict)    # this node's BGP session states, if any
+    addresses: dict = field(default_factory=dict)   # node name -> every address it published
+    protected: list = field(default_factory=list)   # CIDRs containers may not reach (infra.protected)
+    refused: dict = field(default_factory=dict)     # pool cidr -> why the agents do not enforce it
 
 
 @dataclass
@@ -53,7 +59,14 @@ def diagnose(src, dst, facts, proto=None, port=None):
     src_host = held["host"]
     steps.append(Step(True, f"{src}: network {src_pool}, on host {src_host} ({held['handle']})"))
     dst_pool = pool_of(dst, facts.pools)
-    node_of_dst = next((n for n, ip in facts.nodes.items() if ip == dst), None)
+    for pool in (src_pool, dst_pool):
+        if pool in facts.refused:
+            steps.append(Step(False, f"network {pool} is refused: {facts.refused[pool]}; no node puts it "
+                                     "in force (nothing reaches its members)"))
+            return "NOT REACHABLE", steps
+    node_of_dst = next((n for n, ip in facts.nodes.items() if ip == dst), None) or \
+        next((n for n, ips in facts.addresses.items() if dst in ips), None)
+    opened_to = [r for r in facts.host_rules if r.get("to") and IPAddress(dst) in IPNetwork(r["to"])]
     what = f"{proto or 'any protocol'}{'/' + str(port) if port else ''}"
 
     if dst_pool is not None:
@@ -103,7 +116,8 @@ def diagnose(src, dst, facts, proto=None, port=None):
 
     if node_of_dst is not None:
         steps.append(Step(True, f"{dst}: cluster host {node_of_dst}"))
-        rules = [r for r in facts.host_rules if r.get("node") in (None, node_of_dst)]
+        rules = [r for r in facts.host_rules if not r.get("to") and r.get("node") in (None, node_of_dst)]
+        rules += opened_to
         allowed = [r for r in rules if _rule_allows(r, proto, port)]
         if allowed:
             steps.append(Step(True, f"host rule {allowed[0]['id']} opens {describe(allowed[0])} on "
@@ -114,6 +128,21 @@ def diagnose(src, dst, facts, proto=None, port=None):
                                  f"{node_of_dst}: {opened} (l3netctl host allow --proto P --port N)"))
         return "NOT REACHABLE", steps
 
+    guarded = next((c for c in facts.protected if IPAddress(dst) in IPNetwork(c)), None)
+    if guarded is not None:
+        what_it_is = ("link-local: the cloud's instance metadata service (credentials) lives at "
+                      "169.254.169.254" if IPAddress(dst) in IPNetwork("169.254.0.0/16") else
+                      "the cluster's infrastructure (etcd, a BGP peer, or a range the operator protects)")
+        steps.append(Step(True, f"{dst}: protected ({guarded}; {what_it_is})"))
+        allowed = [r for r in opened_to if _rule_allows(r, proto, port)]
+        if allowed:
+            steps.append(Step(True, f"host rule {allowed[0]['id']} opens {describe(allowed[0])} to "
+                                    f"{allowed[0]['to']}"))
+            return "REACHABLE", steps
+        opened = ", ".join(f"{describe(r)} ({r['id']})" for r in opened_to) or "nothing"
+        steps.append(Step(False, f"protected destination: containers may not reach {guarded}; open to "
+                                 f"{dst}: {opened} (l3netctl host allow --to {dst}/32 --proto P --port N)"))
+        return "NOT REACHABLE", steps
     steps.append(Step(True, f"{dst}: outside the cluster (no pool, not a node)"))
     if facts.pools[src_pool].get("internal"):
         steps.append(Step(False, f"network {src_pool} is internal (docker network create --internal): "

@@ -28,7 +28,8 @@ WAIT = ["-w", "5"]          # xtables lock: wait up to 5 s for another writer (d
 
 # iptables binaries: the host's own by default; the managed plugin brings its own iptables,
 # which must write where dockerd writes (nft or legacy kernel tables): see choose_backend().
-IPTABLES = {"iptables": "iptables", "iptables-save": "iptables-save", "iptables-restore": "iptables-restore"}
+IPTABLES = {t: t for t in ("iptables", "iptables-save", "iptables-restore",
+                           "ip6tables", "ip6tables-save", "ip6tables-restore")}
 BACKENDS = ("nft", "legacy")
 
 
@@ -50,7 +51,7 @@ _backend = {"settled": True, "saved": None, "checked": 0.0}
 
 def _use(backend):
     for tool in IPTABLES:
-        IPTABLES[tool] = tool if backend is None else tool.replace("iptables", f"iptables-{backend}", 1)
+        IPTABLES[tool] = tool if backend is None else tool.replace("tables", f"tables-{backend}", 1)
 
 
 def _detect():
@@ -190,9 +191,23 @@ def ipset_restore(text):
         _run(["ipset", "restore"], text)
 
 
-def iptables_restore(text):
+def iptables_restore(text, family=4):
     if text:
-        _run(["iptables-restore", *WAIT, "--noflush"], text)
+        _run([f"{_ip(family)}tables-restore", *WAIT, "--noflush"], text)
+
+
+def _ip(family):
+    return "ip" if family == 4 else "ip6"
+
+
+def ipv6_enabled():
+    """False when the kernel has no IPv6 (booted with ipv6.disable=1): nothing to drop then,
+    and ip6tables would fail."""
+    return os.path.exists("/proc/net/if_inet6")
+
+
+def saved_rules(family=4):
+    return _run([f"{_ip(family)}tables-save"])
 
 
 # Rules that may come before our hooks: Docker's DOCKER-USER (the admin's own rules, and it
@@ -202,15 +217,16 @@ def iptables_restore(text):
 MAY_PRECEDE = ("-j DOCKER-USER",)
 
 
-def hooks_found(saved):
-    """From ``iptables-save`` output: {hook: (count, in place)} for each of HOOKS present.
-    In place: only MAY_PRECEDE rules (or other hooks of ours) come before it in its chain."""
+def hooks_found(saved, hooks=None):
+    """From ``iptables-save`` output: {hook: (count, in place)} for each of ``hooks`` (default
+    P.HOOKS) present. In place: only MAY_PRECEDE rules (or other hooks of ours) come before it
+    in its chain."""
     table, found, clean = None, {}, {}
     for line in saved.splitlines():
         if line.startswith("*"):
             table = line[1:]
             continue
-        for hook in P.HOOKS:
+        for hook in hooks or P.HOOKS:
             t, chain, ours = hook
             if t != table or not line.startswith(f"-A {chain} "):
                 continue
@@ -222,28 +238,27 @@ def hooks_found(saved):
     return found
 
 
-def our_rules(saved):
-    """From ``iptables-save`` output: (table, line) of every rule in our chains and of every
-    hook into them, as the kernel prints them (what a drift check compares), a hook marked
-    when it is not in place or not alone."""
+def our_rules(saved, family=4):
+    """From ``iptables-save`` (``ip6tables-save``) output: (table, line) of every rule in our
+    chains and of every hook into them, as the kernel prints them (what a drift check
+    compares), a hook marked when it is not in place or not alone."""
+    hooks, chains = (P.HOOKS, P.CHAINS) if family == 4 else (P.HOOKS6, P.CHAINS6)
     table, out = None, set()
-    ours = tuple(f"-A {c} " for _, _, c in P.HOOKS) + (f"-A {P.TO_CONTAINER} ", f"-A {P.FROM_CONTAINER} ",
-                                                        f"-A {P.TO_HOST} ")
     for line in saved.splitlines():
         if line.startswith("*"):
             table = line[1:]
-        elif line.startswith(ours):
+        elif line.startswith("-A ") and line.split()[1] in chains.get(table, ()):
             out.add((table, line))
-    for (t, chain, c), (count, in_place) in hooks_found(saved).items():
+    for (t, chain, c), (count, in_place) in hooks_found(saved, hooks).items():
         mark = "" if in_place and count == 1 else f" (x{count}, in place: {in_place})"
         out.add((t, P.hook_line(chain, c) + mark))
     return out
 
 
-def hooks_to_fix(saved):
+def hooks_to_fix(saved, hooks=None):
     """[(hook, copies to delete first)] for every hook that is missing, misplaced or doubled."""
-    found = hooks_found(saved)
-    return [(h, found.get(h, (0, False))[0]) for h in P.HOOKS
+    found = hooks_found(saved, hooks)
+    return [(h, found.get(h, (0, False))[0]) for h in hooks or P.HOOKS
             if found.get(h, (0, False)) != (1, True)]
 
 
@@ -264,6 +279,7 @@ class Firewall:
         self.applied = None        # the PolicyState in force (None: unknown, apply in full)
         self._rules = None         # render_iptables(applied): what our chains hold
         self._snapshot = None      # our_rules() right after our last write
+        self._snapshot6 = None     # the same for ip6tables (None: IPv6 off in this kernel)
         self._generation = 0       # bumped by every local add_member
         self._local = []           # (generation, pool, address) added since the last sync read
         self._stale = set()        # sets to destroy (the kernel frees a set's last reference late)
@@ -303,6 +319,7 @@ class Firewall:
         saved = _run(["iptables-save"])
         iptables_restore(rules + P.render_hooks(hooks_to_fix(saved)))
         self._snapshot = our_rules(_run(["iptables-save"]))
+        self._apply_ipv6()
         wanted = set(P.sets(desired))
         self._stale |= {n for n in set_sizes(_run(["ipset", "list", "-t"])) if n not in wanted}
         return f"policy applied in full ({len(desired.pools)} networks, {len(desired.rules)} policies)"
@@ -317,6 +334,14 @@ class Firewall:
         added = sum(len(set(v) - set(old.members.get(k, []))) for k, v in desired.members.items())
         removed = sum(len(set(v) - set(desired.members.get(k, []))) for k, v in old.members.items())
         return f"policy updated (+{added}/-{removed} members)"
+
+    def _apply_ipv6(self):
+        """The IPv6 drops (static: written with every full apply, and on drift)."""
+        if not ipv6_enabled():
+            return
+        saved = saved_rules(6)
+        iptables_restore(P.render_ip6tables() + P.render_hooks(hooks_to_fix(saved, P.HOOKS6)), 6)
+        self._snapshot6 = our_rules(saved_rules(6), 6)
 
     def _destroy_stale(self):
         """Destroy sets no rule uses any more. Right after the rule that used a set is gone,
@@ -347,6 +372,8 @@ class Firewall:
                 return moved
             if our_rules(_run(["iptables-save"])) != self._snapshot:
                 reason = "iptables rules changed"
+            elif self._snapshot6 is not None and our_rules(saved_rules(6), 6) != self._snapshot6:
+                reason = "ip6tables rules changed"
             else:
                 sizes = set_sizes(_run(["ipset", "list", "-t"]))
                 want = {n: len(e) for n, (_, e) in P.sets(self.applied).items()}
@@ -371,27 +398,32 @@ class Firewall:
 
 
 def remove_all(sets=True):
-    """Take l3net's rules off this host: hooks, chains, and unless ``sets`` is false its sets
-    (``l3net-plugin --remove-rules``, after the plugin is stopped for good). Returns what was
-    removed."""
-    saved = _run(["iptables-save"])
+    """Take l3net's rules off this host: hooks, chains (IPv4 and IPv6), and unless ``sets`` is
+    false its sets (``l3net-plugin --remove-rules``, after the plugin is stopped for good).
+    Returns what was removed."""
     removed = []
-    for (table, chain, ours), (count, _) in hooks_found(saved).items():
-        for _ in range(count):
-            _run(["iptables", *WAIT, "-t", table, "-D", chain, "-j", ours])
-        removed.append(f"hook {table}/{chain} -> {ours}")
-    chains = {"filter": [P.FORWARD, P.TO_CONTAINER, P.FROM_CONTAINER, P.INPUT, P.TO_HOST],
-              "nat": [P.POSTROUTING, P.DNAT], "raw": [P.PREROUTING]}
-    for table, names in chains.items():
-        for name in names:
-            if f":{name} " in saved:
-                _run(["iptables", *WAIT, "-t", table, "-F", name])
-    for table, names in chains.items():
-        for name in names:
-            if f":{name} " in saved:
-                _run(["iptables", *WAIT, "-t", table, "-X", name])
-                removed.append(f"chain {table}/{name}")
+    for family, hooks, chains in ((4, P.HOOKS, P.CHAINS), (6, P.HOOKS6, P.CHAINS6)):
+        if family == 6 and not ipv6_enabled():
+            continue
+        tool, saved = f"{_ip(family)}tables", saved_rules(family)
+        label = "" if family == 4 else f"{tool} "
+        for (table, chain, ours), (count, _) in hooks_found(saved, hooks).items():
+            for _ in range(count):
+                _run([tool, *WAIT, "-t", table, "-D", chain, "-j", ours])
+            removed.append(f"hook {label}{table}/{chain} -> {ours}")
+        present = [(t, n) for t, names in chains.items() for n in names if f":{n} " in _table(saved, t)]
+        for table, name in present:
+            _run([tool, *WAIT, "-t", table, "-F", name])
+        for table, name in present:
+            _run([tool, *WAIT, "-t", table, "-X", name])
+            removed.append(f"chain {label}{table}/{name}")
     return removed + (destroy_sets() if sets else [])
+
+
+def _table(saved, table):
+    """The part of ``iptables-save`` output for one table."""
+    start = saved.find(f"*{table}\n")
+    return "" if start < 0 else saved[start:saved.find("COMMIT", start)]
 
 
 def destroy_sets():

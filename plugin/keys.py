@@ -12,7 +12,9 @@ Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3n
     <prefix>/bgp/peers/<ip>                    global BGP peers (route reflectors, ToR routers)
     <prefix>/bgp/nodes/<host>                  per-node BGP settings: AS, peers
     <prefix>/policy/rules/<id>                 policy: --from network may reach --to network
-    <prefix>/policy/hosts/<id>                 host service containers may reach
+    <prefix>/policy/hosts/<id>                 host service (or --to destination) containers may reach
+    <prefix>/policy/protected/<cidr>           a range containers may not reach (l3netctl host protect)
+    <prefix>/ipam/ranges                       the ranges pools must lie in (l3netctl pool ranges set)
 
 ``<pool>`` and ``<block>`` are CIDRs with the ``/`` written as ``-`` (``10.20.0.0-16``), so a
 CIDR never adds a path level. Host names are validated before they reach a key (no ``/``).
@@ -47,6 +49,10 @@ class Keys:
 
     def pool(self, cidr):
         return f"{self.prefix}/ipam/pools/{cidr_key(cidr)}"
+
+    def pool_ranges(self):
+        """One record: {"ranges": [CIDR, ...]} (absent: pools may be anywhere but infrastructure)."""
+        return f"{self.prefix}/ipam/ranges"
 
     def blocks(self, pool_cidr):
         return f"{self.prefix}/ipam/blocks/{cidr_key(pool_cidr)}/"
@@ -133,3 +139,9 @@ class Keys:
 
     def host_rule(self, rule_id):
         return f"{self.host_rules()}{rule_id}"
+
+    def protected_ranges(self):
+        return f"{self.prefix}/policy/protected/"
+
+    def protected_range(self, cidr):
+        return f"{self.protected_ranges()}{cidr_key(cidr)}"

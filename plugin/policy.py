@@ -15,10 +15,20 @@ policies and nodes, never on containers.
     the pools, whatever the policies;
   * containers may not reach any cluster host except services opened by a host rule. Their own
     host is protected in INPUT (every address it has), the other nodes in FORWARD (the
-    ``l3n-hosts`` set, or the node's address for a rule that names a node), and each node's
-    INPUT also refuses remote pool addresses the same way (defence in depth);
+    ``l3n-hosts`` set: every address every node published, or the node's address for a rule
+    that names a node), and each node's INPUT also refuses remote pool addresses the same way
+    (defence in depth);
+  * nor the rest of the infrastructure (``l3n-protected``, see infra.py): link-local (cloud
+    metadata), the etcd endpoints, the BGP peers, the operator's protected ranges. Only a host
+    rule with a destination (``--to CIDR``) opens part of it; such traffic is NATed like any
+    outgoing traffic;
   * a container only sends with its own address: strict reverse-path check on the host side of
-    its veth (one rule, whatever the number of containers);
+    its veth (one rule, whatever the number of containers); and a pool address is accepted as a
+    source only where the routes say it lives (its container's veth, or the uplink towards the
+    node announcing it): from Docker's bridge or any other interface it is dropped;
+  * l3net is IPv4-only: the host side of its veths has IPv6 off (datapath.py) and ip6tables
+    drops every IPv6 packet from or to them (``render_ip6tables``), so a container cannot send
+    router advertisements to its host nor reach host services on ``[::]``;
   * a published port (``docker run -p``) is a DNAT rule on the container's host, for packets
     to the host's own addresses (not 127/8) coming in or made on the host. It is for clients
     outside l3net's networks (the outside world, the hosts): containers reach each other at
@@ -40,7 +50,9 @@ TO_HOST = "L3NET-TO-HOST"
 POSTROUTING = "L3NET-POSTROUTING"
 PREROUTING = "L3NET-PREROUTING"
 DNAT = "L3NET-DNAT"
+OUTPUT = "L3NET-OUTPUT"
 HOSTS_SET = "l3n-hosts"
+PROTECTED_SET = "l3n-protected"
 POOLS_SET = "l3n-pools"
 NAT_SET = "l3n-nat-pools"
 SET_PREFIX = "l3n-"
@@ -49,6 +61,13 @@ IFACES = f"{HOST_PREFIX}+"
 HOOKS = [("filter", "FORWARD", FORWARD), ("filter", "INPUT", INPUT),
          ("nat", "POSTROUTING", POSTROUTING), ("nat", "PREROUTING", DNAT), ("nat", "OUTPUT", DNAT),
          ("raw", "PREROUTING", PREROUTING)]
+# Our chains of each table (v4), for drift checks and removal.
+CHAINS = {"filter": [FORWARD, TO_CONTAINER, FROM_CONTAINER, INPUT, TO_HOST],
+          "nat": [POSTROUTING, DNAT], "raw": [PREROUTING]}
+# IPv6: only drops. Packets from a veth (raw PREROUTING), to one (filter FORWARD for routed
+# ones, raw OUTPUT for the host's own).
+HOOKS6 = [("raw", "PREROUTING", PREROUTING), ("raw", "OUTPUT", OUTPUT), ("filter", "FORWARD", FORWARD)]
+CHAINS6 = {"raw": [PREROUTING, OUTPUT], "filter": [FORWARD]}
 
 
 @dataclass
@@ -60,6 +79,8 @@ class PolicyState:
     rules: list = field(default_factory=list)          # {"id","from","to","proto","ports"}
     host_rules: list = field(default_factory=list)     # {"id","proto","ports","node"}
     nodes: dict = field(default_factory=dict)          # node name -> address (every node)
+    host_addresses: list = field(default_factory=list)  # every address of every node
+    protected: list = field(default_factory=list)      # CIDRs containers may not reach
     internal: list = field(default_factory=list)       # pools of --internal networks
     ports: list = field(default_factory=list)          # {"proto","host_ip","host_port","ip","port"}
 
@@ -71,7 +92,8 @@ def set_name(cidr):
 
 def sets(state):
     """Every ipset the state needs: {name: (type, sorted entries)}."""
-    out = {HOSTS_SET: ("hash:ip", sorted(set(state.nodes.values()))),
+    out = {HOSTS_SET: ("hash:ip", sorted(set(state.nodes.values()) | set(state.host_addresses))),
+           PROTECTED_SET: ("hash:net", sorted(set(state.protected))),
            POOLS_SET: ("hash:net", sorted(set(state.pools))),
            NAT_SET: ("hash:net", sorted(set(state.nat_pools)))}
     for pool in state.pools:
@@ -153,10 +175,18 @@ def render_iptables(state):
                  f" -m set --match-set {set_name(rule['to'])} dst{_comment('policy ' + rule['id'])}"
                  " -j ACCEPT")
     f.append(f"-A {TO_CONTAINER}{_comment('default: isolated')} -j DROP")
-    # from a container: not to cluster hosts (but host services opened), anything else goes
+    # from a container: not to cluster hosts (but host services opened), not to the protected
+    # infrastructure (but destinations opened with --to), anything else goes
     f.append(f"-A {FROM_CONTAINER} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
-    for rule in sorted(state.host_rules, key=lambda r: r["id"]):
+    host_rules = sorted(state.host_rules, key=lambda r: r["id"])
+    for rule in host_rules:
+        if rule.get("to"):
+            f.append(f"-A {FROM_CONTAINER}{_ports(rule)} -d {rule['to']}{_comment('host rule ' + rule['id'])}"
+                     " -j ACCEPT")
+    for rule in host_rules:
         node = rule.get("node")
+        if rule.get("to"):
+            continue
         if node is None:
             dst = f" -m set --match-set {HOSTS_SET} dst"
         elif node in state.nodes:
@@ -164,6 +194,7 @@ def render_iptables(state):
         else:
             continue        # a node that is not registered (yet): nothing to open
         f.append(f"-A {FROM_CONTAINER}{_ports(rule)}{dst}{_comment('host rule ' + rule['id'])} -j ACCEPT")
+    f.append(f"-A {FROM_CONTAINER} -m set --match-set {PROTECTED_SET} dst{_comment('protected')} -j DROP")
     f.append(f"-A {FROM_CONTAINER} -m set --match-set {HOSTS_SET} dst{_comment('no hosts')} -j DROP")
     for pool in sorted(set(state.internal) & set(state.pools)):
         f.append(f"-A {FROM_CONTAINER} -m set --match-set {set_name(pool)} src -m set ! --match-set "
@@ -173,8 +204,10 @@ def render_iptables(state):
     f += [f"-A {INPUT} -i {IFACES} -j {TO_HOST}",
           f"-A {INPUT} -m set --match-set {POOLS_SET} src -j {TO_HOST}",
           f"-A {TO_HOST} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
-    for rule in sorted(state.host_rules, key=lambda r: r["id"]):
-        if rule.get("node") in (None, state.node):
+    for rule in host_rules:
+        if rule.get("to"):
+            f.append(f"-A {TO_HOST}{_ports(rule)} -d {rule['to']}{_comment('host rule ' + rule['id'])} -j ACCEPT")
+        elif rule.get("node") in (None, state.node):
             f.append(f"-A {TO_HOST}{_ports(rule)}{_comment('host rule ' + rule['id'])} -j ACCEPT")
     f.append(f"-A {TO_HOST}{_comment('no host access')} -j DROP")
     f.append("COMMIT")
@@ -189,8 +222,27 @@ def render_iptables(state):
     n.append("COMMIT")
     r = ["*raw", f":{PREROUTING} - [0:0]",
          f"-A {PREROUTING} -i {IFACES} -m rpfilter --invert{_comment('anti-spoofing')} -j DROP",
+         # A pool source from anywhere else (Docker's bridge, another interface) only where the
+         # routes say it lives: the uplink towards the node that announces it.
+         f"-A {PREROUTING} ! -i {IFACES} -m set --match-set {POOLS_SET} src -m rpfilter --invert"
+         f"{_comment('pool source on a foreign interface')} -j DROP",
          "COMMIT"]
     return "\n".join(f + n + r) + "\n"
+
+
+def render_ip6tables():
+    """``ip6tables-restore --noflush`` input: l3net is IPv4-only, so no IPv6 packet passes
+    to or from an l3net veth (the host side also has IPv6 off: this is the second lock)."""
+    why = _comment("l3net is IPv4-only")
+    return "\n".join([
+        "*raw", f":{PREROUTING} - [0:0]", f":{OUTPUT} - [0:0]",
+        f"-A {PREROUTING} -i {IFACES}{why} -j DROP",
+        f"-A {OUTPUT} -o {IFACES}{why} -j DROP",
+        "COMMIT",
+        "*filter", f":{FORWARD} - [0:0]",
+        f"-A {FORWARD} -o {IFACES}{why} -j DROP",
+        f"-A {FORWARD} -i {IFACES}{why} -j DROP",
+        "COMMIT"]) + "\n"
 
 
 def render_hooks(fixes):

@@ -30,7 +30,7 @@ def build(cfg):
 
     from .app import create_app
     from .datapath import Datapath
-    from .agent import Agent
+    from .agent import Agent, read_infrastructure
     from .bird import Bird
     from .driver import Driver
     from .firewall import Firewall, choose_backend
@@ -39,7 +39,8 @@ def build(cfg):
 
     store = make_store(cfg)
     keys = Keys(cfg.etcd_prefix)
-    ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size)
+    ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size,
+                infrastructure=lambda: read_infrastructure(store, keys))
     bird = Bird(cfg.state_dir, run_dir=RUN_DIR)
     if not cfg.bgp:
         if bird.stop():             # one a previous plugin (with BGP) left running
@@ -48,10 +49,38 @@ def build(cfg):
     log.info("%s", choose_backend(cfg.iptables_backend, cfg.state_dir))
     firewall = Firewall()
     agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
-                  status_path=os.path.join(cfg.state_dir, "status.json"))
+                  status_path=os.path.join(cfg.state_dir, "status.json"),
+                  facts=node_facts_of(cfg.etcd_endpoints))
     driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
     return create_app(driver, ipam), driver, ipam, agent
+
+
+def node_facts_of(etcd_endpoints):
+    """What this node publishes in its registry record for every node to protect: its
+    addresses and networks (asked at each heartbeat) and the IPv4 addresses of its etcd
+    endpoints (names resolved once, on the agent's first heartbeat: never on a Docker call)."""
+    from .datapath import host_facts
+    etcd = []
+
+    def facts():
+        if not etcd:
+            etcd.extend(resolve_ipv4([h for h, _, _ in parse_endpoints(etcd_endpoints)]) or [None])
+        return {**host_facts(), "etcd": [ip for ip in etcd if ip]}
+    return facts
+
+
+def resolve_ipv4(names):
+    """IPv4 addresses of host names or address literals (unresolvable ones skipped, logged)."""
+    import socket
+    out = set()
+    for name in names:
+        try:
+            out |= {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+        except OSError as e:
+            log.warning("cannot resolve etcd endpoint %s (%s): it is not protected from containers",
+                        name, e)
+    return sorted(out)
 
 
 def resume(driver):

@@ -69,6 +69,10 @@ for hook in ("-A FORWARD -j L3NET-FORWARD", "-A INPUT -j L3NET-INPUT",
              "-A POSTROUTING -j L3NET-POSTROUTING", "-A PREROUTING -j L3NET-PREROUTING"):
     assert saved.count(hook) == 1, (hook, saved)
 assert "l3n-leftover" not in sh("ipset", "list", "-n"), "unused set not destroyed"
+saved6 = sh("ip6tables-save")
+for hook in ("-A PREROUTING -j L3NET-PREROUTING", "-A OUTPUT -j L3NET-OUTPUT", "-A FORWARD -j L3NET-FORWARD",
+             "-A L3NET-PREROUTING -i l3h+", "-A L3NET-FORWARD -o l3h+"):
+    assert saved6.count(hook) == 1, (hook, saved6)
 assert members("10.20.0.0/16") == ["10.20.0.1", "10.20.0.65"]
 assert fw.apply(STATE) is None and fw.drift() is None
 
@@ -101,6 +105,8 @@ for breakage, expect in [(["iptables", "-F", "L3NET-TO-CONTAINER"], "iptables"),
                          (["iptables", "-I", "INPUT", "1", "-j", "L3NET-INPUT"], "iptables"),
                          (["iptables", "-D", "FORWARD", "-j", "L3NET-FORWARD"], "iptables"),
                          (["iptables", "-t", "nat", "-F", "L3NET-POSTROUTING"], "iptables"),
+                         (["ip6tables", "-t", "raw", "-F", "L3NET-PREROUTING"], "ip6tables"),
+                         (["ip6tables", "-t", "raw", "-D", "PREROUTING", "-j", "L3NET-PREROUTING"], "ip6tables"),
                          (["ipset", "flush", set_name("10.20.0.0/16")], "ipset")]:
     subprocess.run(breakage, check=True)
     reason = fw.drift()
@@ -109,6 +115,7 @@ for breakage, expect in [(["iptables", "-F", "L3NET-TO-CONTAINER"], "iptables"),
     assert fw.drift() is None
     saved = sh("iptables-save")
     assert saved.count("-A FORWARD -j L3NET-FORWARD") == 1 and saved.count("-A INPUT -j L3NET-INPUT") == 1
+    assert sh("ip6tables-save").count("-A L3NET-PREROUTING -i l3h+") == 1
     if "dummy0" in saved:
         assert saved.index("-A FORWARD -j L3NET-FORWARD") < saved.index("-A FORWARD -i dummy0"), saved
     assert members("10.20.0.0/16") == ["10.20.0.1"]
@@ -119,6 +126,7 @@ removed = remove_all()
 assert "hook filter/FORWARD -> L3NET-FORWARD" in removed, removed
 saved = sh("iptables-save")
 assert "L3NET" not in saved and "-A FORWARD -i dummy0 -j ACCEPT" in saved, saved
+assert "L3NET" not in sh("ip6tables-save")
 assert not [n for n in sh("ipset", "list", "-n").split() if n.startswith("l3n-")]
 assert remove_all() == []
 print("FIREWALL-OK")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugin.policy import PolicyState, render_ipsets, render_iptables, set_name
+from plugin.policy import PolicyState, render_ip6tables, render_ipsets, render_iptables, set_name
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 STATE = PolicyState(
@@ -24,8 +24,11 @@ STATE = PolicyState(
     host_rules=[{"id": "h1", "proto": "tcp", "ports": "53", "node": None},
                 {"id": "h2", "proto": "tcp", "ports": "8080-8081", "node": "h2"},
                 {"id": "h3", "proto": "udp", "ports": "9", "node": "h1"},
-                {"id": "h4", "proto": "udp", "ports": "7", "node": "gone"}],
+                {"id": "h4", "proto": "udp", "ports": "7", "node": "gone"},
+                {"id": "h5", "proto": "tcp", "ports": "80", "node": None, "to": "169.254.169.254/32"}],
     nodes={"h1": "198.18.0.11", "h2": "198.18.0.12"},
+    host_addresses=["172.17.0.1", "198.18.0.11", "198.18.0.12", "198.18.1.12"],
+    protected=["169.254.0.0/16", "198.18.0.1/32", "192.0.2.0/24"],
     internal=["10.40.0.0/24"],
     ports=[{"proto": "tcp", "host_ip": None, "host_port": 8080, "ip": "10.20.0.1", "port": 80},
            {"proto": "udp", "host_ip": "198.18.0.11", "host_port": 5353, "ip": "10.30.0.7", "port": 53}])
@@ -33,7 +36,8 @@ tools = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ipset") or not
                            reason="needs root, ipset and unshare")
 
 
-@pytest.mark.parametrize("render,name", [(render_iptables, "policy.rules"), (render_ipsets, "policy.ipsets")])
+@pytest.mark.parametrize("render,name", [(render_iptables, "policy.rules"), (render_ipsets, "policy.ipsets"),
+                                         (lambda _: render_ip6tables(), "policy6.rules")])
 def test_rendering_matches_golden(render, name):
     with open(os.path.join(GOLDEN, name)) as f:
         assert render(STATE) == f.read()
@@ -43,7 +47,8 @@ def test_rule_count_does_not_grow_with_containers():
     many = PolicyState(**{**STATE.__dict__,
                           "members": {"10.20.0.0/16": [f"10.20.{i // 250}.{i % 250 + 1}" for i in range(500)]}})
     assert render_iptables(many) == render_iptables(STATE)
-    assert render_ipsets(many).count("add l3n-") == 500 + 2 + 3 + 2   # members, hosts, pools, nat
+    # members, hosts' addresses, protected ranges, pools, nat pools
+    assert render_ipsets(many).count("add l3n-") == 500 + 4 + 3 + 3 + 2
 
 
 def accepted_by_kernel_tools(state):
