@@ -37,6 +37,22 @@ HEARTBEAT = 10
 DEBOUNCE = 0.1      # seconds to let a burst of etcd changes settle before a sync
 
 
+_warned = {}
+WARN_AGAIN = 600.0      # seconds before the same warning about a bad record is logged again
+
+
+def warn(message, *args):
+    """Log a warning about a record the agent skips, once (again after WARN_AGAIN seconds):
+    the sync runs every second, the log must not."""
+    text = message % args
+    now = time.monotonic()
+    if now - _warned.get(text, -WARN_AGAIN) >= WARN_AGAIN:
+        _warned[text] = now
+        if len(_warned) > 1000:
+            _warned.clear()
+        log.warning("%s", text)
+
+
 class Registry:
     """This node's record under <prefix>/nodes/<name>, kept alive by a lease. Besides its
     address and AS it publishes what every node must protect from containers and keep pools
@@ -77,7 +93,7 @@ def nodes(store, keys):
     for record in _records(store, keys.nodes()):
         facts = node_facts(record)
         if facts is None:
-            log.warning("ignoring node record %.200r: no name or IPv4 address", record)
+            warn("ignoring node record %.200r: no name or IPv4 address", record)
             continue
         out.append({**record, **facts})
     return out
@@ -100,7 +116,7 @@ def protected_by_operator(store, keys):
         if canonical_cidr(cidr):
             out.append(cidr)
         else:
-            log.warning("ignoring malformed protected range %.200r", r)
+            warn("ignoring malformed protected range %.200r", r)
     return out
 
 
@@ -140,7 +156,7 @@ def desired_bgp(store, keys, name, ip):
             peers.append(Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True))
     peers += [Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True) for p in node["peers"]]
     unique = {p.ip: p for p in peers}       # one session per address: explicit peers win
-    pools = [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in store.get_prefix(keys.pools())]
+    pools = [p["cidr"] for p in pools_in_force(store, keys)]
     blocks = [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in store.get_prefix(keys.affinities(name))]
     return BgpState(node=name, router_id=ip, asn=asn, pools=pools, blocks=blocks,
                     peers=list(unique.values()), hold_time=cluster["hold_time"]), asn
@@ -193,27 +209,36 @@ def _records(store, prefix):
         try:
             out.append(json.loads(value))
         except ValueError:
-            log.warning("ignoring %s: not JSON", key)
+            warn("ignoring %s: not JSON", key)
     return out
 
 
-def desired_policy(store, keys, name):
-    """The isolation state this node should enforce, from what etcd holds now. Members of a
-    network: every address allocated in its pool on any host, except gateway reservations.
-    A pool over the cluster's infrastructure (reserved ranges, a node's or an etcd endpoint's
-    or a BGP peer's address: written behind l3netctl's back) is not put in force: its members
-    are in no set, so nothing reaches them, and no host address is taken for a container's."""
-    registered = nodes(store, keys)
-    peers = bgp_peer_ips(store, keys)
+def pools_in_force(store, keys, registered=None, peers=None):
+    """The pool records this node enforces and routes. A pool over the cluster's
+    infrastructure (reserved ranges; a node's, an etcd endpoint's or a BGP peer's address:
+    only a write behind l3netctl's back can make one) is left out, so no host address is ever
+    filtered or routed as a container's (its members are in no set: nothing reaches them)."""
+    registered = nodes(store, keys) if registered is None else registered
+    peers = bgp_peer_ips(store, keys) if peers is None else peers
     hard = infrastructure(registered, peers, [], networks=False)
     pools = []
     for p in _records(store, keys.pools()):
         if not isinstance(p, dict) or not canonical_cidr(p.get("cidr")):
-            log.warning("ignoring malformed pool record %.200r", p)
+            warn("ignoring malformed pool record %.200r", p)
         elif pool_conflict(p["cidr"], hard):
-            log.warning("not enforcing pool %s: %s", p["cidr"], pool_conflict(p["cidr"], hard))
+            warn("not enforcing pool %s: %s", p["cidr"], pool_conflict(p["cidr"], hard))
         else:
             pools.append(p)
+    return pools
+
+
+def desired_policy(store, keys, name):
+    """The isolation state this node should enforce, from what etcd holds now. Members of a
+    network: every address allocated in its pool on any host, except gateway reservations, in
+    the pools in force (pools_in_force)."""
+    registered = nodes(store, keys)
+    peers = bgp_peer_ips(store, keys)
+    pools = pools_in_force(store, keys, registered, peers)
     members = {p["cidr"]: [] for p in pools}
     holders = {}                    # address -> its holder ("endpoint:<id>", "gateway:...")
     for block in _records(store, keys.all_blocks()):
@@ -224,7 +249,7 @@ def desired_policy(store, keys, name):
         for ip, a in allocations.items():
             handle = a.get("handle") if isinstance(a, dict) else None
             if canonical_ip(ip) is None or not isinstance(handle, str):
-                log.warning("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
+                warn("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
                 continue
             holders[ip] = handle
             if not handle.startswith("gateway:"):
@@ -234,18 +259,18 @@ def desired_policy(store, keys, name):
         if _valid_rule(rule, members):
             rules.append(rule)
         else:
-            log.warning("ignoring malformed policy rule %.200r", rule)
+            warn("ignoring malformed policy rule %.200r", rule)
     for rule in _records(store, keys.host_rules()):
         if _valid_rule(rule, members, host_rule=True):
             host_rules.append(rule)
         else:
-            log.warning("ignoring malformed host rule %.200r", rule)
+            warn("ignoring malformed host rule %.200r", rule)
     ports = []
     for record in _records(store, keys.ports(name)):
         if _valid_port(record, holders):
             ports.append({k: record.get(k) for k in ("proto", "host_ip", "host_port", "ip", "port")})
         else:
-            log.warning("ignoring published port %.200r: malformed, or its endpoint no longer holds "
+            warn("ignoring published port %.200r: malformed, or its endpoint no longer holds "
                         "the address", record)
     return PolicyState(node=name, pools=sorted(members),
                        nat_pools=sorted(p["cidr"] for p in pools

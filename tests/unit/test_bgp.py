@@ -69,7 +69,7 @@ def test_desired_state_full_mesh_from_registry():
     store, keys = MemoryStore(), Keys("/t")
     for name, ip in [("h1", "198.18.0.11"), ("h2", "198.18.0.12"), ("h3", "198.18.0.13")]:
         Registry(store, keys, name, ip).heartbeat(64512)
-    store.put(keys.pool("10.20.0.0/16"), "{}")
+    store.put(keys.pool("10.20.0.0/16"), '{"cidr": "10.20.0.0/16"}')
     store.put(keys.affinity("h1", "10.20.0.0/26"), "10.20.0.0/16")
     store.put(keys.affinity("h2", "10.20.0.64/26"), "10.20.0.0/16")
     state, asn = desired_bgp(store, keys, "h1", "198.18.0.11")
