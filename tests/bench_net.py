@@ -10,6 +10,11 @@ Paths, all between host 1 and host 2 of a 2-host test bed (tests/testbed.py):
   (d) docker-nat    Docker without an overlay: a --net bridge container reaching a port
                     published (-p) by a --net bridge container on the other host
   (e) l3net         containers on an l3net network on each host
+  (e1) l3net with the agents paused (SIGSTOP; BIRD runs on): the data path alone, without the
+                    CPU the agents take on this 2-core machine
+  (e0) (e1) without the rules that close the attacker's doors of issue 10 (pool sources only
+                    where the routes say they live; the protected-destination drop): (e1)/(e0) is
+                    what those rules cost, measured in one run
 Tools run in the right namespace with nsenter: the host's iperf3 and ping. (e) goes through
 l3net's policy (conntrack, ipset membership, anti-spoofing), like every l3net container.
 Also measured: how long a new container's route takes to reach the other host, how long a
@@ -17,8 +22,10 @@ new container takes to be reachable from the other host (route and ipset members
 long a policy takes to be in force on the other host.
 """
 
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,9 +59,11 @@ def netns_of_pid(pid):
     return ["nsenter", "-t", str(pid), "-n"]
 
 
-def measure_all(paths):
+def measure_all(paths, around=None):
     """{name: (TCP Gbit/s, UDP 64-byte delivered kpps, RTT ms)}, medians over RUNS rounds.
-    Rounds are interleaved across paths, so slow drifts of the machine hit every path alike."""
+    Rounds are interleaved across paths, so slow drifts of the machine hit every path alike.
+    ``around``: {name: context manager factory} entered around each measurement of that path."""
+    around = around or {}
     servers = []
     try:
         for port, (client, server) in enumerate(paths.values(), start=5301):
@@ -68,12 +77,13 @@ def measure_all(paths):
         for _ in range(RUNS):
             for port, (name, (client, server)) in enumerate(paths.items(), start=5301):
                 port = str(server.port or port)
-                out = json.loads(client.run("iperf3", "-c", server.ip, "-p", port, "-t", str(SECONDS),
-                                            "-J", timeout=SECONDS + 30).stdout)
-                tcp[name].append(out["end"]["sum_received"]["bits_per_second"] / 1e9)
-                out = json.loads(client.run("iperf3", "-c", server.ip, "-p", port, "-u", "-b", "0",
-                                            "-l", "64", "-t", str(SECONDS), "-J",
-                                            timeout=SECONDS + 30).stdout)
+                with around.get(name, contextlib.nullcontext)():
+                    out = json.loads(client.run("iperf3", "-c", server.ip, "-p", port, "-t", str(SECONDS),
+                                                "-J", timeout=SECONDS + 30).stdout)
+                    tcp[name].append(out["end"]["sum_received"]["bits_per_second"] / 1e9)
+                    out = json.loads(client.run("iperf3", "-c", server.ip, "-p", port, "-u", "-b", "0",
+                                                "-l", "64", "-t", str(SECONDS), "-J",
+                                                timeout=SECONDS + 30).stdout)
                 total = out["end"]["sum"]
                 udp[name].append((total["packets"] - total["lost_packets"]) / total["seconds"] / 1000)
     finally:
@@ -82,11 +92,49 @@ def measure_all(paths):
             srv.wait(10)
     results = {}
     for name, (client, server) in paths.items():
-        ping = client.run("ping", "-c", "50", "-i", "0.01", "-q", server.ping_ip or server.ip,
-                          timeout=30).stdout
+        with around.get(name, contextlib.nullcontext)():
+            ping = client.run("ping", "-c", "50", "-i", "0.01", "-q", server.ping_ip or server.ip,
+                              timeout=30).stdout
         rtt = float(ping.split("rtt")[1].split("=")[1].split("/")[1])
         results[name] = (statistics.median(tcp[name]), statistics.median(udp[name]), rtt)
     return results
+
+
+# The issue-10 rules on the data path, as iptables prints them (taken out for path (e0)).
+NEWEST_RULES = [
+    ("raw", "L3NET-PREROUTING", ["!", "-i", "l3h+", "-m", "set", "--match-set", "l3n-pools", "src", "-m",
+                                 "rpfilter", "--invert", "-m", "comment", "--comment",
+                                 "pool source on a foreign interface", "-j", "DROP"]),
+    ("filter", "L3NET-FROM-CONTAINER", ["-m", "set", "--match-set", "l3n-protected", "dst", "-m", "comment",
+                                        "--comment", "protected", "-j", "DROP"])]
+
+
+@contextlib.contextmanager
+def without_newest_rules(bed, remove=True):
+    """Pause every host's plugin (SIGSTOP: its agent would repair the "drift" at once; BIRD,
+    a process of its own, keeps running), take NEWEST_RULES out (unless not ``remove``: then
+    only the agents' own CPU is out of the picture), yield; then let the agents go on and
+    wait until they have put the rules back."""
+    paused = []
+    for host in bed.hosts:
+        pids = [host.plugin.pid] + [int(p) for p in run("pgrep", "-P", str(host.plugin.pid),
+                                                         check=False).stdout.split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+            paused.append(pid)
+    try:
+        for host in bed.hosts:
+            for table, chain, spec in NEWEST_RULES if remove else ():
+                host.sh("iptables", "-w", "5", "-t", table, "-D", chain, *spec)
+        yield
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+    def printed(comment):
+        return f'--comment "{comment}" -j DROP' if " " in comment else f"--comment {comment} -j DROP"
+    for host in bed.hosts:
+        wait_until(lambda: all(printed(spec[-3]) in host.sh("iptables-save", "-t", table).stdout
+                               for table, _, spec in NEWEST_RULES), 15, f"the rules back on {host.name}")
 
 
 def docker_dns_nat(ns):
@@ -234,6 +282,10 @@ def policy_timings(bed, a, rounds=5):
     return statistics.median(reachable), statistics.median(in_force)
 
 
+PAUSED = "(e1) l3net, agents paused"
+WITHOUT = "(e0) (e1) without issue-10 rules"
+
+
 def main():
     bed = Testbed(2, prefix=f"/l3bench-{uuid.uuid4().hex[:6]}")
     namespaces = ["rt1", "rt2", "rd1", "rd2", "vx1", "vx2"]
@@ -269,7 +321,10 @@ def main():
         a, b = container_endpoint(h1, "l3a", "l3bench"), container_endpoint(h2, "l3b", "l3bench")
         wait_until(lambda: a.run("ping", "-c1", "-W1", b.ip, timeout=5).returncode == 0, 30, "l3net path")
         paths["(e) l3net"] = (a, b)
-        results = measure_all(paths)
+        paths[PAUSED] = (a, Endpoint(b.prefix, b.ip))
+        paths[WITHOUT] = (a, Endpoint(b.prefix, b.ip))
+        results = measure_all(paths, {PAUSED: lambda: without_newest_rules(bed, remove=False),
+                                      WITHOUT: lambda: without_newest_rules(bed)})
         propagation = route_propagation(h1, h2)
         reachable, in_force = policy_timings(bed, a)
     finally:
@@ -284,6 +339,9 @@ def main():
     print(f"  {'path':36s} {'TCP Gbit/s':>10s} {'64B UDP kpps':>13s} {'RTT ms':>8s}   l3net/this: TCP  pps")
     for name, (tcp, pps, rtt) in results.items():
         print(f"  {name:36s} {tcp:10.2f} {pps:13.1f} {rtt:8.3f}   {l3[0] / tcp:15.2f}x {l3[1] / pps:4.2f}x")
+    l3_1, l3_0 = results[PAUSED], results[WITHOUT]
+    print(f"  the issue-10 rules' cost, (e1)/(e0): TCP {l3_1[0] / l3_0[0]:.3f}x, 64B pps {l3_1[1] / l3_0[1]:.3f}x "
+          f"(goal >= 0.99x): {'OK' if l3_1[0] >= 0.99 * l3_0[0] and l3_1[1] >= 0.99 * l3_0[1] else 'MISSED'}")
     over = all(l3[i] > results[k][i] for k in ("(c) VXLAN overlay", "(d) docker bridge + -p (NAT)")
                for i in (0, 1))
     print(f"  goals vs (b): TCP >= 0.95x: {'OK' if l3[0] >= 0.95 * base[0] else 'MISSED'}, "
