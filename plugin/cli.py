@@ -746,6 +746,8 @@ def host_protect(obj, cidr):
     from ipam.pools import parse_cidr
     from .infra import overlaps
     net = parse_cidr(cidr if "/" in cidr else f"{cidr}/32", "range")
+    if net.prefixlen == 0:
+        raise L3netError("0.0.0.0/0 would cut containers off everything: name the ranges to protect")
     pools = [p["cidr"] for p in obj.records(obj.keys.pools()) if overlaps(net, IPNetwork(p["cidr"]))]
     if pools:
         raise L3netError(f"{net} overlaps pool {', '.join(pools)}: containers would lose each other")

@@ -67,7 +67,7 @@ def protected(nodes, peers, operator):
     out = {LINK_LOCAL}
     out |= {f"{ip}/32" for n in nodes for ip in n["etcd"]}
     out |= {f"{ip}/32" for ip in peers if canonical_ip(ip)}
-    out |= {c for c in operator if canonical_cidr(c)}
+    out |= {c for c in operator if canonical_cidr(c) and not c.endswith("/0")}   # ipset: /1../32
     return sorted(out, key=lambda c: (IPNetwork(c).first, IPNetwork(c).prefixlen))
 
 
@@ -94,9 +94,10 @@ def overlaps(a, b):
 
 
 def pool_conflict(cidr, infra, allowed=()):
-    """Why ``cidr`` may not be a pool (one clear sentence), or None when it may."""
+    """Why ``cidr`` may not be a pool (one clear sentence, naming the most specific thing it
+    covers), or None when it may."""
     cidr = IPNetwork(cidr)
-    for net, why in infra:
+    for net, why in sorted(infra, key=lambda item: -item[0].prefixlen):
         if overlaps(cidr, net):
             return f"subnet {cidr} overlaps {why}: pick a subnet away from the cluster's infrastructure"
     allowed = [IPNetwork(c) for c in allowed if canonical_cidr(c)]

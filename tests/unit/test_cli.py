@@ -167,3 +167,66 @@ def test_l3netctl_takes_etcd_flags_after_the_command(etcd, prefix):
     res = subprocess.run([ctl, "policy", "remove", "nosuchid", "--etcd-endpoints", etcd.url],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1 and res.stderr.strip() == "l3netctl: no rule 'nosuchid'"
+
+
+def test_protected_ranges_and_destinations_round_trip(ctl, etcd, prefix):
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+    store, keys = EtcdStore(etcd.url), Keys(prefix)
+    store.put(keys.pool("10.20.0.0/16"), json.dumps({"cidr": "10.20.0.0/16", "refs": {}}))
+    store.put(keys.node("h1"), json.dumps({"name": "h1", "ip": "198.18.0.11", "etcd": ["198.18.0.1"]}))
+    ctl("host", "protect", "10.1.0.0/16")
+    rule = ctl("host", "allow", "--to", "169.254.169.254", "--proto", "tcp", "--port", "80").output.split()[-1]
+    rows = json.loads(ctl("host", "list", "--json").output)
+    assert {(r["kind"], r["id"]) for r in rows} == {("allow", rule), ("protect", "10.1.0.0/16")}
+    assert [r["to"] for r in rows if r["kind"] == "allow"] == ["169.254.169.254/32"]
+    text = ctl("host", "list", "--all").output
+    for expected in ("169.254.0.0/16", "198.18.0.11/32", "198.18.0.1/32", "etcd endpoint", "10.1.0.0/16"):
+        assert expected in text, text
+    ctl("host", "unprotect", "10.1.0.0/16")
+    ctl("host", "remove", rule)
+    assert json.loads(ctl("host", "list", "--json").output) == []
+    result = ctl("host", "unprotect", "10.1.0.0/16", ok=False)
+    assert result.exit_code != 0 and "not a protected range" in str(result.exception)
+    store.close()
+
+
+def test_pool_ranges_round_trip(ctl, etcd, prefix):
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+    store, keys = EtcdStore(etcd.url), Keys(prefix)
+    store.put(keys.pool("10.20.0.0/16"), json.dumps({"cidr": "10.20.0.0/16", "block_prefix": 26, "refs": {},
+                                                     "nat_outgoing": True, "auto": False}))
+    result = ctl("pool", "ranges", "set", "10.64.0.0/10", ok=False)
+    assert result.exit_code != 0 and "10.20.0.0/16 lies outside" in str(result.exception)
+    assert json.loads(ctl("pool", "ranges", "show", "--json").output) == []
+    ctl("pool", "ranges", "set", "10.0.0.0/9", "10.128.0.0/9")
+    assert json.loads(ctl("pool", "ranges", "show", "--json").output) == ["10.0.0.0/9", "10.128.0.0/9"]
+    result = ctl("pool", "add", "172.20.0.0/16", ok=False)
+    assert result.exit_code != 0 and "outside the ranges allowed" in str(result.exception)
+    ctl("pool", "ranges", "clear")
+    assert "any" in ctl("pool", "ranges").output
+    store.close()
+
+
+@pytest.mark.parametrize("args", [
+    ("host", "protect", "10.20.0.0/8"),                      # host bits
+    ("host", "protect", "10.0.0.0/8"),                       # covers a pool
+    ("host", "protect", "not-a-cidr"),
+    ("host", "protect", "0.0.0.0/0"),
+    ("host", "allow", "--to", "169.254.169.254/16", "--proto", "tcp", "--port", "80"),
+    ("host", "allow", "--to", "1.2.3.4/32", "--node", "h1", "--proto", "tcp", "--port", "80"),
+    ("pool", "add", "127.0.0.0/8"),
+    ("pool", "add", "169.254.0.0/16"),
+    ("pool", "ranges", "set", "10.0.0.1/8"),
+])
+def test_bad_protection_input_changes_nothing(ctl, etcd, prefix, args):
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+    store = EtcdStore(etcd.url)
+    store.put(Keys(prefix).pool("10.20.0.0/16"), json.dumps({"cidr": "10.20.0.0/16", "refs": {}}))
+    before = store.get_prefix(prefix + "/")
+    result = ctl(*args, ok=False)
+    assert result.exit_code != 0
+    assert store.get_prefix(prefix + "/") == before
+    store.close()

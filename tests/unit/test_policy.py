@@ -88,8 +88,12 @@ def test_random_policy_sets_are_accepted(pools, data):
     host_rules = [{"id": f"h{i}", "proto": data.draw(st.sampled_from(["tcp", "udp"])), "ports": data.draw(ports),
                    "node": data.draw(st.sampled_from([None, "n1", "n2"]))}
                   for i in range(data.draw(st.integers(0, 3)))]
+    host_rules += [{"id": f"t{i}", "proto": "tcp", "ports": data.draw(ports), "node": None, "to": data.draw(cidr)}
+                   for i in range(data.draw(st.integers(0, 2)))]
     state = PolicyState(pools=pools, nat_pools=pools[:1], rules=rules, host_rules=host_rules,
                         members={pools[0]: ["10.0.0.1"]}, nodes={"n1": "192.0.2.1"},
+                        host_addresses=["192.0.2.1", "172.17.0.1"],
+                        protected=["169.254.0.0/16"] + data.draw(st.lists(cidr, max_size=3, unique=True)),
                         internal=data.draw(st.lists(st.sampled_from(pools), unique=True)))
     ok, err = accepted_by_kernel_tools(state)
     assert ok, err
