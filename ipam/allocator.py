@@ -114,10 +114,14 @@ class Ipam:
             sub = P.parse_cidr(subpool, "ip-range") if subpool else None
             if sub is not None and sub not in cidr:
                 raise L3netError(f"ip-range {sub} is not inside subnet {cidr}")
-            clash = P.overlapping(cidr, self._pool_cidrs())
+            existing = self._pool_cidrs()
+            clash = P.overlapping(cidr, existing)
             if clash is not None:
                 raise L3netError(f"subnet {cidr} overlaps pool {clash} already defined in l3net")
-            self.check_not_infrastructure(cidr)
+            if str(cidr) not in existing:
+                # only a new pool is judged: an existing one stays usable on every host even if
+                # some host's address later falls into it (a Docker bridge created there)
+                self.check_not_infrastructure(cidr)
             self._join_pool(cidr, opts, auto=False)
         else:
             if subpool:

@@ -20,15 +20,16 @@ import re
 import threading
 import time
 
-from netaddr import IPNetwork
+from netaddr import IPAddress, IPNetwork
 
 from . import metrics
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
 from .firewall import NoFirewall
-from .infra import canonical_cidr, canonical_ip, infrastructure, node_facts, pool_conflict, protected
+from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
+                    pool_conflict, protected, unicast_ip)
 from .keys import key_cidr
 from .policy import PolicyState
-from .store import Snapshot, get_json
+from .store import Snapshot
 
 log = logging.getLogger("l3net.agent")
 
@@ -65,6 +66,8 @@ class Registry:
         self.facts = facts or (lambda: {})
         self._lease = None
         self._last = 0.0
+        self._facts = {}            # the last facts gathered (kept when gathering fails)
+        self._known = None          # the addresses last written to the node's lasting record
 
     def heartbeat(self, asn, force=False):
         now = time.time()
@@ -74,15 +77,21 @@ class Registry:
             self._lease = self.store.lease(self.ttl)
             log.info("registered node %s (%s) with a %ds lease", self.name, self.ip, self.ttl)
         try:
-            facts = self.facts()
-        except Exception as e:  # noqa: BLE001 - the record without them still keeps the node in
-            log.warning("could not list this host's addresses: %s", e)
-            facts = {}
+            self._facts = {**self._facts, **self.facts()}
+        except Exception as e:  # noqa: BLE001 - the last facts gathered still hold
+            warn("could not list this host's addresses (publishing the last known): %s", e)
+        facts = self._facts
         record = {"name": self.name, "ip": self.ip, "as": asn, "last_seen": round(now, 3),
                   **{k: facts[k] for k in ("addresses", "networks", "etcd") if k in facts}}
         self.store.put(self.keys.node(self.name), json.dumps(record, sort_keys=True),
                        lease=self._lease)
         self._last = now
+        known = sorted(set(facts.get("addresses", [])) | {self.ip})
+        if known != self._known:
+            # Without a lease: every node keeps protecting these addresses while this node is
+            # away (its plugin stopped or cut off from etcd), until `l3netctl node remove`.
+            self.store.put(self.keys.node_addresses(self.name), json.dumps({"name": self.name, "addresses": known}))
+            self._known = known
 
 
 def nodes(store, keys):
@@ -93,10 +102,23 @@ def nodes(store, keys):
     for record in _records(store, keys.nodes()):
         facts = node_facts(record)
         if facts is None:
-            warn("ignoring node record %.200r: no name or IPv4 address", record)
+            warn("ignoring node record %.120s: no valid name or IPv4 address",
+                 json.dumps({k: record.get(k) for k in ("name", "ip")} if isinstance(record, dict) else record))
             continue
         out.append({**record, **facts})
     return out
+
+
+def known_node_addresses(store, keys):
+    """Every address any node ever registered and was not removed with ``l3netctl node
+    remove``: the lasting half of host protection (a lease that expires must not open a node
+    to containers)."""
+    out = set()
+    for r in _records(store, keys.all_node_addresses()):
+        addresses = r.get("addresses") if isinstance(r, dict) else None
+        if isinstance(addresses, list):
+            out |= {a for a in addresses[:MAX_LISTED] if unicast_ip(a)}
+    return sorted(out)
 
 
 def bgp_peer_ips(store, keys):
@@ -105,7 +127,7 @@ def bgp_peer_ips(store, keys):
     for n in _records(store, keys.bgp_nodes()):
         peers = n.get("peers") if isinstance(n, dict) else None
         ips += [p.get("ip") for p in peers if isinstance(p, dict)] if isinstance(peers, list) else []
-    return sorted({ip for ip in ips if canonical_ip(ip)})
+    return sorted({ip for ip in ips if unicast_ip(ip)})
 
 
 def protected_by_operator(store, keys):
@@ -122,8 +144,7 @@ def protected_by_operator(store, keys):
 
 def pool_ranges(store, keys):
     """The ranges pools must lie in (``l3netctl pool ranges set``); [] = anywhere."""
-    record = get_json(store, keys.pool_ranges(), {})
-    ranges = record.get("ranges") if isinstance(record, dict) else None
+    ranges = _json_record(store, keys.pool_ranges()).get("ranges")
     return [c for c in ranges if canonical_cidr(c)] if isinstance(ranges, list) else []
 
 
@@ -133,28 +154,72 @@ def read_infrastructure(store, keys):
             pool_ranges(store, keys))
 
 
+def valid_asn(value):
+    return value if type(value) is int and 1 <= value <= 4294967295 else None
+
+
+def _json_record(store, key):
+    """The JSON object at ``key``, or {} (absent, or not a JSON object: warned, skipped)."""
+    value, _ = store.get(key)
+    if value is None:
+        return {}
+    try:
+        record = json.loads(value)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        warn("ignoring %s: not a JSON object", key)
+        return {}
+    return record
+
+
 def bgp_settings(store, keys, name):
-    """(cluster settings, this node's settings) with defaults filled in."""
+    """(cluster settings, this node's settings) with defaults filled in; a malformed field is
+    skipped with a warning (the default holds) and never reaches bird.conf."""
     cluster = {"as": DEFAULT_AS, "mesh": True, "hold_time": HOLD_TIME}
-    cluster.update(get_json(store, keys.bgp_config(), {}))
-    node = {"as": None, "peers": []}
-    node.update(get_json(store, keys.bgp_node(name), {}))
+    record = _json_record(store, keys.bgp_config())
+    checks = {"as": valid_asn, "mesh": lambda v: v if type(v) is bool else None,
+              "hold_time": lambda v: v if type(v) is int and 3 <= v <= 65535 else None}
+    for field, check in checks.items():
+        if field in record:
+            if check(record[field]) is None:
+                warn("ignoring BGP setting %s=%.50r: out of range", field, record[field])
+            else:
+                cluster[field] = record[field]
+    node_record = _json_record(store, keys.bgp_node(name))
+    node = {"as": valid_asn(node_record.get("as")), "peers": []}
+    peers = node_record.get("peers")
+    node["peers"] = [p for p in (peers if isinstance(peers, list) else []) if _valid_peer(p)]
     return cluster, node
 
 
+def _valid_peer(record):
+    """An explicit peer: a unicast IPv4 address, an AS, an optional name that is a plain label
+    (it becomes a comment in bird.conf: a newline would inject configuration)."""
+    ok = isinstance(record, dict) and unicast_ip(record.get("ip")) and valid_asn(record.get("as")) and \
+        (record.get("name") in (None, "") or (isinstance(record.get("name"), str)
+                                              and NODE.fullmatch(record["name"]) is not None))
+    if not ok:
+        warn("ignoring BGP peer %.200s: bad address, AS or name", json.dumps(record)[:200])
+    return bool(ok)
+
+
+def node_asn(store, keys, name):
+    cluster, node = bgp_settings(store, keys, name)
+    return node["as"] or cluster["as"]
+
+
 def desired_bgp(store, keys, name, ip):
-    """The BGP state this node should run with, from what etcd holds now."""
+    """The BGP state this node should run with, from what etcd holds now (records checked:
+    a bad one is skipped, the others still count)."""
     cluster, node = bgp_settings(store, keys, name)
     asn = node["as"] or cluster["as"]
     peers = []
     if cluster["mesh"]:
-        peers += [Peer(n["name"], n["ip"], n.get("as") or cluster["as"])
+        peers += [Peer(n["name"], n["ip"], valid_asn(n.get("as")) or cluster["as"])
                   for n in nodes(store, keys) if n["name"] != name and n["ip"] != ip]
-    for _, v, _ in store.get_prefix(keys.bgp_peers()):
-        p = json.loads(v)
-        if p["ip"] != ip:
-            peers.append(Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True))
-    peers += [Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True) for p in node["peers"]]
+    explicit = [p for p in _records(store, keys.bgp_peers()) if _valid_peer(p)] + node["peers"]
+    peers += [Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True) for p in explicit if p["ip"] != ip]
     unique = {p.ip: p for p in peers}       # one session per address: explicit peers win
     pools = [p["cidr"] for p in pools_in_force(store, keys)]
     blocks = [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in store.get_prefix(keys.affinities(name))]
@@ -162,25 +227,35 @@ def desired_bgp(store, keys, name, ip):
                     peers=list(unique.values()), hold_time=cluster["hold_time"]), asn
 
 
-RULE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-PORTS = re.compile(r"^[0-9]{1,5}(-[0-9]{1,5})?$")
-NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+RULE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
+NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def valid_ports(value):
+    """"N" or "N-M" with 1 <= N <= M <= 65535 (anything else would make iptables-restore
+    refuse the whole rule set, on every node)."""
+    m = PORTS.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        return False
+    low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+    return 1 <= low <= high <= 65535
 
 
 def _valid_rule(rule, pools, host_rule=False):
     """Records come from etcd, written by l3netctl, but anyone with etcd access can write
     there: only well-formed rules reach iptables-restore input (no injection by a comment)."""
-    if not isinstance(rule, dict) or not RULE_ID.match(str(rule.get("id", ""))):
+    if not isinstance(rule, dict) or not RULE_ID.fullmatch(str(rule.get("id", ""))):
         return False
     proto, ports = rule.get("proto"), rule.get("ports")
     if proto not in ((("tcp", "udp")) if host_rule else (None, "tcp", "udp", "icmp")):
         return False
-    if ports is not None and (proto not in ("tcp", "udp") or not PORTS.match(str(ports))):
+    if ports is not None and (proto not in ("tcp", "udp") or not valid_ports(ports)):
         return False
     if host_rule:
         node, to = rule.get("node"), rule.get("to")
-        return ports is not None and (node is None or bool(NODE.match(str(node)))) and \
-            (to is None or (node is None and canonical_cidr(to) is not None))
+        return ports is not None and (node is None or bool(NODE.fullmatch(str(node)))) and \
+            (to is None or (node is None and canonical_cidr(to) is not None and not to.endswith("/0")))
     return rule.get("from") in pools and rule.get("to") in pools
 
 
@@ -213,14 +288,17 @@ def _records(store, prefix):
     return out
 
 
-def pools_in_force(store, keys, registered=None, peers=None):
-    """The pool records this node enforces and routes. A pool over the cluster's
-    infrastructure (reserved ranges; a node's, an etcd endpoint's or a BGP peer's address:
-    only a write behind l3netctl's back can make one) is left out, so no host address is ever
-    filtered or routed as a container's (its members are in no set: nothing reaches them)."""
-    registered = nodes(store, keys) if registered is None else registered
-    peers = bgp_peer_ips(store, keys) if peers is None else peers
-    hard = infrastructure(registered, peers, [], networks=False)
+RESERVED_NETS = [(IPNetwork(c), why) for c, why in RESERVED]
+
+
+def pools_in_force(store, keys):
+    """The pool records this node enforces and routes. A pool over a reserved range
+    (loopback, link-local, multicast...: only a write into etcd behind l3netctl's back can make
+    one) is left out: no such address is ever filtered or routed as a container's. Pools are
+    not judged against the nodes' addresses here: those change (a Docker bridge created on some
+    host), and an existing network must not go dark because of that; new pools are refused
+    over them (Ipam.check_not_infrastructure)."""
+    hard = RESERVED_NETS
     pools = []
     for p in _records(store, keys.pools()):
         if not isinstance(p, dict) or not canonical_cidr(p.get("cidr")):
@@ -238,7 +316,7 @@ def desired_policy(store, keys, name):
     the pools in force (pools_in_force)."""
     registered = nodes(store, keys)
     peers = bgp_peer_ips(store, keys)
-    pools = pools_in_force(store, keys, registered, peers)
+    pools = pools_in_force(store, keys)
     members = {p["cidr"]: [] for p in pools}
     holders = {}                    # address -> its holder ("endpoint:<id>", "gateway:...")
     for block in _records(store, keys.all_blocks()):
@@ -246,9 +324,10 @@ def desired_policy(store, keys, name):
                 or not isinstance(block.get("allocations"), dict):
             continue
         allocations = block["allocations"]
+        pool_net = IPNetwork(block["pool"])
         for ip, a in allocations.items():
             handle = a.get("handle") if isinstance(a, dict) else None
-            if canonical_ip(ip) is None or not isinstance(handle, str):
+            if unicast_ip(ip) is None or IPAddress(ip) not in pool_net or not isinstance(handle, str):
                 warn("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
                 continue
             holders[ip] = handle
@@ -277,7 +356,8 @@ def desired_policy(store, keys, name):
                                         if p.get("nat_outgoing", True) and not p.get("internal")),
                        members={k: sorted(v) for k, v in members.items()}, rules=rules,
                        host_rules=host_rules, nodes={n["name"]: n["ip"] for n in registered},
-                       host_addresses=sorted({a for n in registered for a in n["addresses"]}),
+                       host_addresses=sorted({a for n in registered for a in n["addresses"]}
+                                             | set(known_node_addresses(store, keys))),
                        protected=protected(registered, peers, protected_by_operator(store, keys)),
                        internal=sorted(p["cidr"] for p in pools if p.get("internal")),
                        ports=sorted(ports, key=lambda p: (p["proto"], p["host_port"])))
@@ -332,8 +412,13 @@ class Agent:
         generation = self.firewall.generation()        # before the read: see Firewall.apply
         view = Snapshot(self.store, self.keys.agent_view(self.name))
         try:
-            state, asn = desired_bgp(view, self.keys, self.name, self.ip)
-            self.registry.heartbeat(asn)
+            # First, and on its own: a node whose BGP state cannot be computed is still alive,
+            # and its record (with the addresses every node protects) must not expire.
+            self.registry.heartbeat(node_asn(view, self.keys, self.name))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        try:
+            state, _ = desired_bgp(view, self.keys, self.name, self.ip)
             if self.bird is not None:
                 self.bird.apply(render(state))
         except Exception as e:  # noqa: BLE001 - reported below, after the policy sync

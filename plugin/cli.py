@@ -219,16 +219,18 @@ def diagnose(obj, src, dst, proto, port, hostname):
         bgp = bgp_states(show(bird_socket(), "protocols"))
     except L3netError:
         pass
-    from .agent import bgp_peer_ips, protected_by_operator
-    from .infra import infrastructure, pool_conflict, protected
+    from .agent import RESERVED_NETS as hard                        # as the agents judge pools
+    from .agent import bgp_peer_ips, known_node_addresses, protected_by_operator
+    from .infra import pool_conflict, protected
     registered, peers = nodes(obj.store, obj.keys), bgp_peer_ips(obj.store, obj.keys)
-    hard = infrastructure(registered, peers, [], networks=False)     # as the agents judge pools
+    known = known_node_addresses(obj.store, obj.keys)
     facts = Facts(pools=pools, allocations=allocations,
                   nodes={n["name"]: n["ip"] for n in registered},
                   rules=obj.records(obj.keys.policy_rules()),
                   host_rules=obj.records(obj.keys.host_rules()),
                   here=here, route_to_dst=route, bgp=bgp,
-                  addresses={n["name"]: n["addresses"] for n in registered},
+                  addresses={**{"(a node away, not removed)": known},
+                             **{n["name"]: n["addresses"] for n in registered}},
                   protected=protected(registered, peers, protected_by_operator(obj.store, obj.keys)),
                   refused={c: pool_conflict(c, hard) for c in pools if pool_conflict(c, hard)})
     verdict, steps = run_diagnosis(s_ip, d_ip, facts, proto, port)
@@ -458,7 +460,8 @@ def node_list(obj, as_json):
 @click.option("--force", is_flag=True, help="Even if the node is still registered (alive).")
 @click.pass_obj
 def node_remove(obj, name, force):
-    """Release a node that is gone for good: its addresses, blocks, records and BGP settings.
+    """Release a node that is gone for good: its addresses, blocks, records and BGP settings,
+    and the protection of its host addresses (kept while it is merely away).
 
     Only for a node that will not come back: a live container there could otherwise see its
     address handed to another container."""
@@ -469,6 +472,7 @@ def node_remove(obj, name, force):
     for key, _, _ in obj.store.get_prefix(obj.keys.host(name)):
         obj.store.delete(key)
     obj.store.delete(obj.keys.bgp_node(name))
+    obj.store.delete(obj.keys.node_addresses(name))
     obj.store.delete(obj.keys.node(name))
     click.echo(f"node {name} removed: {released} addresses released, {freed} blocks freed")
 
@@ -725,10 +729,19 @@ def host_allow(obj, proto, port, node, to):
     """Open a host service (or, with --to, a protected destination) to containers; prints the
     new rule's id last."""
     from ipam.pools import parse_cidr
+
+    from .infra import overlaps
     if to is not None:
         if node is not None:
             raise click.BadParameter("--to and --node do not go together")
-        to = str(parse_cidr(to if "/" in to else f"{to}/32", "--to"))
+        net = parse_cidr(to if "/" in to else f"{to}/32", "--to")
+        if net.prefixlen == 0:
+            raise L3netError("--to 0.0.0.0/0 would open every protected range: name the destination")
+        pools = [p["cidr"] for p in obj.records(obj.keys.pools()) if overlaps(net, IPNetwork(p["cidr"]))]
+        if pools:
+            raise L3netError(f"--to {net} overlaps pool {', '.join(pools)}: containers reach each other "
+                             "by network and policy (l3netctl policy allow)")
+        to = str(net)
     rule = {"id": new_id(), "proto": proto, "ports": port_range(port, proto), "node": node,
             "created": round(time.time(), 3)}
     if to is not None:

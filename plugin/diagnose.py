@@ -66,7 +66,7 @@ def diagnose(src, dst, facts, proto=None, port=None):
             return "NOT REACHABLE", steps
     node_of_dst = next((n for n, ip in facts.nodes.items() if ip == dst), None) or \
         next((n for n, ips in facts.addresses.items() if dst in ips), None)
-    opened_to = [r for r in facts.host_rules if r.get("to") and IPAddress(dst) in IPNetwork(r["to"])]
+    opened_to = [r for r in facts.host_rules if _covers(r.get("to"), dst)]
     what = f"{proto or 'any protocol'}{'/' + str(port) if port else ''}"
 
     if dst_pool is not None:
@@ -117,7 +117,6 @@ def diagnose(src, dst, facts, proto=None, port=None):
     if node_of_dst is not None:
         steps.append(Step(True, f"{dst}: cluster host {node_of_dst}"))
         rules = [r for r in facts.host_rules if not r.get("to") and r.get("node") in (None, node_of_dst)]
-        rules += opened_to
         allowed = [r for r in rules if _rule_allows(r, proto, port)]
         if allowed:
             steps.append(Step(True, f"host rule {allowed[0]['id']} opens {describe(allowed[0])} on "
@@ -154,6 +153,13 @@ def diagnose(src, dst, facts, proto=None, port=None):
     steps.append(Step(False, f"outgoing NAT off for {src_pool}: the outside sees {src} and must have a "
                              "route back to the pool"))
     return "REACHABLE IF ROUTED BACK", steps
+
+
+def _covers(cidr, address):
+    """Whether a rule's ``--to`` CIDR holds ``address`` (a malformed one holds nothing: the
+    agents skip it too)."""
+    from .infra import canonical_cidr
+    return bool(canonical_cidr(cidr)) and IPAddress(address) in IPNetwork(cidr)
 
 
 def _rule_allows(rule, proto, port):

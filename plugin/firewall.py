@@ -279,7 +279,8 @@ class Firewall:
         self.applied = None        # the PolicyState in force (None: unknown, apply in full)
         self._rules = None         # render_iptables(applied): what our chains hold
         self._snapshot = None      # our_rules() right after our last write
-        self._snapshot6 = None     # the same for ip6tables (None: IPv6 off in this kernel)
+        self._snapshot6 = None     # the same for ip6tables (None: not written: IPv6 off, or failed)
+        self._ipv6_error = None
         self._generation = 0       # bumped by every local add_member
         self._local = []           # (generation, pool, address) added since the last sync read
         self._stale = set()        # sets to destroy (the kernel frees a set's last reference late)
@@ -336,12 +337,21 @@ class Firewall:
         return f"policy updated (+{added}/-{removed} members)"
 
     def _apply_ipv6(self):
-        """The IPv6 drops (static: written with every full apply, and on drift)."""
+        """The IPv6 drops (static: written with every full apply, and on drift). A failure
+        here (no ip6tables, no raw table) must not hold the IPv4 rules hostage: it is logged
+        and tried again at the next drift check (``_snapshot6`` stays None until it worked;
+        the host side of every veth has IPv6 off anyway)."""
         if not ipv6_enabled():
             return
-        saved = saved_rules(6)
-        iptables_restore(P.render_ip6tables() + P.render_hooks(hooks_to_fix(saved, P.HOOKS6)), 6)
-        self._snapshot6 = our_rules(saved_rules(6), 6)
+        try:
+            saved = saved_rules(6)
+            iptables_restore(P.render_ip6tables() + P.render_hooks(hooks_to_fix(saved, P.HOOKS6)), 6)
+            self._snapshot6 = our_rules(saved_rules(6), 6)
+        except L3netError as e:
+            self._snapshot6 = None
+            if str(e) != self._ipv6_error:
+                log.warning("IPv6 drops not written (retrying): %s", e)
+            self._ipv6_error = str(e)
 
     def _destroy_stale(self):
         """Destroy sets no rule uses any more. Right after the rule that used a set is gone,
@@ -372,8 +382,8 @@ class Firewall:
                 return moved
             if our_rules(_run(["iptables-save"])) != self._snapshot:
                 reason = "iptables rules changed"
-            elif self._snapshot6 is not None and our_rules(saved_rules(6), 6) != self._snapshot6:
-                reason = "ip6tables rules changed"
+            elif ipv6_enabled() and (self._snapshot6 is None or our_rules(saved_rules(6), 6) != self._snapshot6):
+                reason = "ip6tables rules changed" if self._snapshot6 is not None else "ip6tables rules missing"
             else:
                 sizes = set_sizes(_run(["ipset", "list", "-t"]))
                 want = {n: len(e) for n, (_, e) in P.sets(self.applied).items()}

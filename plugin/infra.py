@@ -16,9 +16,15 @@ own network would make every node filter and route those addresses as containers
     set allowed ranges (``l3netctl pool ranges set``) it must lie inside one of them.
 """
 
+import re
+
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 LINK_LOCAL = "169.254.0.0/16"
+# Instance-metadata services outside link-local (Azure's WireServer, Alibaba Cloud's), closed
+# like 169.254.169.254.
+METADATA = ["168.63.129.16/32", "100.100.100.200/32"]
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 RESERVED = [("0.0.0.0/8", "'this network' (0.0.0.0/8)"),
             ("127.0.0.0/8", "loopback (127.0.0.0/8)"),
             (LINK_LOCAL, "link-local (169.254.0.0/16: cloud metadata, the containers' gateway)"),
@@ -34,6 +40,16 @@ def canonical_ip(value):
         return None
 
 
+def unicast_ip(value):
+    """``value`` if it is a canonical IPv4 address a host or a container can have (not in
+    0.0.0.0/8, 127/8, 224.0.0.0 and above: ipset refuses 0.0.0.0, and none of these belongs in
+    a set of hosts or members), else None."""
+    ip = canonical_ip(value)
+    if ip is None or any(IPAddress(ip) in IPNetwork(c) for c in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/3")):
+        return None
+    return ip
+
+
 def canonical_cidr(value):
     """``value`` if it is an IPv4 CIDR with no host bits, written the canonical way, else None."""
     try:
@@ -47,26 +63,30 @@ def node_facts(record):
     """A node registry record -> {"name", "ip", "addresses", "networks", "etcd"} with only
     well-formed entries kept, or None when the record has no name and address. (Records come
     from etcd: anyone who can write there could put anything in them.)"""
-    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str) or \
+            not NODE_NAME.fullmatch(record["name"]):
         return None
-    ip = canonical_ip(record.get("ip"))
+    ip = unicast_ip(record.get("ip"))
     if ip is None:
         return None
 
     def listed(field, check):
         values = record.get(field)
-        return sorted({v for v in values if check(v)}) if isinstance(values, list) else []
-    addresses = sorted(set(listed("addresses", canonical_ip)) | {ip})
+        return sorted({v for v in values[:MAX_LISTED] if check(v)}) if isinstance(values, list) else []
+    addresses = sorted(set(listed("addresses", unicast_ip)) | {ip})
     return {"name": record["name"], "ip": ip, "addresses": addresses,
-            "networks": listed("networks", canonical_cidr), "etcd": listed("etcd", canonical_ip)}
+            "networks": listed("networks", canonical_cidr), "etcd": listed("etcd", unicast_ip)}
+
+
+MAX_LISTED = 256        # addresses, networks or etcd endpoints a node record may list
 
 
 def protected(nodes, peers, operator):
     """CIDRs containers may not reach (``l3n-protected``), beside the nodes' addresses:
     link-local, every node's etcd endpoints, the BGP peers' addresses, the operator's ranges."""
-    out = {LINK_LOCAL}
+    out = {LINK_LOCAL, *METADATA}
     out |= {f"{ip}/32" for n in nodes for ip in n["etcd"]}
-    out |= {f"{ip}/32" for ip in peers if canonical_ip(ip)}
+    out |= {f"{ip}/32" for ip in peers if unicast_ip(ip)}
     out |= {c for c in operator if canonical_cidr(c) and not c.endswith("/0")}   # ipset: /1../32
     return sorted(out, key=lambda c: (IPNetwork(c).first, IPNetwork(c).prefixlen))
 
@@ -83,7 +103,7 @@ def infrastructure(nodes, peers, operator, networks=True):
         if networks:
             out += [(IPNetwork(c), f"node {n['name']}'s network {c}") for c in n["networks"]]
         out += [(IPNetwork(f"{a}/32"), f"the etcd endpoint {a}") for a in n["etcd"]]
-    out += [(IPNetwork(f"{ip}/32"), f"the BGP peer {ip}") for ip in peers if canonical_ip(ip)]
+    out += [(IPNetwork(f"{ip}/32"), f"the BGP peer {ip}") for ip in peers if unicast_ip(ip)]
     out += [(IPNetwork(c), f"the protected range {c} (l3netctl host protect)")
             for c in operator if canonical_cidr(c)]
     return out

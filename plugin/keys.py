@@ -14,6 +14,8 @@ Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3n
     <prefix>/policy/rules/<id>                 policy: --from network may reach --to network
     <prefix>/policy/hosts/<id>                 host service (or --to destination) containers may reach
     <prefix>/policy/protected/<cidr>           a range containers may not reach (l3netctl host protect)
+    <prefix>/policy/nodes/<host>               every address a node registered (no lease: kept
+                                               protected until l3netctl node remove)
     <prefix>/ipam/ranges                       the ranges pools must lie in (l3netctl pool ranges set)
 
 ``<pool>`` and ``<block>`` are CIDRs with the ``/`` written as ``-`` (``10.20.0.0-16``), so a
@@ -139,6 +141,12 @@ class Keys:
 
     def host_rule(self, rule_id):
         return f"{self.host_rules()}{rule_id}"
+
+    def all_node_addresses(self):
+        return f"{self.prefix}/policy/nodes/"
+
+    def node_addresses(self, host):
+        return f"{self.all_node_addresses()}{host}"
 
     def protected_ranges(self):
         return f"{self.prefix}/policy/protected/"

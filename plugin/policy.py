@@ -18,10 +18,11 @@ policies and nodes, never on containers.
     ``l3n-hosts`` set: every address every node published, or the node's address for a rule
     that names a node), and each node's INPUT also refuses remote pool addresses the same way
     (defence in depth);
-  * nor the rest of the infrastructure (``l3n-protected``, see infra.py): link-local (cloud
-    metadata), the etcd endpoints, the BGP peers, the operator's protected ranges. Only a host
-    rule with a destination (``--to CIDR``) opens part of it; such traffic is NATed like any
-    outgoing traffic;
+  * nor the rest of the infrastructure (``l3n-protected``, see infra.py): link-local and the
+    clouds' metadata services, the etcd endpoints, the BGP peers, the operator's protected
+    ranges. Only a host rule with a destination (``--to CIDR``) opens part of it (never a node
+    address, nor for an ``--internal`` network); such traffic is NATed like any outgoing
+    traffic;
   * a container only sends with its own address: strict reverse-path check on the host side of
     its veth (one rule, whatever the number of containers); and a pool address is accepted as a
     source only where the routes say it lives (its container's veth, or the uplink towards the
@@ -176,13 +177,10 @@ def render_iptables(state):
                  " -j ACCEPT")
     f.append(f"-A {TO_CONTAINER}{_comment('default: isolated')} -j DROP")
     # from a container: not to cluster hosts (but host services opened), not to the protected
-    # infrastructure (but destinations opened with --to), anything else goes
+    # infrastructure (but destinations opened with --to, which never open a node: those are
+    # host services), anything else goes
     f.append(f"-A {FROM_CONTAINER} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
     host_rules = sorted(state.host_rules, key=lambda r: r["id"])
-    for rule in host_rules:
-        if rule.get("to"):
-            f.append(f"-A {FROM_CONTAINER}{_ports(rule)} -d {rule['to']}{_comment('host rule ' + rule['id'])}"
-                     " -j ACCEPT")
     for rule in host_rules:
         node = rule.get("node")
         if rule.get("to"):
@@ -194,20 +192,22 @@ def render_iptables(state):
         else:
             continue        # a node that is not registered (yet): nothing to open
         f.append(f"-A {FROM_CONTAINER}{_ports(rule)}{dst}{_comment('host rule ' + rule['id'])} -j ACCEPT")
-    f.append(f"-A {FROM_CONTAINER} -m set --match-set {PROTECTED_SET} dst{_comment('protected')} -j DROP")
-    f.append(f"-A {FROM_CONTAINER} -m set --match-set {HOSTS_SET} dst{_comment('no hosts')} -j DROP")
     for pool in sorted(set(state.internal) & set(state.pools)):
         f.append(f"-A {FROM_CONTAINER} -m set --match-set {set_name(pool)} src -m set ! --match-set "
                  f"{POOLS_SET} dst{_comment('internal ' + pool)} -j DROP")
+    for rule in host_rules:
+        if rule.get("to"):
+            f.append(f"-A {FROM_CONTAINER}{_ports(rule)} -d {rule['to']} -m set ! --match-set {HOSTS_SET} dst"
+                     f"{_comment('host rule ' + rule['id'])} -j ACCEPT")
+    f.append(f"-A {FROM_CONTAINER} -m set --match-set {PROTECTED_SET} dst{_comment('protected')} -j DROP")
+    f.append(f"-A {FROM_CONTAINER} -m set --match-set {HOSTS_SET} dst{_comment('no hosts')} -j DROP")
     f.append(f"-A {FROM_CONTAINER} -j ACCEPT")
     # to this host itself: from a local container, or from a container on another host
     f += [f"-A {INPUT} -i {IFACES} -j {TO_HOST}",
           f"-A {INPUT} -m set --match-set {POOLS_SET} src -j {TO_HOST}",
           f"-A {TO_HOST} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
     for rule in host_rules:
-        if rule.get("to"):
-            f.append(f"-A {TO_HOST}{_ports(rule)} -d {rule['to']}{_comment('host rule ' + rule['id'])} -j ACCEPT")
-        elif rule.get("node") in (None, state.node):
+        if not rule.get("to") and rule.get("node") in (None, state.node):
             f.append(f"-A {TO_HOST}{_ports(rule)}{_comment('host rule ' + rule['id'])} -j ACCEPT")
     f.append(f"-A {TO_HOST}{_comment('no host access')} -j DROP")
     f.append("COMMIT")

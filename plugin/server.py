@@ -56,31 +56,40 @@ def build(cfg):
     return create_app(driver, ipam), driver, ipam, agent
 
 
-def node_facts_of(etcd_endpoints):
+def node_facts_of(etcd_endpoints, every=600.0):
     """What this node publishes in its registry record for every node to protect: its
     addresses and networks (asked at each heartbeat) and the IPv4 addresses of its etcd
-    endpoints (names resolved once, on the agent's first heartbeat: never on a Docker call)."""
+    endpoints (names resolved in the agent's thread, never on a Docker call: again every
+    ``every`` seconds, and at each heartbeat until every name resolved; the last good answer
+    is kept)."""
     from .datapath import host_facts
-    etcd = []
+    names = [h for h, _, _ in parse_endpoints(etcd_endpoints)]
+    etcd = {"ips": [], "at": None, "complete": False}
 
     def facts():
-        if not etcd:
-            etcd.extend(resolve_ipv4([h for h, _, _ in parse_endpoints(etcd_endpoints)]) or [None])
-        return {**host_facts(), "etcd": [ip for ip in etcd if ip]}
+        now = time.monotonic()
+        if not etcd["complete"] or now - etcd["at"] >= every:
+            ips, complete = resolve_ipv4(names)
+            if ips:
+                etcd["ips"] = ips
+            etcd.update(at=now, complete=complete)
+        return {**host_facts(), "etcd": etcd["ips"]}
     return facts
 
 
 def resolve_ipv4(names):
-    """IPv4 addresses of host names or address literals (unresolvable ones skipped, logged)."""
+    """(IPv4 addresses of host names or address literals, whether every name resolved);
+    an unresolvable name is logged."""
     import socket
-    out = set()
+    out, complete = set(), True
     for name in names:
         try:
             out |= {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
         except OSError as e:
-            log.warning("cannot resolve etcd endpoint %s (%s): it is not protected from containers",
-                        name, e)
-    return sorted(out)
+            complete = False
+            log.warning("cannot resolve etcd endpoint %s (%s): not protected from containers until it "
+                        "resolves", name, e)
+    return sorted(out), complete
 
 
 def resume(driver):

@@ -270,24 +270,25 @@ def test_pools_over_infrastructure_are_refused(bed):
         h1.docker("network", "rm", "inrange")
     finally:
         bed.ctl("pool", "ranges", "clear")
-    # a pool written into etcd behind l3netctl's back, over the underlay: no node enforces it
+    # a pool written into etcd behind l3netctl's back, over link-local: no node enforces or routes it
     from plugin.keys import Keys
     from plugin.store import EtcdStore
     store, keys = EtcdStore(bed.testbed.etcd_url), Keys(bed.testbed.prefix)
-    store.put(keys.pool("198.18.0.0/16"), json.dumps({"cidr": "198.18.0.0/16", "block_prefix": 26,
-                                                       "nat_outgoing": True, "auto": False, "refs": {}}))
+    bad = "169.254.0.0/16"
+    store.put(keys.pool(bad), json.dumps({"cidr": bad, "block_prefix": 26, "nat_outgoing": True, "auto": False,
+                                          "refs": {}}))
     try:
         def plugin_log():
             with open(os.path.join(h1.dir, "plugin.log")) as f:
                 return f.read()
-        wait_for(lambda: "not enforcing pool 198.18.0.0/16" in plugin_log(), 5, "host 1's agent refusing it")
-        assert "198.18.0.0/16" not in h1.sh("ipset", "list", "l3n-pools").stdout
+        wait_for(lambda: f"not enforcing pool {bad}" in plugin_log(), 5, "host 1's agent refusing it")
+        assert bad not in h1.sh("ipset", "list", "l3n-pools").stdout
         with open(os.path.join(h1.dir, "state", "bird.conf")) as f:
-            assert "198.18.0.0/16" not in f.read(), "BIRD would import routes over the underlay"
+            assert bad not in f.read(), "BIRD would import routes for link-local"
         web1, web2 = bed.containers["web1"], bed.containers["web2"]
         assert web2.reaches(web1.ip) is not None, "the cluster still works"
     finally:
-        store.delete(keys.pool("198.18.0.0/16"))
+        store.delete(keys.pool(bad))
         store.close()
 
 

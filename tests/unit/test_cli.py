@@ -216,6 +216,8 @@ def test_pool_ranges_round_trip(ctl, etcd, prefix):
     ("host", "protect", "0.0.0.0/0"),
     ("host", "allow", "--to", "169.254.169.254/16", "--proto", "tcp", "--port", "80"),
     ("host", "allow", "--to", "1.2.3.4/32", "--node", "h1", "--proto", "tcp", "--port", "80"),
+    ("host", "allow", "--to", "0.0.0.0/0", "--proto", "tcp", "--port", "80"),
+    ("host", "allow", "--to", "10.20.1.0/24", "--proto", "tcp", "--port", "80"),   # inside a pool
     ("pool", "add", "127.0.0.0/8"),
     ("pool", "add", "169.254.0.0/16"),
     ("pool", "ranges", "set", "10.0.0.1/8"),

@@ -51,7 +51,8 @@ def test_allowed_ranges_and_free_subnets():
 
 def test_protected_ranges():
     got = infra.protected([infra.node_facts(NODE)], ["192.0.2.9", "bad"], ["172.30.0.0/16", "10.0.0.1/8"])
-    assert got == ["169.254.0.0/16", "172.30.0.0/16", "192.0.2.9/32", "198.18.0.1/32"]
+    assert got == ["100.100.100.200/32", "168.63.129.16/32", "169.254.0.0/16", "172.30.0.0/16", "192.0.2.9/32",
+                   "198.18.0.1/32"]
 
 
 def test_ipam_refuses_pools_over_infrastructure_and_writes_nothing():
@@ -65,6 +66,10 @@ def test_ipam_refuses_pools_over_infrastructure_and_writes_nothing():
         with pytest.raises(L3netError, match="overlaps"):
             ipam.add_pool(cidr)
     assert store.get_prefix("/t/ipam/") == before
+    # an existing pool stays joinable when a host address later falls into it
+    Ipam(store, KEYS, "h3").request_pool("10.30.0.0/16")
+    store.put(KEYS.node("h4"), json.dumps({"name": "h4", "ip": "198.18.0.14", "addresses": ["10.30.5.1"]}))
+    assert ipam.request_pool("10.30.0.0/16")[1] == "10.30.0.0/16"
     store.put(KEYS.pool_ranges(), json.dumps({"ranges": ["10.64.0.0/10"]}))
     with pytest.raises(L3netError, match="10.64.0.0/10"):
         ipam.request_pool("10.20.0.0/24")
@@ -87,7 +92,8 @@ def policy_store():
     store.put(KEYS.node("h2"), json.dumps(NODE))
     store.put(KEYS.bgp_peer("192.0.2.9"), json.dumps({"ip": "192.0.2.9", "as": 65000}))
     store.put(KEYS.protected_range("172.30.0.0/16"), json.dumps({"cidr": "172.30.0.0/16"}))
-    for cidr in ("10.20.0.0/24", "198.18.0.0/16"):       # the second: written behind l3netctl's back
+    # the second and third written behind l3netctl's back: over link-local, over a node's address
+    for cidr in ("10.20.0.0/24", "169.254.0.0/16", "198.18.0.0/16"):
         store.put(KEYS.pool(cidr), json.dumps({"cidr": cidr, "block_prefix": 26, "refs": {}}))
     return store
 
@@ -100,12 +106,47 @@ def test_desired_policy_protects_infrastructure_and_skips_pools_over_it():
                  {"id": "bad3", "proto": "tcp", "ports": "80", "to": "1.2.3.4/32 -j ACCEPT"}):
         store.put(KEYS.host_rule(rule["id"]), json.dumps(rule))
     state = desired_policy(store, KEYS, "h1")
-    assert state.pools == ["10.20.0.0/24"]
+    # a reserved range is never enforced; an existing pool is not switched off because a host
+    # address turned up in it (a Docker bridge created on some host would otherwise do that)
+    assert state.pools == ["10.20.0.0/24", "198.18.0.0/16"]
     assert state.host_addresses == ["10.1.0.12", "198.18.0.11", "198.18.0.12"]
-    assert state.protected == ["169.254.0.0/16", "172.30.0.0/16", "192.0.2.9/32", "198.18.0.1/32"]
+    assert state.protected == ["100.100.100.200/32", "168.63.129.16/32", "169.254.0.0/16", "172.30.0.0/16",
+                               "192.0.2.9/32", "198.18.0.1/32"]
     assert [r["id"] for r in state.host_rules] == ["m1"]
     bgp, _ = desired_bgp(store, KEYS, "h1", "198.18.0.11")
-    assert bgp.pools == ["10.20.0.0/24"], "a pool over the underlay must not reach BIRD's filters"
+    assert "169.254.0.0/16" not in bgp.pools, "a reserved range must not reach BIRD's filters"
+
+
+def test_node_addresses_stay_protected_while_the_node_is_away():
+    """A node's lease expires (its plugin stopped, or cut off from etcd): every node keeps
+    protecting its addresses until `l3netctl node remove`."""
+    store = MemoryStore()
+    Registry(store, KEYS, "h2", "198.18.0.12", facts=lambda: {"addresses": ["198.18.0.12", "10.1.0.12"]}
+             ).heartbeat(64512)
+    assert desired_policy(store, KEYS, "h1").host_addresses == ["10.1.0.12", "198.18.0.12"]
+    store.delete(KEYS.node("h2"))                    # the lease expired
+    state = desired_policy(store, KEYS, "h1")
+    assert state.host_addresses == ["10.1.0.12", "198.18.0.12"] and "h2" not in state.nodes
+
+
+def test_a_bad_bgp_record_stops_neither_the_heartbeat_nor_the_others():
+    from plugin.agent import Agent
+    store = MemoryStore()
+    store.put(KEYS.bgp_peer("192.0.2.1"), "{not json")
+    store.put(KEYS.bgp_peer("192.0.2.2"), json.dumps({"ip": "192.0.2.2", "as": 65000, "name": "rr\nprotocol x"}))
+    store.put(KEYS.bgp_peer("192.0.2.3"), json.dumps({"ip": "192.0.2.3", "as": "65000; }"}))
+    store.put(KEYS.bgp_peer("192.0.2.4"), json.dumps({"ip": "192.0.2.4", "as": 65001, "name": "tor-1"}))
+    store.put(KEYS.bgp_config(), json.dumps({"as": -1, "hold_time": "9\n", "mesh": True}))
+    store.put(KEYS.bgp_node("h1"), "[]")
+    store.put(KEYS.node("h3"), json.dumps({"name": "h3\nprotocol", "ip": "198.18.0.13"}))
+    store.put(KEYS.node("h4"), json.dumps({"name": "h4", "ip": "198.18.0.14", "as": "x"}))
+    state, asn = desired_bgp(store, KEYS, "h1", "198.18.0.11")
+    assert asn == 64512 and state.hold_time == 9
+    assert sorted((p.name, p.ip, p.asn) for p in state.peers) == [("h4", "198.18.0.14", 64512),
+                                                                   ("tor-1", "192.0.2.4", 65001)]
+    agent = Agent(store, KEYS, "h1", "198.18.0.11")
+    agent.sync()
+    assert store.get(KEYS.node("h1"))[0] is not None, "the heartbeat happened"
 
 
 def test_registry_publishes_the_hosts_facts():
@@ -144,7 +185,7 @@ def test_diagnose_explains_protected_destinations_and_refused_pools():
     assert v == "NOT REACHABLE" and "infrastructure" in steps[-2].what
     v, steps = diagnose("10.20.0.1", "10.1.0.12", facts(), "tcp", 22)       # a second address of h2
     assert v == "NOT REACHABLE" and "cluster host h2" in steps[-2].what
-    v, steps = diagnose("10.20.0.1", "8.8.8.8", facts(refused={"10.20.0.0/24": "subnet overlaps node h1"}))
+    v, steps = diagnose("10.20.0.1", "8.8.8.8", facts(refused={"10.20.0.0/24": "subnet overlaps loopback"}))
     assert v == "NOT REACHABLE" and "is refused" in steps[-1].what
 
 
