@@ -388,8 +388,10 @@ class Agent:
     the kernel for drift every ``drift_every`` seconds."""
 
     def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0,
-                 status_path=None, facts=None):
+                 status_path=None, facts=None, uplinks=None):
         self.store, self.keys, self.name, self.ip = store, keys, name, ip
+        self.uplinks_of = uplinks             # (own ip, [other nodes' ips]) -> [interface names]
+        self._uplinks = (None, 0.0, [])       # (node ips asked about, when, answer)
         self.registry = Registry(store, keys, name, ip, facts=facts)
         self.bird = bird
         self.firewall = firewall or NoFirewall()
@@ -441,10 +443,30 @@ class Agent:
             if view is None:
                 generation = self.firewall.generation()
                 view = Snapshot(self.store, self.keys.agent_view(self.name))
-            done = self.firewall.apply(desired_policy(view, self.keys, self.name), generation)
+            desired = desired_policy(view, self.keys, self.name)
+            desired.uplinks = self.uplinks(sorted(set(desired.nodes.values()) - {self.ip}))
+            done = self.firewall.apply(desired, generation)
             if done:
                 log.info("%s", done)
                 metrics.POLICY_WRITES.labels("full" if "in full" in done else "update").inc()
+
+    UPLINKS_EVERY = 30.0
+
+    def uplinks(self, others):
+        """The interfaces towards the other nodes (asked again when the nodes change, and every
+        UPLINKS_EVERY seconds: routes change rarely). On failure, none: then pool sources
+        from the uplinks are checked by their routes too, which is stricter, not looser."""
+        if self.uplinks_of is None:
+            return []
+        asked, when, answer = self._uplinks
+        if asked != others or time.monotonic() - when >= self.UPLINKS_EVERY:
+            try:
+                answer = self.uplinks_of(self.ip, others)
+            except Exception as e:  # noqa: BLE001
+                warn("could not tell the uplinks: %s", e)
+                answer = []
+            self._uplinks = (others, time.monotonic(), answer)
+        return answer
 
     def check_drift(self):
         now = time.monotonic()

@@ -193,6 +193,24 @@ def ipv6_off_everywhere():
     return fixed
 
 
+def uplinks(own_ip, others):
+    """The interfaces towards the other nodes: the one holding ``own_ip`` (the address peers
+    reach this node at) and those the routes to ``others`` (their addresses) leave by."""
+    ipr, names = _ipr(), set()
+    indexes = {a["index"] for a in ipr.get_addr(family=socket.AF_INET) if a.get_attr("IFA_ADDRESS") == own_ip}
+    for ip in others:
+        try:
+            indexes |= {r.get_attr("RTA_OIF") for r in ipr.route("get", dst=ip)}
+        except NetlinkError:
+            continue            # no route to it (yet): the next look finds it
+    for index in indexes - {None}:
+        try:
+            names.add(socket.if_indextoname(index))
+        except OSError:
+            pass
+    return sorted(n for n in names if n != "lo")
+
+
 def host_facts():
     """What this node publishes for the others to protect (agent.Registry): its IPv4
     addresses (loopback aside) and the networks they are on."""

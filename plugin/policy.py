@@ -39,6 +39,7 @@ The side effects (running ipset / iptables-restore, drift checks) are in firewal
 """
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 from .datapath import HOST_PREFIX
@@ -57,6 +58,7 @@ PROTECTED_SET = "l3n-protected"
 POOLS_SET = "l3n-pools"
 NAT_SET = "l3n-nat-pools"
 SET_PREFIX = "l3n-"
+UPLINK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")     # what iptables -i accepts (no + wildcard)
 IFACES = f"{HOST_PREFIX}+"
 # (table, built-in chain, our chain): the jumps that hook our chains in, first in their chain.
 HOOKS = [("filter", "FORWARD", FORWARD), ("filter", "INPUT", INPUT),
@@ -82,6 +84,7 @@ class PolicyState:
     nodes: dict = field(default_factory=dict)          # node name -> address (every node)
     host_addresses: list = field(default_factory=list)  # every address of every node
     protected: list = field(default_factory=list)      # CIDRs containers may not reach
+    uplinks: list = field(default_factory=list)        # interfaces towards the other nodes
     internal: list = field(default_factory=list)       # pools of --internal networks
     ports: list = field(default_factory=list)          # {"proto","host_ip","host_port","ip","port"}
 
@@ -221,12 +224,15 @@ def render_iptables(state):
                  f"{_comment('published ' + p['ip'])} -j DNAT --to-destination {p['ip']}:{p['port']}")
     n.append("COMMIT")
     r = ["*raw", f":{PREROUTING} - [0:0]",
-         f"-A {PREROUTING} -i {IFACES} -m rpfilter --invert{_comment('anti-spoofing')} -j DROP",
-         # A pool source from anywhere else (Docker's bridge, another interface) only where the
-         # routes say it lives: the uplink towards the node that announces it.
-         f"-A {PREROUTING} ! -i {IFACES} -m set --match-set {POOLS_SET} src -m rpfilter --invert"
-         f"{_comment('pool source on a foreign interface')} -j DROP",
-         "COMMIT"]
+         f"-A {PREROUTING} -i {IFACES} -m rpfilter --invert{_comment('anti-spoofing')} -j DROP"]
+    # Pool sources from other nodes arrive on the uplinks: passed at the cost of one interface
+    # match. From anywhere else (Docker's bridge, another interface) a pool source is dropped
+    # unless the routes say it lives there.
+    r += [f"-A {PREROUTING} -i {name}{_comment('uplink')} -j RETURN" for name in sorted(set(state.uplinks))
+          if UPLINK_NAME.fullmatch(name) and not name.startswith(HOST_PREFIX)]
+    r += [f"-A {PREROUTING} ! -i {IFACES} -m set --match-set {POOLS_SET} src -m rpfilter --invert"
+          f"{_comment('pool source on a foreign interface')} -j DROP",
+          "COMMIT"]
     return "\n".join(f + n + r) + "\n"
 
 

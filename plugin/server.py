@@ -29,7 +29,7 @@ def build(cfg):
     from ipam.allocator import Ipam
 
     from .app import create_app
-    from .datapath import Datapath
+    from .datapath import Datapath, uplinks
     from .agent import Agent, read_infrastructure
     from .bird import Bird
     from .driver import Driver
@@ -50,7 +50,7 @@ def build(cfg):
     firewall = Firewall()
     agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
                   status_path=os.path.join(cfg.state_dir, "status.json"),
-                  facts=node_facts_of(cfg.etcd_endpoints))
+                  facts=node_facts_of(cfg.etcd_endpoints), uplinks=uplinks)
     driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
     return create_app(driver, ipam), driver, ipam, agent

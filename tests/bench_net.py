@@ -13,8 +13,8 @@ Paths, all between host 1 and host 2 of a 2-host test bed (tests/testbed.py):
   (e1) l3net with the agents paused (SIGSTOP; BIRD runs on): the data path alone, without the
                     CPU the agents take on this 2-core machine
   (e0) (e1) without the rules that close the attacker's doors of issue 10 (pool sources only
-                    where the routes say they live; the protected-destination drop): (e1)/(e0) is
-                    what those rules cost, measured in one run
+                    from their veth, the uplinks, or where the routes say they live; the
+                    protected-destination drop): (e1)/(e0) is what those rules cost, in one run
 Tools run in the right namespace with nsenter: the host's iperf3 and ping. (e) goes through
 l3net's policy (conntrack, ipset membership, anti-spoofing), like every l3net container.
 Also measured: how long a new container's route takes to reach the other host, how long a
@@ -109,7 +109,8 @@ NEWEST_RULES = [
                                  "rpfilter", "--invert", "-m", "comment", "--comment",
                                  "pool source on a foreign interface", "-j", "DROP"]),
     ("filter", "L3NET-FROM-CONTAINER", ["-m", "set", "--match-set", "l3n-protected", "dst", "-m", "comment",
-                                        "--comment", "protected", "-j", "DROP"])]
+                                        "--comment", "protected", "-j", "DROP"]),
+    ("raw", "L3NET-PREROUTING", ["-i", "eth0", "-m", "comment", "--comment", "uplink", "-j", "RETURN"])]
 
 
 @contextlib.contextmanager
@@ -134,7 +135,7 @@ def without_newest_rules(bed, remove=True):
         for pid in paused:
             os.kill(pid, signal.SIGCONT)
     def printed(comment):
-        return f'--comment "{comment}" -j DROP' if " " in comment else f"--comment {comment} -j DROP"
+        return f'--comment "{comment}" -j' if " " in comment else f"--comment {comment} -j"
     for host in bed.hosts:
         wait_until(lambda: all(printed(spec[-3]) in host.sh("iptables-save", "-t", table).stdout
                                for table, _, spec in NEWEST_RULES), 15, f"the rules back on {host.name}")

@@ -298,6 +298,9 @@ def test_pool_source_from_docker_bridge_gets_nothing_through(bed):
     on host 1, one on host 2) to web containers on both hosts: nothing arrives."""
     h1 = bed.h1
     web1, web2 = bed.containers["web1"], bed.containers["web2"]
+    raw = h1.sh("iptables-save", "-t", "raw").stdout
+    assert "-A L3NET-PREROUTING -i eth0 " in raw, "the uplink is known: other nodes' members pass at no cost"
+    assert "-A L3NET-PREROUTING -i docker0 " not in raw
     name = f"bridged-{uuid.uuid4().hex[:6]}"
     h1.docker("run", "-d", "--name", name, "--net", "bridge", "--cap-add", "NET_ADMIN", TEST_IMAGE,
               "sleep", "3600")
@@ -312,3 +315,25 @@ def test_pool_source_from_docker_bridge_gets_nothing_through(bed):
             assert icmp_echoes_received(target) == before, f"fake {victim.ip} from docker0 reached {target}"
     finally:
         h1.docker("rm", "-f", name, check=False)
+
+
+# -- losing a lease never opens a node (LAST: restarts host 2's plugin) --------------------------
+def test_a_node_away_stays_protected(bed):
+    """Host 2's plugin stops (an upgrade, a crash) and its registry lease expires: containers on
+    host 1 still cannot reach host 2 (its addresses stay in every node's protected set until
+    `l3netctl node remove`), and it comes back as before."""
+    h1, h2, web1 = bed.h1, bed.h2, bed.containers["web1"]
+    assert web1.reaches(h2.ip, "tcp", LISTEN_PORT) is None
+    h2.stop_plugin()
+    try:
+        nodes = lambda: {n["name"] for n in json.loads(bed.ctl("node", "list", "--json").stdout)  # noqa: E731
+                         if n["state"] == "up"}
+        wait_for(lambda: h2.name not in nodes(), 60, "host 2's lease to expire")
+        assert h2.ip in h1.sh("ipset", "list", "l3n-hosts").stdout, "host 2 no longer protected"
+        _, opens = tcp_counters(netns_of(h2))
+        assert web1.reaches(h2.ip, "tcp", LISTEN_PORT) is None
+        assert tcp_counters(netns_of(h2))[1] == opens, "host 2 accepted a container's connection"
+    finally:
+        h2.start_plugin()
+    wait_for(lambda: h2.name in nodes(), 30, "host 2 registered again")
+    assert web1.reaches(h2.ip, "tcp", LISTEN_PORT) is None

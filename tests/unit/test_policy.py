@@ -29,6 +29,7 @@ STATE = PolicyState(
     nodes={"h1": "198.18.0.11", "h2": "198.18.0.12"},
     host_addresses=["172.17.0.1", "198.18.0.11", "198.18.0.12", "198.18.1.12"],
     protected=["169.254.0.0/16", "198.18.0.1/32", "192.0.2.0/24"],
+    uplinks=["eth0", "bond0.12", "l3hbadbadbad", "bad+"],
     internal=["10.40.0.0/24"],
     ports=[{"proto": "tcp", "host_ip": None, "host_port": 8080, "ip": "10.20.0.1", "port": 80},
            {"proto": "udp", "host_ip": "198.18.0.11", "host_port": 5353, "ip": "10.30.0.7", "port": 53}])
