@@ -153,7 +153,7 @@ def status(obj, state_dir, sock, as_json):
 def docker(name, kind, *args):
     """Ask the local dockerd (DOCKER_HOST respected) about the network or container ``name``
     (validated first: it is a Docker name, never an option). Returns the CompletedProcess."""
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", name):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
         raise L3netError(f"invalid {kind} name {name!r}")
     try:
         return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=30)
@@ -562,9 +562,15 @@ def peer():
 @click.argument("ip", type=ip_type)
 @click.option("--as", "asn", type=asn_type, required=True, help="The peer's AS number.")
 @click.option("--node", type=node_type, help="Only this node peers with it (default: every node).")
-@click.option("--name", default=None, help="A label for the peer.")
+@click.option("--name", default=None, help="A label for the peer (letters, digits, '.', '_', '-').")
 @click.pass_obj
 def peer_add(obj, ip, asn, node, name):
+    from .infra import NODE_NAME, unicast_ip
+    if name is not None and not NODE_NAME.fullmatch(name):
+        raise click.BadParameter(f"{name!r}: a label of letters, digits, '.', '_' and '-' (up to 63)",
+                                 param_hint="--name")
+    if not unicast_ip(ip):
+        raise click.BadParameter(f"{ip}: not a unicast address a BGP peer can have", param_hint="IP")
     record = {"ip": ip, "as": asn, "name": name or ip}
     if node:
         def change(r):
@@ -707,7 +713,7 @@ def policy_remove(obj, rule_id):
 
 
 def _remove_rule(obj, key_of, rule_id):
-    if not re.match(r"^[0-9a-f]{8}$", rule_id) or obj.store.get(key_of(rule_id))[0] is None:
+    if not re.fullmatch(r"[0-9a-f]{8}", rule_id) or obj.store.get(key_of(rule_id))[0] is None:
         raise L3netError(f"no rule {rule_id!r}")
     obj.store.delete(key_of(rule_id))
     click.echo(f"removed {rule_id}")

@@ -63,7 +63,7 @@ class Config:
 
     def check(self):
         """Fill defaults that need the host, and refuse what cannot work, with one clear line."""
-        if not re.match(r"^/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?$", self.etcd_prefix or "") or \
+        if not re.fullmatch(r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?", self.etcd_prefix or "") or \
                 ".." in self.etcd_prefix:
             raise L3netError(f"invalid --etcd-prefix {self.etcd_prefix!r}")
         self.hostname = check_hostname(self.hostname or socket.gethostname().split(".")[0])

@@ -8,7 +8,7 @@ to finish. (A host reboot loses nothing either: the veths are gone with it.)
 import os
 import re
 
-_ID = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"[0-9a-f]{64}")
 
 
 class Journal:
@@ -27,4 +27,4 @@ class Journal:
             pass
 
     def pending(self):
-        return sorted(n for n in os.listdir(self.dir) if _ID.match(n))
+        return sorted(n for n in os.listdir(self.dir) if _ID.fullmatch(n))

@@ -7,9 +7,9 @@ from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from .errors import L3netError
 
-_ID = re.compile(r"^[0-9a-f]{64}$")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$")
+_ID = re.compile(r"[0-9a-f]{64}")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})")
 
 
 def field(body, name, kind=str, required=False, default=None):
@@ -37,7 +37,7 @@ def field(body, name, kind=str, required=False, default=None):
 
 def docker_id(value, what):
     """Network and endpoint IDs are 64 lowercase hex characters; nothing else reaches a key."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         shown = value if isinstance(value, str) and len(value) <= 80 else type(value).__name__
         raise L3netError(f"invalid {what} {shown!r}: expected 64 hex characters")
     return value
@@ -63,7 +63,7 @@ def ipv4(value, what="address"):
 
 
 def mac(value):
-    if not isinstance(value, str) or not _MAC.match(value):
+    if not isinstance(value, str) or not _MAC.fullmatch(value):
         raise L3netError(f"invalid MAC address {value!r}")
     return value.lower()
 
@@ -86,7 +86,7 @@ def string_map(value, what):
 
 
 def hostname(value):
-    if not isinstance(value, str) or not _HOSTNAME.match(value):
+    if not isinstance(value, str) or not _HOSTNAME.fullmatch(value):
         raise L3netError(f"invalid hostname {value!r}: letters, digits, '.', '-', '_' "
                          "(max 63), starting with a letter or digit")
     return value

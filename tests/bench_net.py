@@ -64,7 +64,8 @@ def netns_of_pid(pid):
 
 def measure_all(paths, around=None):
     """{name: (TCP Gbit/s, UDP 64-byte delivered kpps, RTT ms)}, medians over RUNS rounds.
-    Rounds are interleaved across paths, so slow drifts of the machine hit every path alike.
+    Rounds are interleaved across paths, in alternating order, so slow drifts of the machine
+    and the order of measurement hit every path alike.
     ``around``: {name: context manager factory} entered around each measurement of that path."""
     around = around or {}
     servers = []
@@ -77,9 +78,13 @@ def measure_all(paths, around=None):
                                           timeout=10, check=False).returncode == 0, 15, "iperf3 server")
         tcp = {name: [] for name in paths}
         udp = {name: [] for name in paths}
-        for _ in range(RUNS):
-            for port, (name, (client, server)) in enumerate(paths.items(), start=5301):
-                port = str(server.port or port)
+        ports = {name: str(server.port or port) for port, (name, (_, server)) in enumerate(paths.items(), start=5301)}
+        for round_ in range(RUNS):
+            # every other round in reverse order: no path always runs right after another's
+            # pause or resume, or always first after a warm-up
+            order = list(paths.items()) if round_ % 2 == 0 else list(reversed(paths.items()))
+            for name, (client, server) in order:
+                port = ports[name]
                 with around.get(name, contextlib.nullcontext)():
                     out = json.loads(client.run("iperf3", "-c", server.ip, "-p", port, "-t", str(SECONDS),
                                                 "-J", timeout=SECONDS + 30).stdout)

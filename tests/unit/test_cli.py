@@ -38,6 +38,8 @@ def test_bgp_settings_and_peers_round_trip(ctl):
     ("bgp", "peer", "add", "1.1.1.1", "--as", "0"),
     ("bgp", "peer", "add", "1.1.1.1", "--as", "1", "--node", "../etc"),
     ("bgp", "config", "--hold-time", "1"),
+    ("bgp", "peer", "add", "198.18.0.9", "--as", "1", "--name", "rr1\nprotocol bgp x {"),
+    ("bgp", "peer", "add", "127.0.0.1", "--as", "1"),
 ])
 def test_bad_input_is_refused_and_changes_nothing(ctl, args):
     before = ctl("bgp", "peer", "list", "--json").output

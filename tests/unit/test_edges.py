@@ -1,0 +1,42 @@
+"""Edges of validation: a trailing newline (which ``$`` accepts) or an out-of-range number
+never passes an identifier or port check, at the socket, in the CLI or in the agent."""
+
+import pytest
+
+from plugin import validate
+from plugin.agent import _valid_rule, valid_ports
+from plugin.config import Config
+from plugin.errors import L3netError
+
+
+@pytest.mark.parametrize("check,value", [
+    (lambda v: validate.docker_id(v, "NetworkID"), "a" * 64 + "\n"),
+    (validate.mac, "02:42:ac:11:00:02\n"),
+    (validate.hostname, "host1\n"),
+])
+def test_trailing_newline_is_refused(check, value):
+    with pytest.raises(L3netError):
+        check(value)
+    check(value.rstrip("\n"))           # the same value without it is fine
+
+
+def test_etcd_prefix_with_a_newline_is_refused():
+    with pytest.raises(L3netError):
+        Config(etcd_prefix="/l3net\n").check()
+
+
+@pytest.mark.parametrize("ports,ok", [("80", True), ("1-65535", True), ("0", False), ("70000", False),
+                                      ("9000-100", False), ("80\n", False), ("80-", False), (80, False)])
+def test_port_ranges(ports, ok):
+    assert valid_ports(ports) is ok
+
+
+def test_agent_rule_checks_use_full_matches():
+    pools = {"10.20.0.0/24": []}
+    rule = {"id": "p1", "from": "10.20.0.0/24", "to": "10.20.0.0/24", "proto": "tcp", "ports": "5432"}
+    assert _valid_rule(rule, pools)
+    assert not _valid_rule({**rule, "id": "p1\n"}, pools)
+    assert not _valid_rule({**rule, "ports": "5432\n"}, pools)
+    host = {"id": "h1", "proto": "tcp", "ports": "22", "node": "h1\n"}
+    assert not _valid_rule(host, pools, host_rule=True)
+    assert _valid_rule({**host, "node": "h1"}, pools, host_rule=True)
