@@ -24,6 +24,7 @@ from netaddr import IPAddress, IPNetwork
 
 from . import metrics
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
+from .errors import L3netError
 from .firewall import NoFirewall
 from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
                     pool_conflict, protected, unicast_ip)
@@ -74,6 +75,9 @@ class Registry:
         if not force and self._lease is not None and now - self._last < HEARTBEAT:
             return
         if self._lease is None or not self.store.refresh(self._lease):
+            conflict = self.identity_conflict()
+            if conflict:
+                raise L3netError(conflict)
             self._lease = self.store.lease(self.ttl)
             log.info("registered node %s (%s) with a %ds lease", self.name, self.ip, self.ttl)
         try:
@@ -92,6 +96,23 @@ class Registry:
             # away (its plugin stopped or cut off from etcd), until `l3netctl node remove`.
             self.store.put(self.keys.node_addresses(self.name), json.dumps({"name": self.name, "addresses": known}))
             self._known = known
+
+
+    def identity_conflict(self):
+        """Why this node may not register (a live node holds its name with another address:
+        two hosts under one name would share blocks and announce each other's containers), or
+        None."""
+        value, _ = self.store.get(self.keys.node(self.name))
+        try:
+            record = json.loads(value) if value is not None else None
+        except ValueError:
+            return None
+        other = record.get("ip") if isinstance(record, dict) else None
+        if other is None or other == self.ip:
+            return None
+        return (f"node name {self.name!r} is held by a live node at {other}, not this host ({self.ip}): give "
+                f"each host its own --hostname (L3NET_HOSTNAME). If that node was this host before its "
+                f"address changed, its record expires within {self.ttl} s")
 
 
 def nodes(store, keys):
@@ -176,9 +197,10 @@ def _json_record(store, key):
 def bgp_settings(store, keys, name):
     """(cluster settings, this node's settings) with defaults filled in; a malformed field is
     skipped with a warning (the default holds) and never reaches bird.conf."""
-    cluster = {"as": DEFAULT_AS, "mesh": True, "hold_time": HOLD_TIME}
+    cluster = {"as": DEFAULT_AS, "mesh": True, "hold_time": HOLD_TIME, "ttl_security": False}
     record = _json_record(store, keys.bgp_config())
     checks = {"as": valid_asn, "mesh": lambda v: v if type(v) is bool else None,
+              "ttl_security": lambda v: v if type(v) is bool else None,
               "hold_time": lambda v: v if type(v) is int and 3 <= v <= 65535 else None}
     for field, check in checks.items():
         if field in record:
@@ -216,7 +238,9 @@ def desired_bgp(store, keys, name, ip):
     asn = node["as"] or cluster["as"]
     peers = []
     if cluster["mesh"]:
-        peers += [Peer(n["name"], n["ip"], valid_asn(n.get("as")) or cluster["as"])
+        owned = announced_by_node(store, keys)
+        peers += [Peer(n["name"], n["ip"], valid_asn(n.get("as")) or cluster["as"],
+                       allowed=tuple(owned.get(n["name"], ())))
                   for n in nodes(store, keys) if n["name"] != name and n["ip"] != ip]
     explicit = [p for p in _records(store, keys.bgp_peers()) if _valid_peer(p)] + node["peers"]
     peers += [Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True) for p in explicit if p["ip"] != ip]
@@ -224,7 +248,32 @@ def desired_bgp(store, keys, name, ip):
     pools = [p["cidr"] for p in pools_in_force(store, keys)]
     blocks = [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in store.get_prefix(keys.affinities(name))]
     return BgpState(node=name, router_id=ip, asn=asn, pools=pools, blocks=blocks,
-                    peers=list(unique.values()), hold_time=cluster["hold_time"]), asn
+                    peers=list(unique.values()), hold_time=cluster["hold_time"],
+                    ttl_security=cluster["ttl_security"]), asn
+
+
+def announced_by_node(store, keys):
+    """{node: [prefix]}: what each node may announce in the mesh, as etcd says: the blocks it
+    owns, and /32s of addresses allocated to its endpoints (or about to be: ``pending``)
+    outside them (borrowed, or an --ip that moved there). A node announcing anything else is
+    not believed."""
+    blocks = {}
+    for key, value, _ in store.get_prefix(keys.all_affinities()):
+        cidr = key_cidr(key.rsplit("/", 1)[1])
+        if canonical_cidr(cidr):
+            blocks.setdefault(keys.host_of(key), []).append(cidr)
+    nets = {host: [IPNetwork(c) for c in cidrs] for host, cidrs in blocks.items()}
+    out = {host: list(cidrs) for host, cidrs in blocks.items()}
+    for block in _records(store, keys.all_blocks()):
+        allocations = block.get("allocations") if isinstance(block, dict) else None
+        for ip, a in (allocations.items() if isinstance(allocations, dict) else ()):
+            host = a.get("host") if isinstance(a, dict) else None
+            if not (isinstance(host, str) and str(a.get("handle", "")).startswith(("endpoint:", "pending:"))
+                    and unicast_ip(ip)):
+                continue
+            if not any(IPAddress(ip) in net for net in nets.get(host, ())):
+                out.setdefault(host, []).append(f"{ip}/32")
+    return out
 
 
 RULE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -404,6 +453,7 @@ class Agent:
         self._last_drift_check = 0.0
         self.last_sync = None
         self.last_error = None
+        self.etcd_down_since = None     # when the agent last failed to read etcd (None: it reads)
         self.stats = {}
         self.status_path = status_path   # where `l3netctl status` reads this agent's state
 
@@ -412,7 +462,17 @@ class Agent:
         firewall, nor the reverse. The first error is raised after both were tried."""
         errors = []
         generation = self.firewall.generation()        # before the read: see Firewall.apply
-        view = Snapshot(self.store, self.keys.agent_view(self.name))
+        try:
+            view = Snapshot(self.store, self.keys.agent_view(self.name))
+        except Exception:
+            # etcd is away: nothing is recomputed, so rules, sets, routes and BIRD stay as
+            # they were (fail closed, last good state) until it answers again
+            if self.etcd_down_since is None:
+                self.etcd_down_since = time.time()
+            raise
+        if self.etcd_down_since is not None:
+            log.info("etcd answers again after %.0f s", time.time() - self.etcd_down_since)
+            self.etcd_down_since = None
         try:
             # First, and on its own: a node whose BGP state cannot be computed is still alive,
             # and its record (with the addresses every node protects) must not expire.
@@ -522,6 +582,7 @@ class Agent:
         applied = getattr(self.firewall, "applied", None)
         status = {"node": self.name, "ip": self.ip, "pid": os.getpid(), "written": time.time(),
                   "last_sync": self.last_sync, "last_error": str(self.last_error) if self.last_error else None,
+                  "etcd_down_since": self.etcd_down_since,
                   "watch": self._cancel_watch is not None, **self.stats,
                   "policy": None if applied is None else {
                       "networks": len(applied.pools), "policies": len(applied.rules),

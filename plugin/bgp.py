@@ -10,6 +10,14 @@ What a node announces, and why:
   * nothing else: import and export are both restricted to the pools, so a misconfigured peer
     cannot hijack host routes and we leak nothing but container addresses.
 
+What a node takes in, per session: from another node of the mesh only what etcd says that
+node has (the blocks it owns, and /32s of addresses allocated to its endpoints outside those
+blocks), so a rogue speaker posing as a node cannot take another node's container, a default
+route or a host route; from an explicit peer (a router, a route reflector) pool prefixes. Every
+session has a receive limit (a flood is cut off, the session stays). TTL security (GTSM) for
+the directly connected mesh is a cluster setting (``l3netctl bgp config --ttl-security``: both
+ends must have it, so switch it on once every node runs a version that knows it).
+
 Learned routes go to the kernel as ``proto bird`` with the owning host as next hop.
 """
 
@@ -26,6 +34,7 @@ class Peer:
     ip: str
     asn: int
     multihop: bool = False
+    allowed: tuple = None       # exact prefixes this peer may announce (a mesh node); None: any pool prefix
 
 
 @dataclass
@@ -37,10 +46,12 @@ class BgpState:
     blocks: list = field(default_factory=list)
     peers: list = field(default_factory=list)
     hold_time: int = HOLD_TIME
+    ttl_security: bool = False
 
 
 GR_TIME = 30        # s peers keep a restarting node's routes (the registry lease is 30 s too)
 GR_WAIT = 10        # s a restarted BIRD waits for its sessions before writing the kernel
+RECEIVE_LIMIT = 100000  # routes one session may send us; beyond, new ones are dropped (action block)
 
 
 def protocol_name(peer):
@@ -155,6 +166,7 @@ def render(state):
         "    import filter { if l3net_pool() then accept; reject; };",
         "    export filter l3net_export;",
         "    next hop self;",
+        f"    receive limit {RECEIVE_LIMIT} action block;",
         "  };",
         "}",
         "",
@@ -166,7 +178,14 @@ def render(state):
             f"  neighbor {peer.ip} as {peer.asn};",
             f"  source address {s.router_id};",
             "  multihop;" if peer.multihop else "  direct;",
-            "}",
-            "",
         ]
+        if s.ttl_security and not peer.multihop:
+            lines.append("  ttl security on;")
+        if peer.allowed is not None:
+            allowed = sorted(set(peer.allowed))
+            lines += ["  # what etcd says this node has: its blocks, its endpoints' /32s outside them",
+                      "  ipv4 { import filter { if l3net_pool() && net ~ "
+                      f"[ {', '.join(allowed)} ] then accept; reject; }}; }};" if allowed else
+                      "  ipv4 { import none; };"]
+        lines += ["}", ""]
     return "\n".join(lines)

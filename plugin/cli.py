@@ -107,6 +107,9 @@ def status(obj, state_dir, sock, as_json):
         agent["sync_age"] = round(age, 1) if age is not None else None
         if age is None or age > STALE:
             problems.append(f"agent not in sync (last sync: {'never' if age is None else f'{age:.0f}s ago'})")
+        if agent.get("etcd_down_since"):
+            problems.append(f"this node cannot read etcd since {time.time() - agent['etcd_down_since']:.0f}s: "
+                            "it keeps its rules, sets, routes and BIRD as they were")
         if agent.get("last_error"):
             problems.append(f"agent: {agent['last_error']}")
         out["agent"] = agent
@@ -526,21 +529,27 @@ def _update_json(obj, key, change):
 @click.option("--as", "asn", type=asn_type, help="Default AS number of the nodes.")
 @click.option("--mesh/--no-mesh", default=None, help="Node-to-node full mesh on or off.")
 @click.option("--hold-time", type=click.IntRange(3, 65535), help="BGP hold time in seconds.")
+@click.option("--ttl-security/--no-ttl-security", default=None,
+              help="GTSM on the mesh's direct sessions (once every node runs an l3net that knows it).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def bgp_config(obj, asn, mesh, hold_time, as_json):
+def bgp_config(obj, asn, mesh, hold_time, ttl_security, as_json):
     """Show, or change, the cluster's BGP settings."""
     from .agent import bgp_settings
 
+    settings = (("as", asn), ("mesh", mesh), ("hold_time", hold_time), ("ttl_security", ttl_security))
+
     def change(record):
-        for key, value in (("as", asn), ("mesh", mesh), ("hold_time", hold_time)):
+        for key, value in settings:
             if value is not None:
                 record[key] = value
-    if any(v is not None for v in (asn, mesh, hold_time)):
+    if any(v is not None for _, v in settings):
         _update_json(obj, obj.keys.bgp_config(), change)
     cluster, _ = bgp_settings(obj.store, obj.keys, "-")
-    emit([{"as": cluster["as"], "mesh": cluster["mesh"], "hold_time": cluster["hold_time"]}],
-         ["AS", "Mesh", "Hold time"], as_json)
+    row = {k: cluster[k] for k in ("as", "mesh", "hold_time")}
+    if cluster["ttl_security"]:
+        row["ttl_security"] = True
+    emit([row], ["AS", "Mesh", "Hold time", "TTL security"], as_json)
 
 
 @bgp.command("node")

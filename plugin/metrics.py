@@ -8,9 +8,11 @@
   l3net_bgp_sessions{state}                this node's BGP sessions: established / down
   l3net_agent_sync_age_seconds             since the agent last synced with etcd
   l3net_agent_sync_errors_total            failed syncs (etcd unreachable, BIRD, iptables)
+  l3net_etcd_up                            1 while the agent reads etcd, 0 while it cannot (the
+                                           node then keeps its rules, sets, routes and BIRD)
   l3net_policy_writes_total{kind}          policy writes: full, update, drift (a repair)
 
-The last five are read on scrape from the agent's latest view (no etcd call per scrape).
+The last six are read on scrape from the agent's latest view (no etcd call per scrape).
 """
 
 import logging
@@ -61,6 +63,8 @@ class NodeCollector:
         yield GaugeMetricFamily("l3net_agent_sync_age_seconds",
                                 "Seconds since the agent last synced with etcd (-1: never).",
                                 value=time.time() - last if last else -1)
+        yield GaugeMetricFamily("l3net_etcd_up", "1 while the agent reads etcd, 0 while it cannot.",
+                                value=0 if getattr(self.agent, "etcd_down_since", None) else 1)
         sessions = GaugeMetricFamily("l3net_bgp_sessions", "This node's BGP sessions.", labels=["state"])
         if self.agent.bird is not None:
             try:

@@ -39,6 +39,7 @@ def build(cfg):
 
     store = make_store(cfg)
     keys = Keys(cfg.etcd_prefix)
+    refuse_a_taken_name(store, keys, cfg)
     ipam = Ipam(store, keys, cfg.hostname, cfg.default_pool, cfg.default_pool_size, cfg.block_size,
                 infrastructure=lambda: read_infrastructure(store, keys))
     bird = Bird(cfg.state_dir, run_dir=RUN_DIR)
@@ -54,6 +55,21 @@ def build(cfg):
     driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
     return create_app(driver, ipam), driver, ipam, agent
+
+
+def refuse_a_taken_name(store, keys, cfg):
+    """Stop here, before touching anything of the host's, when a live node holds this node's
+    name with another address (Registry.identity_conflict). etcd not answering yet: the
+    registry checks again before it registers."""
+    from .agent import Registry
+    try:
+        conflict = Registry(store, keys, cfg.hostname, cfg.host_ip).identity_conflict()
+    except L3netError as e:
+        log.warning("could not check that node name %s is free: %s", cfg.hostname, e)
+        return
+    if conflict:
+        log.error("refusing to start: %s", conflict)
+        sys.exit(3)             # gunicorn's "worker failed to boot": the whole server stops
 
 
 def node_facts_of(etcd_endpoints, every=600.0):
@@ -214,9 +230,33 @@ class PluginServer(BaseApplication):
         return app
 
 
+_LOCK = []      # the state dir's lock file, held open for the life of the process
+
+
+def lock_state_dir(state_dir):
+    """One plugin per state dir: a second one (by mistake, or a second unit) must not take
+    the first one's socket away. The lock is the kernel's: it goes with the process."""
+    import fcntl
+    path = os.path.join(state_dir, "plugin.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.read(fd, 32).decode().strip() or "?"
+        finally:
+            os.close(fd)
+        raise L3netError(f"another l3net-plugin (pid {holder}) runs with state dir {state_dir}: "
+                         "stop it first (one plugin per host)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCK.append(fd)
+
+
 def prepare_paths(cfg):
     os.makedirs(os.path.dirname(cfg.socket), mode=0o755, exist_ok=True)
     os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+    lock_state_dir(cfg.state_dir)
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     try:
         if stat.S_ISSOCK(os.stat(cfg.socket).st_mode):

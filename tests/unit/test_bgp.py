@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 MESH = BgpState(node="h1", router_id="198.18.0.11", pools=["10.20.0.0/16", "10.250.0.0/24"],
                 blocks=["10.20.0.0/26", "10.20.0.64/26"],
-                peers=[Peer("h2", "198.18.0.12", 64512), Peer("h3", "198.18.0.13", 64512),
+                peers=[Peer("h2", "198.18.0.12", 64512, allowed=("10.20.0.128/26", "10.20.1.7/32")),
+                       Peer("h3", "198.18.0.13", 64512, allowed=()),
                        Peer("tor1", "198.18.0.1", 65000, multihop=True)])
 EMPTY = BgpState(node="lonely", router_id="192.0.2.7")
 has_bird = pytest.mark.skipif(not shutil.which("bird"), reason="bird2 not installed")
@@ -195,3 +196,32 @@ def test_bird_is_adopted_or_replaced_when_its_config_moved(tmp_path):
     res = subprocess.run(["unshare", "-n", sys.executable, "-c", SCRIPT, ROOT, *map(str, dirs)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_mesh_peers_may_announce_only_what_etcd_says_they_have():
+    """h2 owns one block and holds one borrowed address in h1's block: that is all h1 takes
+    from h2; h3 has nothing, so nothing; an explicit router keeps the pool filter."""
+    from ipam.allocator import Ipam
+    store, keys = MemoryStore(), Keys("/t")
+    h1, h2 = Ipam(store, keys, "h1", block_prefix=28), Ipam(store, keys, "h2", block_prefix=28)
+    pool, _, _ = h1.request_pool("10.20.0.0/24")
+    h1.request_address(pool)                                   # h1 claims 10.20.0.0/28
+    h2.request_address(pool)                                   # h2 claims 10.20.0.16/28
+    h2.request_address(pool, "10.20.0.9")                      # a --ip in h1's block, on h2
+    for name, ip in (("h1", "198.18.0.11"), ("h2", "198.18.0.12"), ("h3", "198.18.0.13")):
+        Registry(store, keys, name, ip).heartbeat(64512)
+    store.put(keys.bgp_peer("198.18.0.1"), json.dumps({"ip": "198.18.0.1", "as": 65000, "name": "tor"}))
+    state, _ = desired_bgp(store, keys, "h1", "198.18.0.11")
+    allowed = {p.name: p.allowed for p in state.peers}
+    assert sorted(allowed["h2"]) == ["10.20.0.16/28", "10.20.0.9/32"]
+    assert allowed["h3"] == () and allowed["tor"] is None
+
+
+@has_bird
+def test_ttl_security_and_per_peer_filters_are_valid_bird(tmp_path):
+    import dataclasses
+    state = dataclasses.replace(MESH, ttl_security=True)
+    text = render(state)
+    assert text.count("ttl security on;") == 2, "the two direct mesh peers, not the multihop router"
+    ok, err = bird_accepts(text, tmp_path)
+    assert ok, err

@@ -1,0 +1,90 @@
+"""The control plane's own integrity (issue 11, first items): one node name per host, one
+plugin per state dir, and a node that loses etcd keeps what it had and says so."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from plugin.agent import Agent, Registry
+from plugin.errors import L3netError
+from plugin.keys import Keys
+from plugin.store import MemoryStore
+
+KEYS = Keys("/t")
+
+
+def test_a_live_node_name_with_another_address_is_refused():
+    store = MemoryStore()
+    Registry(store, KEYS, "h1", "198.18.0.11").heartbeat(64512)
+    twin = Registry(store, KEYS, "h1", "198.18.0.12")
+    conflict = twin.identity_conflict()
+    assert "198.18.0.11" in conflict and "198.18.0.12" in conflict and "--hostname" in conflict
+    with pytest.raises(L3netError, match="held by a live node at 198.18.0.11"):
+        twin.heartbeat(64512)
+    assert json.loads(store.get(KEYS.node("h1"))[0])["ip"] == "198.18.0.11", "the live node's record untouched"
+    assert Registry(store, KEYS, "h1", "198.18.0.11").identity_conflict() is None, "a restart of the same host"
+    store.delete(KEYS.node("h1"))                      # the other one's lease expired
+    twin.heartbeat(64512)
+
+
+def test_a_second_plugin_on_one_state_dir_is_refused(tmp_path):
+    code = ("import sys, time; from plugin.server import lock_state_dir; lock_state_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(30)")
+    first = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        from plugin.server import lock_state_dir
+        with pytest.raises(L3netError, match=f"pid {first.pid}"):
+            lock_state_dir(str(tmp_path))
+    finally:
+        first.kill()
+        first.wait(5)
+
+
+class DownStore(MemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.down = False
+
+    def get_prefix(self, prefix):
+        if self.down:
+            raise L3netError("etcd at http://127.0.0.1:2379 did not answer within 5s")
+        return super().get_prefix(prefix)
+
+
+class CountingFirewall:
+    applied = None
+
+    def __init__(self):
+        self.written = []
+
+    def generation(self):
+        return 0
+
+    def apply(self, desired, generation=None):
+        self.written.append(desired)
+
+    def drift(self):
+        return None
+
+
+def test_losing_etcd_changes_nothing_and_is_reported(tmp_path):
+    store, fw = DownStore(), CountingFirewall()
+    store.put(KEYS.pool("10.20.0.0/24"), json.dumps({"cidr": "10.20.0.0/24", "refs": {}}))
+    agent = Agent(store, KEYS, "h1", "198.18.0.11", firewall=fw, status_path=str(tmp_path / "status.json"))
+    agent.sync()
+    assert len(fw.written) == 1 and agent.etcd_down_since is None
+    store.down = True
+    with pytest.raises(L3netError):
+        agent.sync()
+    assert len(fw.written) == 1, "nothing recomputed or written from a failed read"
+    agent.write_status()
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["etcd_down_since"] is not None
+    store.down = False
+    agent.sync()
+    assert agent.etcd_down_since is None and len(fw.written) == 2
