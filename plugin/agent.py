@@ -454,6 +454,7 @@ class Agent:
         self.last_sync = None
         self.last_error = None
         self.etcd_down_since = None     # when the agent last failed to read etcd (None: it reads)
+        self._mesh_seen = {}            # mesh peer ip -> (Peer, when last in etcd): keep_departed
         self.stats = {}
         self.status_path = status_path   # where `l3netctl status` reads this agent's state
 
@@ -481,6 +482,7 @@ class Agent:
             errors.append(e)
         try:
             state, _ = desired_bgp(view, self.keys, self.name, self.ip)
+            state.peers = self.keep_departed(state.peers)
             if self.bird is not None:
                 self.bird.apply(render(state))
         except Exception as e:  # noqa: BLE001 - reported below, after the policy sync
@@ -509,6 +511,28 @@ class Agent:
             if done:
                 log.info("%s", done)
                 metrics.POLICY_WRITES.labels("full" if "in full" in done else "update").inc()
+
+    MESH_GRACE = 60.0
+
+    def keep_departed(self, peers):
+        """Mesh peers whose registry record vanished stay configured for MESH_GRACE seconds:
+        when etcd comes back after an outage longer than a lease, every node's record has
+        expired for the second it takes them to register again, and dropping their sessions
+        then would withdraw every route in the cluster. A node really gone loses its routes
+        by the BGP hold time anyway; only its (idle) session is kept a while longer."""
+        now = time.monotonic()
+        current = {p.ip: p for p in peers}
+        for p in peers:
+            if p.allowed is not None:
+                self._mesh_seen[p.ip] = (p, now)
+        for ip, (p, seen) in list(self._mesh_seen.items()):
+            if ip in current:
+                continue
+            if now - seen < self.MESH_GRACE:
+                current[ip] = p
+            else:
+                del self._mesh_seen[ip]
+        return list(current.values())
 
     UPLINKS_EVERY = 30.0
 

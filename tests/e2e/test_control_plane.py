@@ -127,7 +127,8 @@ def test_etcd_away_longer_than_a_lease_changes_nothing(bed):
     wait_for(lambda: {n["name"] for n in json.loads(bed.ctl("node", "list", "--json").stdout)
                       if n["state"] == "up"} >= {h1.name, h2.name}, 30, "both nodes registered")
     assert h1.sh("ipset", "list", "l3n-hosts").stdout == hosts_set
-    assert connectivity_and_isolation(bed)
+    for _ in range(10):           # and no flap as the nodes register again: every probe holds
+        assert connectivity_and_isolation(bed)
 
 
 ROGUE = """
@@ -175,7 +176,7 @@ def test_a_rogue_speaker_in_the_mesh_gets_nothing_installed(bed, tmp_path):
                              if line.strip().startswith("Import updates:")), 20, "the rogue's announcements")
         assert "0 imported" in show(), show()
         table = h1.sh("ip", "route", "show", "table", "all").stdout
-        assert f"via {rogue_ip}" not in table, table
+        assert not [line for line in table.splitlines() if f"via {rogue_ip} " in line and "proto bird" in line], table
         assert connectivity_and_isolation(bed)
     finally:
         store.delete(keys.node("rogue"))

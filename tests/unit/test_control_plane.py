@@ -88,3 +88,14 @@ def test_losing_etcd_changes_nothing_and_is_reported(tmp_path):
     store.down = False
     agent.sync()
     assert agent.etcd_down_since is None and len(fw.written) == 2
+
+
+def test_mesh_peers_outlive_their_record_for_a_grace():
+    from plugin.bgp import Peer
+    agent = Agent(MemoryStore(), KEYS, "h1", "198.18.0.11")
+    h2 = Peer("h2", "198.18.0.12", 64512, allowed=("10.20.0.64/26",))
+    tor = Peer("tor", "198.18.0.1", 65000, multihop=True)
+    assert agent.keep_departed([h2, tor]) == [h2, tor]
+    assert agent.keep_departed([]) == [h2], "h2's record expired a moment ago: kept; an explicit peer is not"
+    agent.MESH_GRACE = 0.0
+    assert agent.keep_departed([]) == []
