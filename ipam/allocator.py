@@ -440,19 +440,32 @@ class Ipam:
         cidr = B.block_of(ip, pool, block_prefix)
         return self.keys.block(pool, cidr), ip
 
-    def release_address(self, pool_id, address):
-        """ReleaseAddress: idempotent; an address outside the pool (our gateway) is a no-op."""
+    def release_address(self, pool_id, address, in_use=None):
+        """ReleaseAddress: idempotent; an address outside the pool (our gateway) is a no-op.
+
+        dockerd re-sends calls after a connection error, and a slow one can arrive after the
+        address went to the next container: an address held by a live endpoint is not freed.
+        ``in_use(endpoint_id)`` says whether an endpoint of this host is live; one held by
+        another host's endpoint is never freed from here. Returns whether it was freed."""
         pool, _ = P.parse_pool_id(pool_id)
         key, ip = self._locate(pool, address)
         if key is None:
-            return
+            return False
 
         def drop(block):
-            if block is None or str(ip) not in block["allocations"]:
-                return None, None, None
+            held = (block or {}).get("allocations", {}).get(str(ip))
+            if held is None:
+                return False, None, None
+            handle = str(held.get("handle", ""))
+            if in_use is not None and handle.startswith("endpoint:") and \
+                    (held.get("host") != self.host or in_use(handle[len("endpoint:"):])):
+                return False, None, None
             del block["allocations"][str(ip)]
-            return None, block, None
-        self._update_block(key, drop)
+            return True, block, None
+        freed = self._update_block(key, drop)
+        if not freed and in_use is not None:
+            log.info("ReleaseAddress %s: kept, it is held by a live endpoint (a late or re-sent call)", ip)
+        return freed
 
     def release_held(self, pool, address, handle):
         """Release ``address`` only if ``handle`` still holds it (ipam check --fix: a leak
@@ -473,14 +486,22 @@ class Ipam:
 
     def set_handle(self, pool, address, handle, also_put=None):
         """Record who holds an address (the endpoint, once CreateEndpoint knows it), in one
-        transaction with ``also_put`` (the caller's own records), which is written in any case."""
+        transaction with ``also_put`` (the caller's own records), which is written in any case.
+        Only an address this host requested (``pending:<host>``) or that ``handle`` holds
+        already: anything else is an error and changes nothing."""
         key, ip = self._locate(pool, address)
         found = []
 
         def mark(block):
             held = (block or {}).get("allocations", {}).get(str(ip))
-            if held is None or held["handle"] == handle:
+            if held is not None and held["handle"] == handle:
                 return None, None, None
+            # only an address this host's RequestAddress took and nobody holds yet: never a
+            # free one, nor another endpoint's (a late or re-sent CreateEndpoint)
+            if held is None:
+                raise L3netError(f"address {ip} is not allocated (released meanwhile?): request it again")
+            if held["handle"] != f"pending:{self.host}":
+                raise L3netError(f"address {ip} is held by {held['handle']}, not by a request of this host")
             held["handle"] = handle
             found.append(True)
             return None, block, also_put

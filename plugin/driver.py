@@ -194,6 +194,14 @@ class Driver:
                             endpoint_id[:12], address, e)
         return {} if mac else {"MacAddress": created_mac}
 
+    def endpoint_in_use(self, endpoint_id):
+        """Whether an endpoint of this host is live: it exists and no DeleteEndpoint was
+        accepted for it (ReleaseAddress frees only an address no live endpoint holds)."""
+        if endpoint_id in self.journal.pending():
+            return False
+        record = self._endpoints.get(endpoint_id) or self.endpoint(endpoint_id)
+        return record is not None and not record.get("deleting")
+
     def _require_endpoint(self, endpoint_id):
         record = self.endpoint(endpoint_id)
         if record is None:

@@ -268,6 +268,34 @@ def test_malformed_requests_on_the_socket(plugin, network):
     assert pings(c, ip_of(c, net))
 
 
+def test_late_or_resent_ipam_calls_never_take_a_live_containers_address(plugin, network):
+    """dockerd re-sends a call after a connection error, and a slow one arrives late: a
+    ReleaseAddress for a container already gone must not free the address its successor now
+    holds, and a CreateEndpoint for an address nobody requested (or another endpoint holds)
+    is refused and leaves nothing behind."""
+    net = network("10.74.0.0/24")
+    first = run(net, "--ip", "10.74.0.9")
+    docker("rm", "-f", first)
+    wait_for(lambda: all(a["address"] != "10.74.0.9" for a in allocations(plugin)), 10, "its address released")
+    second = run(net, "--ip", "10.74.0.9")
+    held = [a for a in allocations(plugin) if a["address"] == "10.74.0.9"]
+    status, _ = post(plugin.socket, "IpamDriver.ReleaseAddress",
+                     json.dumps({"PoolID": "10.74.0.0/24", "Address": "10.74.0.9/32"}).encode())
+    assert status == 200, "dockerd only logs a release's result: it succeeds, and changes nothing"
+    assert [a for a in allocations(plugin) if a["address"] == "10.74.0.9"] == held
+    other = run(net)
+    assert ip_of(other, net) != "10.74.0.9" and pings(other, "10.74.0.9")
+    before = (veths(), allocations(plugin))
+    network_id = json.loads(docker("network", "inspect", net).stdout)[0]["Id"]
+    for address in ("10.74.0.77/32", "10.74.0.9/32"):      # free; held by the second container
+        status, body = post(plugin.socket, "NetworkDriver.CreateEndpoint", json.dumps(
+            {"NetworkID": network_id, "EndpointID": uuid.uuid4().hex * 2,
+             "Interface": {"Address": address}, "Options": {}}).encode())
+        assert status == 500 and ("not allocated" in body["Err"] or "held by" in body["Err"]), body
+    assert (veths(), allocations(plugin)) == before
+    assert pings(other, ip_of(second, net))
+
+
 def test_plugin_kill9_and_restart_with_running_containers(plugin, network):
     net = network("10.71.0.0/24")
     a, b = run(net), run(net)

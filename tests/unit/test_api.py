@@ -39,10 +39,17 @@ class FakeDatapath:
     def delete(self, endpoint_id):
         return self.links.pop(self.host_ifname(endpoint_id), None) is not None
 
+    deferred = None         # a list: background deletions wait there until the test runs them
+
     def delete_later(self, endpoint_id, then=None):
-        self.delete(endpoint_id)
-        if then:
-            then()
+        def work():
+            self.delete(endpoint_id)
+            if then:
+                then()
+        if self.deferred is not None:
+            self.deferred.append(work)
+        else:
+            work()
 
     def prepare_host(self):
         pass
@@ -392,11 +399,58 @@ def test_a_reused_address_keeps_its_new_holders_connections(node):
     pool_id = setup_network(node)
     addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": ""}))["Address"]
     ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr}}))
+    node.dp.deferred = []
+    ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP}))
     ok(node.call("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": addr}))
     again = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": ""}))["Address"]
     assert again == addr
     ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP2, "Interface": {"Address": addr}}))
-    ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP}))
+    for work in node.dp.deferred:        # EP's deletion, late
+        work()
+    node.dp.deferred = None
     assert node.dp.forgotten == []
     ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP2}))
     assert node.dp.forgotten == [addr.split("/")[0]]
+
+
+def holder(node, address):
+    for _, value, _ in node.store.get_prefix("/l3net/ipam/blocks/"):
+        allocation = json.loads(value)["allocations"].get(address)
+        if allocation:
+            return allocation["handle"]
+    return None
+
+
+def test_a_late_release_does_not_free_the_next_containers_address(node):
+    """Container A goes (DeleteEndpoint, ReleaseAddress), container B gets the same address,
+    then dockerd's first ReleaseAddress for A arrives again (re-sent after a timeout): B keeps it."""
+    pool = setup_network(node)
+    a = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool, "Address": "", "Options": {}}))["Address"]
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,
+                                                  "Interface": {"Address": a}, "Options": {}}))
+    ok(node.call("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP}))
+    ok(node.call("IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": a}))
+    assert holder(node, a.split("/")[0]) is None, "the normal release frees it"
+    b = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool, "Address": a.split("/")[0], "Options": {}}))["Address"]
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP2,
+                                                  "Interface": {"Address": b}, "Options": {}}))
+    ok(node.call("IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": a}))      # the late one
+    assert holder(node, a.split("/")[0]) == f"endpoint:{EP2}"
+
+
+def test_create_endpoint_takes_only_an_address_this_host_requested(node):
+    pool = setup_network(node)
+    free = "10.20.0.77/32"
+    status, body = node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,
+                                                              "Interface": {"Address": free}, "Options": {}})
+    assert status == 500 and "not allocated" in body["Err"]
+    assert holder(node, "10.20.0.77") is None and not node.dp.links, "nothing left behind"
+    a = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool, "Address": "", "Options": {}}))["Address"]
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,
+                                                  "Interface": {"Address": a}, "Options": {}}))
+    status, body = node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP2,
+                                                              "Interface": {"Address": a}, "Options": {}})
+    assert status == 500 and f"endpoint:{EP}" in body["Err"], body
+    assert holder(node, a.split("/")[0]) == f"endpoint:{EP}"
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,       # re-sent
+                                                  "Interface": {"Address": a}, "Options": {}}))
