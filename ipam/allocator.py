@@ -496,12 +496,7 @@ class Ipam:
             held = (block or {}).get("allocations", {}).get(str(ip))
             if held is not None and held["handle"] == handle:
                 return None, None, None
-            # only an address this host's RequestAddress took and nobody holds yet: never a
-            # free one, nor another endpoint's (a late or re-sent CreateEndpoint)
-            if held is None:
-                raise L3netError(f"address {ip} is not allocated (released meanwhile?): request it again")
-            if held["handle"] != f"pending:{self.host}":
-                raise L3netError(f"address {ip} is held by {held['handle']}, not by a request of this host")
+            self._may_take(ip, held)
             held["handle"] = handle
             found.append(True)
             return None, block, also_put
@@ -510,6 +505,30 @@ class Ipam:
         if not found and also_put:
             self.store.txn({}, put=also_put)
         return bool(found)
+
+    def _may_take(self, ip, held):
+        """Only an address this host's RequestAddress took and nobody holds yet: never a free
+        one, nor another endpoint's (a late or re-sent CreateEndpoint)."""
+        if held is None:
+            raise L3netError(f"address {ip} is not allocated (released meanwhile?): request it again")
+        if held["handle"] != f"pending:{self.host}":
+            raise L3netError(f"address {ip} is held by {held['handle']}, not by a request of this host")
+
+    def check_can_take(self, pool, address, handle):
+        """set_handle's check, before anything is built for the endpoint (its veth would
+        replace the /32 route of the address's holder): from this host's cache (it wrote
+        the pending allocation itself), confirmed on a fresh read before refusing."""
+        key, ip = self._locate(pool, address)
+        if key is None:
+            raise L3netError(f"address {address} is not in pool {pool}")
+
+        for fresh in (False, True):
+            block, _ = self._read_block(key, fresh)
+            held = (block or {}).get("allocations", {}).get(str(ip))
+            if held is not None and held["handle"] in (handle, f"pending:{self.host}"):
+                return
+        if held is None or held["handle"] != handle:
+            self._may_take(ip, held)
 
     def holder(self, pool, address):
         key, ip = self._locate(pool, address)

@@ -146,6 +146,7 @@ class Driver:
                              f"({', '.join(network['pools'])})")
         existing = self._endpoints.get(endpoint_id)
         if existing is None or existing.get("deleting"):
+            self.ipam.check_can_take(IPNetwork(pool), address, f"endpoint:{endpoint_id}")
             try:
                 created_mac = self.datapath.create(endpoint_id, str(address), mac)
                 existing = None

@@ -452,5 +452,6 @@ def test_create_endpoint_takes_only_an_address_this_host_requested(node):
                                                               "Interface": {"Address": a}, "Options": {}})
     assert status == 500 and f"endpoint:{EP}" in body["Err"], body
     assert holder(node, a.split("/")[0]) == f"endpoint:{EP}"
+    assert list(node.dp.links) == [node.dp.host_ifname(EP)], "no veth (no /32 route taken over) for the refused one"
     ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,       # re-sent
                                                   "Interface": {"Address": a}, "Options": {}}))
