@@ -437,8 +437,9 @@ class Agent:
     the kernel for drift every ``drift_every`` seconds."""
 
     def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0,
-                 status_path=None, facts=None, uplinks=None):
+                 status_path=None, facts=None, uplinks=None, bgp_passwords=None):
         self.store, self.keys, self.name, self.ip = store, keys, name, ip
+        self.bgp_passwords = bgp_passwords or {}
         self.uplinks_of = uplinks             # (own ip, [other nodes' ips]) -> [interface names]
         self._uplinks = (None, 0.0, [])       # (node ips asked about, when, answer)
         self.registry = Registry(store, keys, name, ip, facts=facts)
@@ -483,6 +484,7 @@ class Agent:
         try:
             state, _ = desired_bgp(view, self.keys, self.name, self.ip)
             state.peers = self.keep_departed(state.peers)
+            state.passwords = self.bgp_passwords
             if self.bird is not None:
                 self.bird.apply(render(state))
         except Exception as e:  # noqa: BLE001 - reported below, after the policy sync

@@ -16,7 +16,9 @@ blocks), so a rogue speaker posing as a node cannot take another node's containe
 route or a host route; from an explicit peer (a router, a route reflector) pool prefixes. Every
 session has a receive limit (a flood is cut off, the session stays). TTL security (GTSM) for
 the directly connected mesh is a cluster setting (``l3netctl bgp config --ttl-security``: both
-ends must have it, so switch it on once every node runs a version that knows it).
+ends must have it, so switch it on once every node runs a version that knows it). Sessions
+may be signed (TCP MD5): the mesh's password and explicit peers' come from each node's own
+``--bgp-password-file`` / L3NET_BGP_PASSWORD, never from etcd.
 
 Learned routes go to the kernel as ``proto bird`` with the owning host as next hop.
 """
@@ -47,6 +49,7 @@ class BgpState:
     peers: list = field(default_factory=list)
     hold_time: int = HOLD_TIME
     ttl_security: bool = False
+    passwords: dict = field(default_factory=dict, repr=False)   # "default" (mesh) / peer ip -> secret
 
 
 GR_TIME = 30        # s peers keep a restarting node's routes (the registry lease is 30 s too)
@@ -167,6 +170,9 @@ def render(state):
         "    export filter l3net_export;",
         "    next hop self;",
         f"    receive limit {RECEIVE_LIMIT} action block;",
+        "    # Rejected routes are kept (marked filtered): when etcd tells more about a peer (its",
+        "    # new block) the new filter takes them at once, whatever came first.",
+        "    import keep filtered on;",
         "  };",
         "}",
         "",
@@ -181,11 +187,14 @@ def render(state):
         ]
         if s.ttl_security and not peer.multihop:
             lines.append("  ttl security on;")
+        secret = s.passwords.get(peer.ip) or (s.passwords.get("default") if peer.allowed is not None else None)
+        if secret:
+            lines.append(f'  password "{secret}";')     # config.SECRET: no quote, no backslash
         if peer.allowed is not None:
             allowed = sorted(set(peer.allowed))
             lines += ["  # what etcd says this node has: its blocks, its endpoints' /32s outside them",
                       "  ipv4 { import filter { if l3net_pool() && net ~ "
-                      f"[ {', '.join(allowed)} ] then accept; reject; }}; }};" if allowed else
+                      f"[ {', '.join(p + '+' for p in allowed)} ] then accept; reject; }}; }};" if allowed else
                       "  ipv4 { import none; };"]
         lines += ["}", ""]
     return "\n".join(lines)

@@ -66,7 +66,8 @@ class Bird:
                             "protocol, it deletes l3net's routes (both are proto bird); disable the "
                             "distribution's bird.service", pid)
         tmp = self.conf + ".new"
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # it may hold BGP passwords
+        with os.fdopen(fd, "w") as f:
             f.write(text)
         res = self._run([self.bird, "-p", "-c", tmp], "bird -p")
         if res.returncode != 0:

@@ -54,6 +54,7 @@ class Config:
     metrics_port: int = 0              # 0: no metrics endpoint
     metrics_address: str = "127.0.0.1"
     iptables_backend: str = "auto"
+    bgp_passwords: dict = field(default_factory=dict, repr=False)   # never logged: read_bgp_passwords
 
     @property
     def driver_name(self):
@@ -74,6 +75,44 @@ class Config:
         if not self.socket.endswith(".sock") or not os.path.isabs(self.socket):
             raise L3netError(f"--socket {self.socket!r} must be an absolute path ending in .sock")
         return self
+
+
+SECRET = re.compile(r"[!#-\[\]-~]{1,80}")     # printable ASCII but blank, '"' and '\\': TCP-MD5 keys are <= 80 bytes
+
+
+def read_bgp_passwords(path=None, default=None):
+    """BGP session passwords (TCP MD5, BIRD ``password``) from a file and/or the environment:
+    {"default": secret for the mesh, "<peer ip>": secret for that explicit peer}. The file
+    (``--bgp-password-file``) holds a line ``SECRET`` (the mesh's) and/or lines ``IP SECRET``;
+    ``default`` (L3NET_BGP_PASSWORD) is the mesh's. Secrets live on the nodes only: never in
+    etcd, never in a log line (errors name the line number, not its text)."""
+    from .validate import ipv4
+    out = {}
+    if path:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise L3netError(f"cannot read --bgp-password-file {path}: {e.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) > 2 or not SECRET.fullmatch(fields[-1]):
+                raise L3netError(f"{path}, line {number}: expected SECRET or IP SECRET (1-80 printable "
+                                 "characters, no blank, quote or backslash)")
+            key = "default"
+            if len(fields) == 2:
+                try:
+                    key = str(ipv4(fields[0], "peer address"))
+                except L3netError:
+                    raise L3netError(f"{path}, line {number}: not an IPv4 address before the secret") from None
+            out[key] = fields[-1]
+    if default:
+        if not SECRET.fullmatch(default):
+            raise L3netError("L3NET_BGP_PASSWORD: 1-80 printable characters, no blank, quote or backslash")
+        out["default"] = default
+    return out
 
 
 def default_host_ip():

@@ -51,7 +51,8 @@ def build(cfg):
     firewall = Firewall()
     agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
                   status_path=os.path.join(cfg.state_dir, "status.json"),
-                  facts=node_facts_of(cfg.etcd_endpoints), uplinks=uplinks)
+                  facts=node_facts_of(cfg.etcd_endpoints), uplinks=uplinks,
+                  bgp_passwords=cfg.bgp_passwords)
     driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
     return create_app(driver, ipam), driver, ipam, agent
@@ -294,13 +295,16 @@ def prepare_paths(cfg):
 @click.option("--iptables-backend", envvar="L3NET_IPTABLES_BACKEND", default=Config.iptables_backend,
               show_default=True, type=click.Choice(["auto", "nft", "legacy"]),
               help="Which iptables to write to: auto = the one holding the host's (dockerd's) rules.")
+@click.option("--bgp-password-file", envvar="L3NET_BGP_PASSWORD_FILE", type=click.Path(dir_okay=False),
+              help="BGP session passwords (TCP MD5): a line SECRET for the mesh, lines IP SECRET for "
+                   "explicit peers (also L3NET_BGP_PASSWORD: the mesh's). Every node needs the same.")
 @click.option("--remove-rules", is_flag=True,
               help="Remove l3net's iptables chains and ipsets from this host and stop its BIRD, "
                    "then exit (after the plugin is stopped for good).")
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
          default_pool_size, block_size, no_bgp, threads, log_level, log_format, metrics_port,
-         metrics_address, iptables_backend, remove_rules):
+         metrics_address, iptables_backend, bgp_password_file, remove_rules):
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level, log_format)
     if remove_rules:
@@ -314,6 +318,8 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
                  metrics_port=metrics_port, metrics_address=metrics_address, log_format=log_format,
                  iptables_backend=iptables_backend)
     try:
+        from .config import read_bgp_passwords
+        cfg.bgp_passwords = read_bgp_passwords(bgp_password_file, os.environ.get("L3NET_BGP_PASSWORD"))
         cfg.check()
         parse_endpoints(cfg.etcd_endpoints)
         from ipam.pools import parse_cidr

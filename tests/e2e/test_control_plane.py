@@ -183,3 +183,51 @@ def test_a_rogue_speaker_in_the_mesh_gets_nothing_installed(bed, tmp_path):
         store.close()
         rogue.kill()
         rogue.wait(10)
+
+
+def test_signed_mesh_sessions_keep_an_unsigned_speaker_out(bed, tmp_path):
+    """Both nodes get the mesh's password (--bgp-password-file, on the nodes only): their
+    session comes back signed (TCP MD5); a speaker in the mesh without it never gets a session.
+    LAST in this module: it restarts both plugins with the password."""
+    import subprocess
+
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+    h1, h2 = bed.h1, bed.h2
+    for host in (h1, h2):
+        secret = os.path.join(host.dir, "bgp-passwords")
+        with open(secret, "w") as f:
+            f.write("l3net-mesh-S3cret\n")
+        host.stop_plugin()
+        host.start_plugin("--bgp-password-file", secret)
+
+    def session(host, peer_ip):
+        rows = json.loads(host.sh(os.path.join(BIN, "l3netctl"), "--etcd-endpoints", bed.testbed.etcd_url,
+                                  "--etcd-prefix", bed.testbed.prefix, "bgp", "status", "--json").stdout)
+        return [r["established"] for r in rows if r["peer"] == peer_ip] == [True]
+
+    wait_for(lambda: 'password "' in open(os.path.join(h1.dir, "state", "bird.conf")).read(), 20,
+             "host 1's BIRD configured with the password")
+    wait_for(lambda: session(h1, h2.ip) and session(h2, h1.ip), 40, "the signed session up")
+    with open(os.path.join(h1.dir, "plugin.log")) as f:
+        assert "l3net-mesh-S3cret" not in f.read(), "the secret is never logged"
+    assert oct(os.stat(os.path.join(h1.dir, "state", "bird.conf")).st_mode & 0o777) == "0o600"
+    rogue_ip = f"{NET}.1"
+    conf = tmp_path / "rogue.conf"
+    conf.write_text(ROGUE.format(ip=rogue_ip, node_ip=h1.ip, victim=bed.containers["web2"].ip, host=h2.ip,
+                                 pool="10.95.0.0/24"))
+    rogue = subprocess.Popen(["bird", "-f", "-c", str(conf), "-s", str(tmp_path / "rogue.ctl")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store, keys = EtcdStore(bed.testbed.etcd_url), Keys(bed.testbed.prefix)
+    store.put(keys.node("rogue"), json.dumps({"name": "rogue", "ip": rogue_ip, "as": 64512}))
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert not session(h1, rogue_ip), "an unsigned speaker got a session"
+            time.sleep(1)
+        assert session(h1, h2.ip) and connectivity_and_isolation(bed)
+    finally:
+        store.delete(keys.node("rogue"))
+        store.close()
+        rogue.kill()
+        rogue.wait(10)

@@ -225,3 +225,28 @@ def test_ttl_security_and_per_peer_filters_are_valid_bird(tmp_path):
     assert text.count("ttl security on;") == 2, "the two direct mesh peers, not the multihop router"
     ok, err = bird_accepts(text, tmp_path)
     assert ok, err
+
+
+def test_bgp_password_file(tmp_path):
+    from plugin.config import read_bgp_passwords
+    from plugin.errors import L3netError
+    path = tmp_path / "bgp-passwords"
+    path.write_text("# the mesh, then a router\nmesh-S3cret!\n198.18.0.1 r0uter-key\n")
+    assert read_bgp_passwords(str(path)) == {"default": "mesh-S3cret!", "198.18.0.1": "r0uter-key"}
+    assert read_bgp_passwords(None, "from-env")["default"] == "from-env"
+    for bad in ('quo"te\n', "a b c\n", "300.1.1.1 key\n", "x" * 81 + "\n", "back\\slash\n"):
+        path.write_text(bad)
+        with pytest.raises(L3netError) as e:
+            read_bgp_passwords(str(path))
+        assert bad.strip() not in str(e.value), "a secret never ends up in a message"
+
+
+@has_bird
+def test_passwords_sign_the_mesh_and_the_peers_that_have_one(tmp_path):
+    import dataclasses
+    state = dataclasses.replace(MESH, passwords={"default": "mesh-S3cret!", "198.18.0.1": "r0uter-key"})
+    text = render(state)
+    assert text.count('password "mesh-S3cret!";') == 2 and text.count('password "r0uter-key";') == 1
+    assert "S3cret" not in repr(state), "not in a repr either (logs, tracebacks)"
+    ok, err = bird_accepts(text, tmp_path)
+    assert ok, err
