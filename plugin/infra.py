@@ -126,15 +126,3 @@ def pool_conflict(cidr, infra, allowed=()):
                 f"({', '.join(map(str, allowed))}; l3netctl pool ranges)")
     return None
 
-
-def classify(address, nodes, protected_cidrs):
-    """Why a container may not reach ``address`` as infrastructure: ("host", node name),
-    ("protected", cidr) or None (diagnose)."""
-    ip = IPAddress(address)
-    for n in nodes:
-        if str(ip) in n["addresses"]:
-            return "host", n["name"]
-    for c in protected_cidrs:
-        if ip in IPNetwork(c):
-            return "protected", c
-    return None

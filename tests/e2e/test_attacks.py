@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from tests.conftest import BIN, bed_up, wait_for
-from tests.e2e.test_policy import Bed, Container, icmp_echoes_received, probe_from
+from tests.e2e.test_policy import Bed, add_outside, icmp_echoes_received, probe_from
 from tests.testbed import TEST_IMAGE, Testbed, run
 
 NET = "198.18.6"
@@ -38,7 +38,7 @@ def bed(docker_ready):
                              etcd_port=23830))
     b = Bed(testbed)
     try:
-        add_outside(testbed)
+        add_outside(testbed, OUTSIDE_NS, OUTSIDE, [f"{METADATA}/32"])
         b.serve(["nsenter", f"--net=/run/netns/{OUTSIDE_NS}"], [8080, METADATA_PORT], [])
         for host in testbed.hosts:
             b.serve(["nsenter", "-t", str(host.anchor.pid), "-n"], [LISTEN_PORT], [])
@@ -55,19 +55,6 @@ def bed(docker_ready):
         b.stop()
         testbed.cleanup()
         run("ip", "netns", "del", OUTSIDE_NS, check=False)
-
-
-def add_outside(testbed):
-    run("ip", "netns", "del", OUTSIDE_NS, check=False)
-    run("ip", "netns", "add", OUTSIDE_NS)
-    run("ip", "link", "add", f"vb-{OUTSIDE_NS}", "type", "veth", "peer", "name", f"ve-{OUTSIDE_NS}")
-    run("ip", "link", "set", f"vb-{OUTSIDE_NS}", "master", testbed.bridge, "up")
-    run("ip", "link", "set", f"ve-{OUTSIDE_NS}", "netns", OUTSIDE_NS)
-    ns = ["ip", "-n", OUTSIDE_NS]
-    run(*ns, "addr", "add", f"{OUTSIDE}/24", "dev", f"ve-{OUTSIDE_NS}")
-    run(*ns, "addr", "add", f"{METADATA}/32", "dev", f"ve-{OUTSIDE_NS}")
-    run(*ns, "link", "set", f"ve-{OUTSIDE_NS}", "up")
-    run(*ns, "link", "set", "lo", "up")
 
 
 def tcp_counters(nsenter):

@@ -135,16 +135,19 @@ def bed(docker_ready):
         run("ip", "netns", "del", OUTSIDE_NS, check=False)
 
 
-def add_outside(testbed):
-    """A namespace on the underlay standing for the internet: it knows no route to the pools."""
-    run("ip", "netns", "del", OUTSIDE_NS, check=False)
-    run("ip", "netns", "add", OUTSIDE_NS)
-    run("ip", "link", "add", "vb-l3polx", "type", "veth", "peer", "name", "ve-l3polx")
-    run("ip", "link", "set", "vb-l3polx", "master", testbed.bridge, "up")
-    run("ip", "link", "set", "ve-l3polx", "netns", OUTSIDE_NS)
-    run("ip", "-n", OUTSIDE_NS, "addr", "add", f"{OUTSIDE}/24", "dev", "ve-l3polx")
-    run("ip", "-n", OUTSIDE_NS, "link", "set", "ve-l3polx", "up")
-    run("ip", "-n", OUTSIDE_NS, "link", "set", "lo", "up")
+def add_outside(testbed, ns=OUTSIDE_NS, address=OUTSIDE, extra=()):
+    """A namespace ``ns`` on the underlay standing for the internet (or any machine outside the
+    cluster): ``address`` on the underlay, ``extra`` addresses beside it; it knows no route to
+    the pools."""
+    run("ip", "netns", "del", ns, check=False)
+    run("ip", "netns", "add", ns)
+    run("ip", "link", "add", f"vb-{ns}", "type", "veth", "peer", "name", f"ve-{ns}")
+    run("ip", "link", "set", f"vb-{ns}", "master", testbed.bridge, "up")
+    run("ip", "link", "set", f"ve-{ns}", "netns", ns)
+    for cidr in (f"{address}/24", *extra):
+        run("ip", "-n", ns, "addr", "add", cidr, "dev", f"ve-{ns}")
+    run("ip", "-n", ns, "link", "set", f"ve-{ns}", "up")
+    run("ip", "-n", ns, "link", "set", "lo", "up")
 
 
 # -- the truth table ----------------------------------------------------------------------
