@@ -122,16 +122,20 @@ class Ipam:
                 # only a new pool is judged: an existing one stays usable on every host even if
                 # some host's address later falls into it (a Docker bridge created there)
                 self.check_not_infrastructure(cidr)
-            self._join_pool(cidr, opts, auto=False)
+            claim = self._join_pool(cidr, opts, auto=False)
         else:
             if subpool:
                 raise L3netError("--ip-range needs --subnet")
-            cidr, sub = self._claim_auto_pool(opts), None
+            cidr, claim = self._claim_auto_pool(opts)
+            sub = None
         if sub is not None and sub == cidr:
             sub = None
-        return P.make_pool_id(cidr, sub), str(cidr), {GATEWAY_TYPE: POOL_GATEWAY}
+        return P.make_pool_id(cidr, sub, claim), str(cidr), {GATEWAY_TYPE: POOL_GATEWAY}
 
     def _join_pool(self, cidr, opts, auto):
+        """Count one more network of this host on the pool (a new claim). Returns the claim."""
+        claim = P.new_claim()
+
         def join(record):
             if record is None:
                 record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto)
@@ -141,11 +145,11 @@ class Ipam:
             elif opts["nat_outgoing"] is not None and opts["nat_outgoing"] != record["nat_outgoing"]:
                 raise L3netError(f"pool {cidr} already exists with nat-outgoing="
                                  f"{str(record['nat_outgoing']).lower()}")
-            record["refs"][self.host] = record["refs"].get(self.host, 0) + 1
+            P.add_claim(record, self.host, claim)
             return record
         record = self._update_pool(cidr, join)
         self._block_prefix[str(cidr)] = P.effective_block_prefix(cidr, record["block_prefix"])
-        return record
+        return claim
 
     def check_not_infrastructure(self, cidr):
         """Refuse a pool over the cluster's infrastructure or outside the allowed ranges."""
@@ -166,30 +170,39 @@ class Ipam:
                 raise L3netError(f"no free /{self.default_prefix} left in the default range "
                                  f"{self.default_range}; pass --subnet")
             record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto=True)
-            record["refs"][self.host] = 1
+            claim = P.new_claim()
+            P.add_claim(record, self.host, claim)
             key = self.keys.pool(cidr)
             if self.store.txn({key: 0}, put={key: json.dumps(record, sort_keys=True)}):
                 self._block_prefix[str(cidr)] = P.effective_block_prefix(cidr, record["block_prefix"])
-                return cidr
+                return cidr, claim
         raise L3netError("too much contention choosing a default pool; try again")
 
     def release_pool(self, pool_id):
-        """ReleasePool: drop this host's reference; free its empty blocks; forget an unused pool."""
+        """ReleasePool: drop the PoolID's claim; when its host has no network left on the pool,
+        free that host's empty blocks (if it is this host); forget a pool nobody uses.
+        Idempotent: a re-sent call finds its claim gone and changes nothing. Returns whether
+        a claim was dropped."""
         pool, _ = P.parse_pool_id(pool_id)
+        claim = P.claim_of(pool_id)
+        owner = []
 
         def leave(record):
+            owner.clear()
             if record is None:
                 return None
-            refs = record["refs"]
-            if refs.get(self.host, 0) > 1:
-                refs[self.host] -= 1
-            else:
-                refs.pop(self.host, None)
+            entry = record.get("claims", {}).get(claim)
+            if P.drop_claim(record, self.host, claim):
+                owner.append(entry["host"] if entry else self.host)
             return record
         record = self._update_pool(pool, leave)
-        if record is None or record["refs"].get(self.host):
-            return
-        self._free_empty_blocks(pool)
+        if not owner:
+            log.info("ReleasePool %s: nothing to release (a re-sent call?)", pool_id)
+            return False
+        if record is None or record["refs"].get(owner[0]):
+            return True
+        if owner[0] == self.host:
+            self._free_empty_blocks(pool)
         if not record["refs"] and not record.get("pinned"):
             key = self.keys.pool(pool)
             value, rev = self.store.get(key)
@@ -197,6 +210,7 @@ class Ipam:
                     not self.store.get_prefix(self.keys.blocks(pool)):
                 if self.store.txn({key: rev}, delete=[key]):
                     self._block_prefix.pop(str(pool), None)
+        return True
 
     def set_internal(self, cidr, internal):
         """A network created with(out) ``--internal`` on pool ``cidr`` (CreateNetwork, after its
@@ -275,15 +289,21 @@ class Ipam:
                 raise L3netError(f"invalid address {address!r}") from None
             if ip not in pool:
                 raise L3netError(f"address {ip} is not in pool {pool}")
-            kind = "gateway" if options.get("RequestAddressType") == GATEWAY_TYPE else "reserved"
-            handle = f"{kind}:{pool_id}" if kind == "gateway" else f"pending:{self.host}"
-            self.assign(pool, ip, block_prefix, handle)
+            gateway = options.get("RequestAddressType") == GATEWAY_TYPE
+            self.assign(pool, ip, block_prefix, P.claim_of(pool_id), gateway)
             return f"{ip}/32"
         ip = self.auto_assign(pool, rng, block_prefix, f"pending:{self.host}")
         return f"{ip}/32"
 
-    def assign(self, pool, ip, block_prefix, handle):
-        """Allocate exactly ``ip``. A block nobody owns yet is claimed for this host."""
+    def assign(self, pool, ip, block_prefix, claim, gateway=False):
+        """Allocate exactly ``ip`` for the PoolID claim ``claim``. A block nobody owns yet is
+        claimed for this host.
+
+        A gateway becomes a reservation at once. Any other explicit address is ``pending``
+        (dockerd asks the same way for ``--ip`` and ``--aux-address``): CreateEndpoint or
+        CreateNetwork decides which. An address another network reserved is shared: the claim
+        joins its users (an aux address of that network asked for again, or a --ip that
+        CreateEndpoint then refuses, whose ReleaseAddress takes the claim out again)."""
         if int(ip) in B.reserved(pool):
             raise L3netError(f"address {ip} is the network or broadcast address of {pool}")
         cidr = B.block_of(ip, pool, block_prefix)
@@ -297,11 +317,19 @@ class Ipam:
                 block, extra = B.new_block(cidr, pool, self.host), {affinity: str(pool)}
                 claimed.append(True)
             held = block["allocations"].get(str(ip))
-            if held is not None:
-                if held["handle"] == handle and handle.startswith("gateway:"):
-                    return ip, None, None  # the same gateway requested again (re-sent call)
+            if held is None:
+                block["allocations"][str(ip)] = (
+                    B.reservation(pool, {claim: self.host}) if gateway
+                    else B.allocation(f"pending:{self.host}", self.host, claim=claim))
+                return ip, block, extra
+            users = B.reservation_users(held)
+            if users is None:
                 raise L3netError(f"address {ip} is already in use")
-            block["allocations"][str(ip)] = B.allocation(handle, self.host)
+            if claim in users:
+                if gateway:
+                    return ip, None, None  # the same gateway requested again (re-sent call)
+                raise L3netError(f"address {ip} is already in use (reserved by this network)")
+            users[claim] = self.host
             return ip, block, extra
         result = self._update_block(self.keys.block(pool, cidr), take)
         if claimed:
@@ -452,20 +480,50 @@ class Ipam:
         if key is None:
             return False
 
+        claim = P.claim_of(pool_id)
+
         def drop(block):
             held = (block or {}).get("allocations", {}).get(str(ip))
             if held is None:
                 return False, None, None
+            users = B.reservation_users(held)
+            if users is not None:        # a gateway or aux address: this network's share only
+                if claim not in users:
+                    return False, None, None
+                del users[claim]
+                if users:
+                    held["host"] = next(iter(users.values()))
+                    return False, block, None
+                del block["allocations"][str(ip)]
+                return True, block, None
             handle = str(held.get("handle", ""))
             if in_use is not None and handle.startswith("endpoint:") and \
                     (held.get("host") != self.host or in_use(handle[len("endpoint:"):])):
+                log.info("ReleaseAddress %s: kept, it is held by a live endpoint (a late or "
+                         "re-sent call)", ip)
                 return False, None, None
             del block["allocations"][str(ip)]
             return True, block, None
-        freed = self._update_block(key, drop)
-        if not freed and in_use is not None:
-            log.info("ReleaseAddress %s: kept, it is held by a live endpoint (a late or re-sent call)", ip)
-        return freed
+        return self._update_block(key, drop)
+
+    def reserve_for_network(self, pool, address):
+        """CreateNetwork: an ``--aux-address`` (asked for like a ``--ip``, so still pending)
+        becomes a reservation of the network's claim. Idempotent."""
+        key, ip = self._locate(IPNetwork(pool), address)
+
+        def mark(block):
+            held = (block or {}).get("allocations", {}).get(str(ip))
+            if held is None:
+                raise L3netError(f"aux address {ip} is not allocated (released meanwhile?)")
+            if B.reservation_users(held) is not None:
+                return None, None, None
+            if held["handle"] != f"pending:{self.host}":
+                raise L3netError(f"aux address {ip} is held by {held['handle']}")
+            block["allocations"][str(ip)] = B.reservation(pool, {held.get("claim", ""): self.host})
+            return None, block, None
+        if key is None:
+            raise L3netError(f"aux address {ip} is not in pool {pool}")
+        self._update_block(key, mark)
 
     def release_held(self, pool, address, handle):
         """Release ``address`` only if ``handle`` still holds it (ipam check --fix: a leak
@@ -498,6 +556,7 @@ class Ipam:
                 return None, None, None
             self._may_take(ip, held)
             held["handle"] = handle
+            held.pop("claim", None)
             found.append(True)
             return None, block, also_put
         if key is not None:
@@ -511,6 +570,9 @@ class Ipam:
         one, nor another endpoint's (a late or re-sent CreateEndpoint)."""
         if held is None:
             raise L3netError(f"address {ip} is not allocated (released meanwhile?): request it again")
+        if B.reservation_users(held) is not None:
+            raise L3netError(f"address {ip} is reserved by a network on its pool (--gateway or "
+                             "--aux-address): choose another --ip")
         if held["handle"] != f"pending:{self.host}":
             raise L3netError(f"address {ip} is held by {held['handle']}, not by a request of this host")
 
@@ -545,9 +607,17 @@ class Ipam:
         for key, value, rev in self.store.get_prefix(self.keys.all_blocks()):
             for _ in range(MAX_ATTEMPTS):
                 block = json.loads(value)
+                shared = 0
+                for ip, a in block["allocations"].items():
+                    users = B.reservation_users(a)
+                    if users is not None and any(h != host for h in users.values()):
+                        shared += len(users)
+                        a["users"] = {c: h for c, h in users.items() if h != host}
+                        a["host"] = next(iter(a["users"].values()))
+                        shared -= len(a["users"])
                 mine = [ip for ip, a in block["allocations"].items() if a["host"] == host]
                 owned = block["host"] == host
-                if not mine and not owned:
+                if not mine and not owned and not shared:
                     break
                 for ip in mine:
                     del block["allocations"][ip]
@@ -568,10 +638,12 @@ class Ipam:
                 if value is None:
                     break
         for pool in self.pools():
-            if host in pool["refs"]:
+            if host in pool["refs"] or host in {c["host"] for c in pool.get("claims", {}).values()}:
                 def drop(record):
                     if record is not None:
                         record["refs"].pop(host, None)
+                        record["claims"] = {c: e for c, e in record.get("claims", {}).items()
+                                            if e["host"] != host}
                     return record
                 self._update_pool(pool["cidr"], drop)
         return released, freed

@@ -57,5 +57,33 @@ def free_address(block, pool, rng):
     return None
 
 
-def allocation(handle, host):
-    return {"handle": handle, "host": host, "time": round(time.time(), 3)}
+def allocation(handle, host, claim=None):
+    """``claim``: the PoolID's claim of an explicit address (--ip, --aux-address) still pending."""
+    record = {"handle": handle, "host": host, "time": round(time.time(), 3)}
+    if claim is not None:
+        record["claim"] = claim
+    return record
+
+
+RESERVED = "reserved:"
+
+
+def reservation(pool, users):
+    """A --gateway or --aux-address: held by networks, ``users`` = {PoolID claim: host}, one
+    per network that asked for it (networks on one pool on several hosts may share it), and
+    free again when the last of them releases it."""
+    return {"handle": f"{RESERVED}{pool}", "host": next(iter(users.values())), "users": dict(users),
+            "time": round(time.time(), 3)}
+
+
+def reservation_users(held):
+    """{claim: host} of a reservation, None for any other allocation. A gateway of an older
+    l3net (``gateway:<PoolID>``, no users) belongs to the claim-less PoolIDs of that time."""
+    handle = str(held.get("handle", ""))
+    if handle.startswith(RESERVED):
+        return held.setdefault("users", {})
+    if handle.startswith("gateway:"):
+        held["handle"] = RESERVED + handle[len("gateway:"):].partition("@")[0]
+        held["users"] = {"": held.get("host", "")}
+        return held["users"]
+    return None

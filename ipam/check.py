@@ -9,12 +9,23 @@ reads records and returns findings; ``fix`` applies them through the allocator's
   * orphaned endpoint: an endpoint record (created ``min_age`` ago or more) whose address is
     not held by that endpoint. (Right after a ReleaseAddress its record may linger for some
     milliseconds until the background deletion: deleting it then is harmless.)
+  * unused pool claim: a host holds more claims on a pool (RequestPool calls) than it has
+    networks on it, the extra ones ``min_age`` old (a re-sent RequestPool, or a failed create
+    whose ReleasePool was lost): the pool would never be forgotten;
+  * stale reservation: a --gateway/--aux-address still reserved for a claim its pool no longer
+    has (the network's ReleaseAddress was lost, its ReleasePool was not);
+  * gone container: an endpoint record of *this* host (``local`` given) whose veth is gone,
+    created ``min_age`` ago or more: its container died while the plugin could not hear of it
+    (each node's agent also clears these by itself, see agent.Sweeper).
 
 Addresses held by nodes that are gone for good are ``l3netctl node remove``'s business.
 """
 
 import json
 from dataclasses import asdict, dataclass
+
+from . import blocks as B
+from . import pools as P
 
 MIN_AGE = 300.0
 
@@ -38,15 +49,21 @@ def _records(store, prefix):
     return [(k, json.loads(v)) for k, v, _ in store.get_prefix(prefix)]
 
 
-def find(store, keys, now, min_age=MIN_AGE):
+def find(store, keys, now, min_age=MIN_AGE, local=None):
+    """``local``: (host, link_exists) to judge the endpoints of the host l3netctl runs on."""
+    # blocks before pools: a reservation's claim is written before the reservation, so one seen
+    # in a block is in the pool read after it unless it was released
     blocks = [b for _, b in _records(store, keys.all_blocks())]
-    endpoints, aux = {}, set()
+    pools = {r["cidr"]: r for _, r in _records(store, keys.pools())}
+    endpoints, aux, networks = {}, set(), {}
     for key, record in _records(store, keys.all_hosts()):
         host = keys.host_of(key)
         if "/endpoints/" in key:
             endpoints[record["id"]] = (key, host, record)
         elif "/networks/" in key:
-            aux.update(record.get("aux", []))
+            aux.update(a.split("/")[0] for a in record.get("aux", []))
+            for cidr in record.get("pools", []):
+                networks[(cidr, host)] = networks.get((cidr, host), 0) + 1
     held = {}
     findings = []
     for block in blocks:
@@ -54,6 +71,14 @@ def find(store, keys, now, min_age=MIN_AGE):
             handle = a["handle"]
             held[ip] = handle
             old = now - a.get("time", now) >= min_age
+            users = B.reservation_users(dict(a))
+            if users is not None:
+                claims = pools.get(block["pool"], {}).get("claims", {})
+                for claim, host in sorted(users.items()):
+                    if claim and claim not in claims:
+                        findings.append(Finding("stale reservation", ip, block["pool"], host,
+                                                f"claim:{claim}", "its network released the pool"))
+                continue
             if handle.startswith("pending:") and old and ip not in aux:
                 findings.append(Finding("leaked address", ip, block["pool"], a["host"], handle,
                                         "requested but never given to an endpoint"))
@@ -68,6 +93,18 @@ def find(store, keys, now, min_age=MIN_AGE):
                                     host, f"endpoint:{endpoint_id}",
                                     f"its address is held by {held.get(record['address'], 'nobody')}",
                                     key=key))
+        elif local is not None and host == local[0] and not record.get("deleting") and \
+                not local[1](record.get("host_ifname", "")):
+            findings.append(Finding("gone container", record["address"], record.get("pool", ""), host,
+                                    f"endpoint:{endpoint_id}", "its veth is gone", key=key))
+    for cidr, pool in sorted(pools.items()):
+        referenced = {c for b in blocks if b["pool"] == cidr for a in b["allocations"].values()
+                      for c in (B.reservation_users(dict(a)) or {})}
+        for host in sorted(pool.get("refs", {})):
+            for claim in P.excess_claims(pool, host, networks.get((cidr, host), 0), min_age, now,
+                                         referenced):
+                findings.append(Finding("unused pool claim", "", cidr, host, f"claim:{claim}",
+                                        "a RequestPool without a network"))
     return findings
 
 
@@ -75,8 +112,17 @@ def fix(store, ipam, findings):
     """Release leaked addresses (only if the same holder still has them) and delete orphaned
     endpoint records; marks each finding fixed or not."""
     for f in findings:
+        claim = f.handle.partition(":")[2]
         if f.kind == "leaked address":
             f.fixed = ipam.release_held(f.pool, f.address, f.handle)
+        elif f.kind == "unused pool claim":
+            f.fixed = ipam.release_pool(P.make_pool_id(f.pool, None, claim))
+        elif f.kind == "stale reservation":
+            ipam.release_address(P.make_pool_id(f.pool, None, claim), f.address)
+            f.fixed = True
+        elif f.kind == "gone container":
+            f.fixed = ipam.release_held(f.pool, f.address, f.handle)
+            store.delete(f.key)
         else:
             store.delete(f.key)
             f.fixed = True

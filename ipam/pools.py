@@ -1,10 +1,16 @@
 """Pools: the address ranges Docker networks draw from (pure logic, no I/O).
 
 A pool is one CIDR shared by every host: ``--subnet 10.20.0.0/16`` on two hosts is the same pool.
-Docker remembers the PoolID we return for ever, so it is derived from the request alone:
-``<cidr>`` or ``<cidr>@<ip-range>``.
+Docker remembers the PoolID we return for ever (it never asks again: no request replay), so
+each RequestPool gets its own: ``<cidr>[@<ip-range>]#<claim>``. The claim is a random token
+recorded in the pool record (``claims``), with the host and, once CreateNetwork has come,
+the network. A ReleasePool then drops exactly that claim: a re-sent one finds nothing to drop,
+and can never take away what another network on the same pool (on any host) still uses.
+PoolIDs without a claim (given out by l3net before claims existed) still work.
 """
 
+import re
+import secrets
 import time
 
 from netaddr import AddrFormatError, IPNetwork
@@ -36,15 +42,31 @@ def parse_cidr(text, what="subnet"):
     return net
 
 
-def make_pool_id(cidr, subpool=None):
-    return f"{cidr}@{subpool}" if subpool is not None else str(cidr)
+_CLAIM = re.compile(r"[0-9a-f]{8,32}")
+
+
+def new_claim():
+    return secrets.token_hex(8)
+
+
+def make_pool_id(cidr, subpool=None, claim=""):
+    base = f"{cidr}@{subpool}" if subpool is not None else str(cidr)
+    return f"{base}#{claim}" if claim else base
+
+
+def claim_of(pool_id):
+    """The claim token of a PoolID ("" for one without)."""
+    return pool_id.partition("#")[2] if isinstance(pool_id, str) else ""
 
 
 def parse_pool_id(pool_id):
     """PoolID -> (pool IPNetwork, range IPNetwork). The range is the pool without --ip-range."""
-    if not isinstance(pool_id, str) or not pool_id or len(pool_id) > 40:
+    if not isinstance(pool_id, str) or not pool_id or len(pool_id) > 72:
         raise L3netError(f"invalid PoolID {pool_id!r}")
-    cidr, _, sub = pool_id.partition("@")
+    base, mark, claim = pool_id.partition("#")
+    if mark and not _CLAIM.fullmatch(claim):
+        raise L3netError(f"invalid PoolID {pool_id!r}")
+    cidr, _, sub = base.partition("@")
     pool = parse_cidr(cidr, "PoolID")
     rng = parse_cidr(sub, "PoolID") if sub else pool
     if rng not in pool:
@@ -83,6 +105,45 @@ def new_pool_record(cidr, block_prefix, nat_outgoing=True, auto=False):
         "refs": {},
         "created": time.time(),
     }
+
+
+def add_claim(record, host, claim, now=None):
+    """Count one more network (one RequestPool) of ``host`` on the pool."""
+    record.setdefault("claims", {})[claim] = {"host": host, "time": round(now or time.time(), 3)}
+    record["refs"][host] = record["refs"].get(host, 0) + 1
+
+
+def drop_claim(record, host, claim):
+    """ReleasePool: drop ``claim`` (True), or nothing if it is not there (a re-sent call).
+    A PoolID without a claim (older l3net) drops one of the host's references not backed by
+    a claim, if there is one."""
+    claims = record.setdefault("claims", {})
+    if claim:
+        entry = claims.pop(claim, None)
+        if entry is None:
+            return False
+        host = entry["host"]
+    elif record["refs"].get(host, 0) <= sum(1 for c in claims.values() if c["host"] == host):
+        return False
+    if record["refs"].get(host, 0) > 1:
+        record["refs"][host] -= 1
+    else:
+        record["refs"].pop(host, None)
+    return True
+
+
+def excess_claims(record, host, networks, min_age, now, referenced=()):
+    """Claims of ``host`` beyond the number of its networks on the pool (``networks``): a
+    RequestPool whose network never came (a re-sent call, a failed create whose ReleasePool
+    was lost). Claims are interchangeable, so any old enough and not naming a reservation
+    will do (those no reservation names first); entries younger than ``min_age`` may be a
+    network being made."""
+    mine = [(e["time"], c) for c, e in record.get("claims", {}).items() if e["host"] == host]
+    extra = record["refs"].get(host, 0) - networks     # references without claims are older
+    if extra <= 0:
+        return []
+    old = sorted((c in referenced, c) for t, c in mine if now - t >= min_age)
+    return [c for _, c in old[:extra]]
 
 
 def effective_block_prefix(pool, block_prefix):

@@ -380,7 +380,7 @@ def desired_policy(store, keys, name):
                 warn("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
                 continue
             holders[ip] = handle
-            if not handle.startswith("gateway:"):
+            if not handle.startswith(("gateway:", "reserved:")):
                 members[block["pool"]].append(ip)
     rules, host_rules = [], []
     for rule in _records(store, keys.policy_rules()):

@@ -369,12 +369,20 @@ def ipam_show(obj, pool_cidr, per_block, as_json):
 @click.option("--min-age", type=click.FloatRange(0), default=300, show_default=True,
               help="Only addresses allocated at least this many seconds ago (a docker run in "
                    "progress is not a leak).")
+@click.option("--hostname", envvar="L3NET_HOSTNAME", help="This host's node name [default: hostname]: "
+              "its endpoints whose veth is gone are containers that died unheard.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def ipam_check(obj, do_fix, min_age, as_json):
-    """Leaked addresses and orphaned endpoint records (--fix repairs them)."""
+def ipam_check(obj, do_fix, min_age, hostname, as_json):
+    """Leaked addresses, unused pool claims and reservations, orphaned endpoint records, and
+    endpoints of this host whose container is gone (--fix repairs them)."""
+    import socket
+
     from ipam import check
-    findings = check.find(obj.store, obj.keys, time.time(), min_age)
+
+    from .datapath import link_exists
+    here = hostname or socket.gethostname().split(".")[0]
+    findings = check.find(obj.store, obj.keys, time.time(), min_age, local=(here, link_exists))
     if do_fix:
         check.fix(obj.store, obj.ipam(), findings)
     rows = [f.row() for f in findings]

@@ -99,17 +99,19 @@ class Driver:
                 raise L3netError(f"pool {cidr} is not known to l3net; create the network with "
                                  f"--ipam-driver {self.name}")
             pools.append(str(cidr))
-            aux += self._aux_addresses(data.get("AuxAddresses"))
+            aux += [(cidr, a) for a in self._aux_addresses(data.get("AuxAddresses"))]
         internal = str(options.get(INTERNAL, "")).lower() == "true"
         for cidr in pools:
             self.ipam.set_internal(cidr, internal)
+        for cidr, address in aux:
+            self.ipam.reserve_for_network(cidr, address)
         self.datapath.prepare_host()
         if self.sync_policy is not None:
             self.sync_policy()
         record = {
             "id": network_id,
             "pools": pools,
-            "aux": sorted(aux),          # --aux-address reservations (for ipam check)
+            "aux": sorted(a for _, a in aux),   # --aux-address reservations
             "internal": internal,
             "created": time.time(),
         }

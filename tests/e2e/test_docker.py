@@ -150,7 +150,7 @@ def test_ip_range_gateway_and_aux_addresses(network, plugin):
     net = network("10.73.0.0/24", "--ip-range", "10.73.0.128/28", "--gateway", "10.73.0.129",
                   "--aux-address", "router=10.73.0.130")
     held = {a["address"]: a["handle"] for a in allocations_of(plugin, net)}
-    assert held["10.73.0.129"].startswith("gateway:") and "10.73.0.130" in held
+    assert held["10.73.0.129"] == held["10.73.0.130"] == "reserved:10.73.0.0/24"
     names = [run(net) for _ in range(3)]
     ips = [ip_of(n, net) for n in names]
     for ip in ips:
@@ -294,6 +294,49 @@ def test_late_or_resent_ipam_calls_never_take_a_live_containers_address(plugin, 
         assert status == 500 and ("not allocated" in body["Err"] or "held by" in body["Err"]), body
     assert (veths(), allocations(plugin)) == before
     assert pings(other, ip_of(second, net))
+
+
+def pool_record(plugin, cidr):
+    from plugin.keys import Keys
+    from plugin.store import EtcdStore
+    value, _ = EtcdStore(plugin.etcd_url, timeout=5).get(Keys(plugin.prefix).pool(cidr))
+    return json.loads(value) if value else None
+
+
+def test_resent_release_pool_and_network_reservations_count_per_network(plugin, network):
+    """Two networks on one subnet, both with the same --gateway and --aux-address: removing
+    one, then re-sending its ReleasePool and ReleaseAddress calls on the socket (dockerd does
+    after a timeout), frees nothing the other still uses: its containers start, the gateway and
+    aux address stay reserved (a --ip on them is refused), the pool stays."""
+    opts = ("--gateway", "10.79.0.1", "--aux-address", "nas=10.79.0.250")
+    first = network("10.79.0.0/24", *opts)
+    claims = set(pool_record(plugin, "10.79.0.0/24")["claims"])
+    second = network("10.79.0.0/24", *opts)
+    (mine,) = set(pool_record(plugin, "10.79.0.0/24")["claims"]) - claims
+    (theirs,) = claims
+    docker("network", "rm", first)
+    for _ in range(2):
+        for method, body in (("IpamDriver.ReleaseAddress", {"Address": "10.79.0.1/24"}),
+                             ("IpamDriver.ReleaseAddress", {"Address": "10.79.0.250/24"}),
+                             ("IpamDriver.ReleasePool", {})):
+            status, answer = plugin.call(method, dict(body, PoolID=f"10.79.0.0/24#{theirs}"))
+            assert status == 200, answer
+    record = pool_record(plugin, "10.79.0.0/24")
+    assert set(record["claims"]) == {mine} and sum(record["refs"].values()) == 1
+    held = {a["address"]: a["handle"] for a in allocations(plugin)}
+    assert held["10.79.0.1"] == held["10.79.0.250"] == "reserved:10.79.0.0/24"
+    c = run(second)
+    assert ip_of(c, second) not in ("10.79.0.1", "10.79.0.250")
+    for taken in ("10.79.0.1", "10.79.0.250"):
+        res = docker("run", "--rm", "--label", "l3net-test", "--net", second, "--ip", taken,
+                     TEST_IMAGE, "true", check=False)
+        assert res.returncode != 0 and "in use" in res.stderr, res.stderr
+    held_after = {a["address"]: a["handle"] for a in allocations(plugin)}
+    assert held_after["10.79.0.1"] == held_after["10.79.0.250"] == "reserved:10.79.0.0/24"
+    docker("rm", "-f", c)
+    docker("network", "rm", second)
+    wait_for(lambda: pool_record(plugin, "10.79.0.0/24") is None, 10, "the pool forgotten")
+    assert not [a for a in allocations(plugin) if a["address"].startswith("10.79.")]
 
 
 def test_plugin_kill9_and_restart_with_running_containers(plugin, network):

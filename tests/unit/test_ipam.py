@@ -1,6 +1,8 @@
 """IPAM logic: pools, blocks, allocation, release, and races (in memory and on a real etcd)."""
 
+import re
 import threading
+import time
 
 import pytest
 from netaddr import IPAddress, IPNetwork
@@ -26,14 +28,17 @@ def addresses(ipam, pool_id, n):
     return [ipam.request_address(pool_id) for _ in range(n)]
 
 
-def test_explicit_pool_is_shared_and_pool_id_is_stable(store, prefix):
+def test_explicit_pool_is_shared_each_request_its_own_claim(store, prefix):
     a, b = make(store, "h1", prefix), make(store, "h2", prefix)
     pid1, cidr, data = a.request_pool("10.20.0.0/16")
     pid2, _, _ = b.request_pool("10.20.0.0/16")
-    assert pid1 == pid2 == "10.20.0.0/16" and cidr == "10.20.0.0/16"
+    assert pid1 != pid2 and cidr == "10.20.0.0/16"
+    assert all(re.fullmatch(r"10\.20\.0\.0/16#[0-9a-f]{16}", p) for p in (pid1, pid2))
     assert data == {"com.docker.network.gateway": "169.254.1.1/32"}
     (pool,) = a.pools()
     assert pool["refs"] == {"h1": 1, "h2": 1} and pool["block_prefix"] == 26
+    assert {c: e["host"] for c, e in pool["claims"].items()} == {pid1[-16:]: "h1", pid2[-16:]: "h2"}
+    assert a.request_address(pid2).startswith("10.20.")     # any PoolID of the pool works on any host
 
 
 def test_overlapping_pool_rejected_and_nothing_written(store, prefix):
@@ -132,7 +137,7 @@ def test_gateway_reservation_is_idempotent():
 def test_ip_range_restricts_addresses(store, prefix):
     ipam = make(store, prefix=prefix)
     pid, cidr, _ = ipam.request_pool("10.20.0.0/16", "10.20.3.0/30")
-    assert pid == "10.20.0.0/16@10.20.3.0/30" and cidr == "10.20.0.0/16"
+    assert pid.startswith("10.20.0.0/16@10.20.3.0/30#") and cidr == "10.20.0.0/16"
     got = addresses(ipam, pid, 4)
     assert sorted(got) == [f"10.20.3.{i}/32" for i in range(4)]
     with pytest.raises(L3netError, match="ip-range 10.20.3.0/30"):
@@ -159,16 +164,17 @@ def test_release_is_idempotent_and_pool_goes_away(store, prefix):
 def test_pool_stays_while_another_host_uses_it(store, prefix):
     a, b = make(store, "h1", prefix), make(store, "h2", prefix)
     pid, _, _ = a.request_pool("10.20.0.0/16")
-    b.request_pool("10.20.0.0/16")
-    b_addr = b.request_address(pid)
+    pid_b, _, _ = b.request_pool("10.20.0.0/16")
+    b_addr = b.request_address(pid_b)
     a_addr = a.request_address(pid)
     a.release_address(pid, a_addr)
     a.release_pool(pid)
     (pool,) = a.pools()
     assert pool["refs"] == {"h2": 1}
     assert [x["host"] for x in a.blocks()] == ["h2"]       # h1's empty block freed
-    b.release_address(pid, b_addr)
-    b.release_pool(pid)
+    assert not b.release_pool(pid)                         # h1's again (re-sent): nothing
+    b.release_address(pid_b, b_addr)
+    assert b.release_pool(pid_b)
     assert a.pools() == []
 
 
@@ -314,3 +320,95 @@ def test_internal_is_the_pools_and_decided_by_its_only_network():
     h1.request_pool("10.30.0.0/24")
     with pytest.raises(L3netError, match="is not internal .* without --internal"):
         h1.set_internal("10.30.0.0/24", True)
+
+
+GW = {"RequestAddressType": "com.docker.network.gateway"}
+
+
+def test_resent_release_pool_keeps_the_other_network_of_the_host(store, prefix):
+    """Two networks of one host on a pool: a re-sent ReleasePool of one of them takes nothing
+    away from the other (no "pool does not exist" for its next container)."""
+    ipam = make(store, "h1", prefix)
+    first, _, _ = ipam.request_pool("10.20.0.0/24")
+    second, _, _ = ipam.request_pool("10.20.0.0/24")
+    assert ipam.release_pool(first)
+    assert not ipam.release_pool(first)
+    assert not ipam.release_pool(first)
+    assert not ipam.release_pool("10.20.0.0/24")      # a claim-less PoolID has nothing to drop either
+    (pool,) = ipam.pools()
+    assert pool["refs"] == {"h1": 1} and list(pool["claims"]) == [second[-16:]]
+    assert ipam.request_address(second).startswith("10.20.0.")
+
+
+def test_gateway_shared_by_networks_on_two_hosts(store, prefix):
+    h1, h2 = make(store, "h1", prefix), make(store, "h2", prefix)
+    net1, _, _ = h1.request_pool("10.20.0.0/24")
+    net2, _, _ = h2.request_pool("10.20.0.0/24")
+    assert h1.request_address(net1, "10.20.0.1", GW) == "10.20.0.1/32"
+    assert h2.request_address(net2, "10.20.0.1", GW) == "10.20.0.1/32"
+    assert h2.request_address(net2, "10.20.0.1", GW) == "10.20.0.1/32"      # re-sent
+    held = h1.holder(IPNetwork("10.20.0.0/24"), "10.20.0.1")
+    assert held["handle"] == "reserved:10.20.0.0/24" and set(held["users"]) == {net1[-16:], net2[-16:]}
+    for _ in range(2):                                                       # network rm on h1, re-sent
+        h1.release_address(net1, "10.20.0.1/32")
+        h1.release_pool(net1)
+    assert h2.holder(IPNetwork("10.20.0.0/24"), "10.20.0.1")["users"] == {net2[-16:]: "h2"}
+    assert "10.20.0.1/32" not in addresses(h2, net2, 5)
+    h2.release_address(net2, "10.20.0.1/32")
+    assert h2.holder(IPNetwork("10.20.0.0/24"), "10.20.0.1") is None
+
+
+def test_aux_address_is_a_reservation_a_container_cannot_take(store, prefix):
+    pool = IPNetwork("10.20.0.0/24")
+    h1, h2 = make(store, "h1", prefix), make(store, "h2", prefix)
+    net1, _, _ = h1.request_pool("10.20.0.0/24")
+    h1.request_address(net1, "10.20.0.200")               # --aux-address: asked like a --ip
+    h1.reserve_for_network(pool, "10.20.0.200/24")        # CreateNetwork says what it is
+    h1.reserve_for_network(pool, "10.20.0.200/24")        # (re-sent)
+    net2, _, _ = h2.request_pool("10.20.0.0/24")
+    h2.request_address(net2, "10.20.0.200")               # the same network on another host
+    h2.reserve_for_network(pool, "10.20.0.200/24")
+    assert set(h1.holder(pool, "10.20.0.200")["users"]) == {net1[-16:], net2[-16:]}
+    # docker run --ip 10.20.0.200 on h2's network: refused before anything is built
+    with pytest.raises(L3netError, match="already in use"):
+        h2.request_address(net2, "10.20.0.200")
+    net3, _, _ = h1.request_pool("10.20.0.0/24")           # ... or on a third network without it
+    h1.request_address(net3, "10.20.0.200")
+    with pytest.raises(L3netError, match="reserved by a network"):
+        h1.check_can_take(pool, "10.20.0.200", "endpoint:" + "e" * 64)
+    with pytest.raises(L3netError, match="reserved by a network"):
+        h1.set_handle(pool, "10.20.0.200", "endpoint:" + "e" * 64)
+    h1.release_address(net3, "10.20.0.200/32")            # dockerd undoes the failed run
+    assert set(h1.holder(pool, "10.20.0.200")["users"]) == {net1[-16:], net2[-16:]}
+    h1.release_address(net1, "10.20.0.200/32")
+    h2.release_address(net2, "10.20.0.200/32")
+    assert h1.holder(pool, "10.20.0.200") is None
+
+
+def test_ipam_check_finds_unused_claims_and_stale_reservations():
+    import json as _json
+
+    from ipam import check
+    store, keys = MemoryStore(), Keys("/t")
+    ipam = Ipam(store, keys, "h1")
+    lost, _, _ = ipam.request_pool("10.20.0.0/24")         # a RequestPool re-sent after a timeout
+    used, _, _ = ipam.request_pool("10.20.0.0/24")
+    ipam.request_address(used, "10.20.0.1", GW)
+    store.put(keys.network("h1", "n" * 64), _json.dumps({"id": "n" * 64, "pools": ["10.20.0.0/24"]}))
+    gone, _, _ = ipam.request_pool("10.20.0.0/24")         # a network whose gateway release was lost
+    ipam.request_address(gone, "10.20.0.2", GW)
+    store.put(keys.network("h1", "m" * 64), _json.dumps({"id": "m" * 64, "pools": ["10.20.0.0/24"]}))
+    now = time.time()
+    assert check.find(store, keys, now) == []
+    ipam.release_pool(gone)
+    store.delete(keys.network("h1", "m" * 64))
+    found = check.find(store, keys, now + 1000)
+    assert {(f.kind, f.address, f.handle) for f in found} == {
+        ("stale reservation", "10.20.0.2", f"claim:{gone[-16:]}"),
+        ("unused pool claim", "", f"claim:{lost[-16:]}")}
+    assert all(f.fixed for f in check.fix(store, ipam, found))
+    assert check.find(store, keys, now + 1000) == []
+    (pool,) = ipam.pools()
+    assert list(pool["claims"]) == [used[-16:]] and pool["refs"] == {"h1": 1}
+    assert ipam.holder(IPNetwork("10.20.0.0/24"), "10.20.0.2") is None
+    assert ipam.holder(IPNetwork("10.20.0.0/24"), "10.20.0.1")["users"] == {used[-16:]: "h1"}
