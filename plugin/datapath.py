@@ -159,22 +159,58 @@ def ipv6_off(ifname):
     _sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", 1)
 
 
-def setup_host_veth(host_if, idx, address):
+def setup_host_veth(host_if, idx, address, owner=None):
     """Make the host side the container's router and route the /32 to it. The link is down
-    until its settings are in place: it never has an IPv6 address, not even for a moment."""
+    until its settings are in place: it never has an IPv6 address, not even for a moment.
+    ``owner`` goes into the link's alias: which node made it (the sweeper removes only veths
+    of its own node that no endpoint record explains)."""
     ipv6_off(host_if)
     # proxy_arp: answer the container's ARP for 169.254.1.1 with our MAC.
     # proxy_delay=0: answer at once (the default delays proxy replies by up to 0.8 s).
     _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", 1)
     _sysctl(f"net/ipv4/neigh/{host_if}/proxy_delay", 0)
     _sysctl(f"net/ipv4/conf/{host_if}/forwarding", 1)
-    _ipr().link("set", index=idx, state="up")
+    if owner:
+        _ipr().link("set", index=idx, state="up", ifalias=owner)
+    else:
+        _ipr().link("set", index=idx, state="up")
     _ipr().route("replace", dst=f"{address}/32", oif=idx, scope=253, proto=ROUTE_PROTO)
 
 
 def our_veths():
     """Names of the host sides of l3net veths on this host."""
     return [name for _, name in socket.if_nameindex() if name.startswith(HOST_PREFIX)]
+
+
+def veth_facts():
+    """({host-side name: alias} of the l3net veths, [(address, name)] of the /32 routes via
+    them): what the sweeper compares with the endpoint records."""
+    ipr = _ipr()
+    links = {}
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME") or ""
+        if name.startswith(HOST_PREFIX):
+            links[link["index"]] = (name, link.get_attr("IFLA_IFALIAS") or "")
+    routes = []
+    for route in ipr.get_routes(family=socket.AF_INET, table=254):
+        oif = route.get_attr("RTA_OIF")
+        if route["dst_len"] == 32 and oif in links:
+            routes.append((route.get_attr("RTA_DST"), links[oif][0]))
+    return dict(links.values()), routes
+
+
+def delete_route(address, ifname):
+    """Delete the /32 route to ``address`` via ``ifname``; gone already is fine."""
+    idx = _index(ifname)
+    if idx is None:
+        return
+    for scope in (253, 0):          # link scope (ours, and "ip route add ... dev"), or universe
+        try:
+            _ipr().route("del", dst=f"{address}/32", oif=idx, scope=scope)
+            return
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):
+                raise L3netError(f"failed to delete the route to {address} via {ifname}: {e}") from None
 
 
 def ipv6_off_everywhere():
@@ -250,14 +286,16 @@ class Reaper:
     """Deletes veths in a background thread. The kernel needs ~25 ms to delete a veth (it
     waits for an RCU grace period); dockerd only logs DeleteEndpoint's result, so there is no
     reason to make ``docker rm`` wait for it. ``then`` runs after each deletion (the driver
-    removes the endpoint record there, so a crash before it leaves a record to finish from)."""
+    removes the endpoint record there, so a crash before it leaves a record to finish from).
+    A failure (etcd away) is retried with back-off until it succeeds; the journal covers a
+    restart in between."""
 
     def __init__(self):
         self._queue = queue.Queue()
         self._thread = None
         self._lock = threading.Lock()
 
-    RETRIES = 5
+    MAX_DELAY = 60.0    # seconds between attempts, at most: tried until done
 
     def submit(self, host_if, then=None, attempt=0):
         with self._lock:
@@ -273,15 +311,14 @@ class Reaper:
                 delete_veth(host_if)
                 if then is not None:
                     then()
-            except Exception as e:  # noqa: BLE001 - keep reaping; retry later, then leave it
-                if attempt < self.RETRIES:   # to the journal (finished at the next start)
-                    log.warning("background deletion of %s failed (%s); retrying", host_if, e)
-                    timer = threading.Timer(2 ** attempt, self.submit, (host_if, then, attempt + 1))
-                    timer.daemon = True
-                    timer.start()
-                else:
-                    log.error("background deletion of %s failed: %s; left to the next start",
-                              host_if, e)
+            except Exception as e:  # noqa: BLE001 - keep reaping; retry with back-off until done
+                delay = min(2.0 ** attempt, self.MAX_DELAY)   # (etcd away for an hour: once a minute)
+                if attempt < 3 or attempt % 10 == 0:
+                    log.warning("background deletion of %s failed (%s); retrying in %.0f s",
+                                host_if, e, delay)
+                timer = threading.Timer(delay, self.submit, (host_if, then, attempt + 1))
+                timer.daemon = True
+                timer.start()
             finally:
                 self._queue.task_done()
 
@@ -306,14 +343,20 @@ class Datapath:
         mac = mac or random_mac()
         idx = create_veth(host_if, temp_if, mac)
         try:
-            setup_host_veth(host_if, idx, address)
+            setup_host_veth(host_if, idx, address, self.owner)
         except Exception:
             delete_veth(host_if)
             raise
         return mac
 
-    def __init__(self):
+    def __init__(self, owner=None):
+        """``owner``: this node's mark on its veths (see setup_host_veth)."""
         self.reaper = Reaper()
+        self.owner = owner
+
+    veth_facts = staticmethod(veth_facts)
+    delete_route = staticmethod(delete_route)
+    delete_veth = staticmethod(delete_veth)
 
     def delete(self, endpoint_id):
         return delete_veth(host_ifname(endpoint_id))

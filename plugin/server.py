@@ -53,7 +53,8 @@ def build(cfg):
                   status_path=os.path.join(cfg.state_dir, "status.json"),
                   facts=node_facts_of(cfg.etcd_endpoints), uplinks=uplinks,
                   bgp_passwords=cfg.bgp_passwords)
-    driver = Driver(store, keys, ipam, Datapath(), Journal(cfg.state_dir), cfg.hostname,
+    owner = f"l3net {cfg.etcd_prefix} {cfg.hostname}"        # the mark on this node's veths
+    driver = Driver(store, keys, ipam, Datapath(owner), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
     return create_app(driver, ipam), driver, ipam, agent
 
@@ -225,6 +226,8 @@ class PluginServer(BaseApplication):
         threading.Thread(target=resume, args=(driver,), name="l3net-resume", daemon=True).start()
         agent.start()
         self.agent = agent
+        from .sweep import Sweeper
+        Sweeper(driver, driver.ipam, self.node_cfg.sweep_every, self.node_cfg.sweep_grace).start()
         if self.node_cfg.metrics_port:
             from . import metrics
             metrics.serve(self.node_cfg.metrics_port, self.node_cfg.metrics_address, agent)
@@ -295,6 +298,12 @@ def prepare_paths(cfg):
 @click.option("--iptables-backend", envvar="L3NET_IPTABLES_BACKEND", default=Config.iptables_backend,
               show_default=True, type=click.Choice(["auto", "nft", "legacy"]),
               help="Which iptables to write to: auto = the one holding the host's (dockerd's) rules.")
+@click.option("--sweep-every", envvar="L3NET_SWEEP_EVERY", type=click.FloatRange(1, 3600),
+              default=Config.sweep_every, show_default=True,
+              help="Seconds between sweeps for leftovers (veths, routes, records, addresses).")
+@click.option("--sweep-grace", envvar="L3NET_SWEEP_GRACE", type=click.FloatRange(5, 86400),
+              default=Config.sweep_grace, show_default=True,
+              help="A leftover is removed once seen this many seconds in a row.")
 @click.option("--bgp-password-file", envvar="L3NET_BGP_PASSWORD_FILE", type=click.Path(dir_okay=False),
               help="BGP session passwords (TCP MD5): a line SECRET for the mesh, lines IP SECRET for "
                    "explicit peers (also L3NET_BGP_PASSWORD: the mesh's). Every node needs the same.")
@@ -304,7 +313,7 @@ def prepare_paths(cfg):
 def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etcd_key, etcd_user,
          etcd_password, hostname, host_ip, socket_path, state_dir, default_pool,
          default_pool_size, block_size, no_bgp, threads, log_level, log_format, metrics_port,
-         metrics_address, iptables_backend, bgp_password_file, remove_rules):
+         metrics_address, iptables_backend, sweep_every, sweep_grace, bgp_password_file, remove_rules):
     """Run an l3net node: the Docker network + IPAM driver on a unix socket."""
     setup_logging(log_level, log_format)
     if remove_rules:
@@ -316,7 +325,7 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
                  default_pool=default_pool, default_pool_size=default_pool_size,
                  block_size=block_size, bgp=not no_bgp, threads=threads, log_level=log_level,
                  metrics_port=metrics_port, metrics_address=metrics_address, log_format=log_format,
-                 iptables_backend=iptables_backend)
+                 iptables_backend=iptables_backend, sweep_every=sweep_every, sweep_grace=sweep_grace)
     try:
         from .config import read_bgp_passwords
         cfg.bgp_passwords = read_bgp_passwords(bgp_password_file, os.environ.get("L3NET_BGP_PASSWORD"))

@@ -183,6 +183,7 @@ class Plugin:
             [os.path.join(BIN, "l3net-plugin"), "--socket", self.socket,
              "--etcd-endpoints", self.etcd_url, "--etcd-prefix", self.prefix,
              "--state-dir", self.state, "--hostname", "e2e-host", "--no-bgp",
+             "--sweep-every", "2", "--sweep-grace", "8",
              "--metrics-port", str(self.metrics_port), "--log-format", self.log_format],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.ready, 30, "l3net-plugin to answer on its socket")

@@ -296,6 +296,14 @@ def test_late_or_resent_ipam_calls_never_take_a_live_containers_address(plugin, 
     assert pings(other, ip_of(second, net))
 
 
+def veth_of(plugin, container, net):
+    """The host side of ``container``'s veth on ``net`` (from its endpoint record)."""
+    address = ip_of(container, net)
+    (record,) = [e for e in json.loads(l3netctl(plugin, "endpoint", "list", "--json"))
+                 if e.get("address") == address]
+    return record["interface"]
+
+
 def pool_record(plugin, cidr):
     from plugin.keys import Keys
     from plugin.store import EtcdStore
@@ -375,6 +383,65 @@ def test_etcd_paused_fails_fast_then_recovers(plugin, etcd, network):
                                   "true", check=False).returncode == 0, 30, "docker run after SIGCONT")
     assert res
     wait_for(lambda: allocations_of(plugin, net) == [], 10, "every address of the network released")
+
+
+def test_containers_removed_while_etcd_hangs_leave_nothing_behind(plugin, etcd, network):
+    """Three containers removed while etcd hangs for 45 s: DeleteEndpoint is journalled and
+    done, ReleaseAddress fails (dockerd only logs it). Once etcd is back, the deletions are
+    finished (retried with back-off until done) and the sweeper releases the addresses whose
+    release was lost: nothing stays allocated, and ipam check finds nothing."""
+    net = network("10.75.0.0/24")
+    keep = run(net)
+    names = [run(net) for _ in range(3)]
+    gone = {veth_of(plugin, n, net) for n in names}
+    removed = {ip_of(n, net) for n in names}
+    etcd.pause()
+    paused = time.monotonic()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda n: docker("rm", "-f", n, check=False, timeout=120), names))
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        wait_for(lambda: not gone & set(veths()), 10, "the veths gone, etcd or not")
+        time.sleep(max(0.0, 45 - (time.monotonic() - paused)))      # the hang, not a wait for something
+    finally:
+        etcd.resume()
+    wait_for(lambda: {a["address"] for a in allocations_of(plugin, net)} == {ip_of(keep, net)}, 90,
+             "the removed containers' addresses released")
+    wait_for(lambda: not [e for e in json.loads(l3netctl(plugin, "endpoint", "list", "--json"))
+                          if e["address"] in removed], 30, "their endpoint records gone")
+    assert l3netctl(plugin, "ipam", "check", "--min-age", "0", "--hostname", "e2e-host").strip() == \
+        "no problems found"
+    assert pings(run(net), ip_of(keep, net))
+
+
+def test_sweeper_removes_what_nothing_explains(plugin, network):
+    """A veth of this node no endpoint record explains, a /32 route via a container's veth to an
+    address that is not its own, and an endpoint whose veth is gone (its container died while
+    nobody told the plugin) are removed after the grace period, the address released; a veth
+    without this node's mark (not ours to judge) stays."""
+    net = network("10.76.0.0/24")
+    keep, victim = run(net), run(net)
+    keep_veth, victim_veth = veth_of(plugin, keep, net), veth_of(plugin, victim, net)
+    victim_ip = ip_of(victim, net)
+    owner = f"l3net {plugin.prefix} e2e-host"
+    subprocess.run(["ip", "link", "add", "l3h5eeb00000a", "type", "veth", "peer", "name", "l3t5eeb00000a"], check=True)
+    subprocess.run(["ip", "link", "set", "l3h5eeb00000a", "alias", owner], check=True)
+    subprocess.run(["ip", "link", "add", "l3h5eeb00000b", "type", "veth", "peer", "name", "l3t5eeb00000b"], check=True)
+    try:
+        subprocess.run(["ip", "route", "add", "10.76.0.200/32", "dev", keep_veth, "proto", "static"], check=True)
+        subprocess.run(["ip", "link", "del", victim_veth], check=True)
+        wait_for(lambda: "l3h5eeb00000a" not in veths(), 60, "the stray veth swept")
+        wait_for(lambda: "10.76.0.200" not in subprocess.run(["ip", "route", "show", "dev", keep_veth],
+                                                               capture_output=True, text=True).stdout,
+                 30, "the stray route swept")
+        wait_for(lambda: victim_ip not in {a["address"] for a in allocations_of(plugin, net)}, 60,
+                 "the gone container's address released")
+        assert "l3h5eeb00000b" in veths() and keep_veth in veths()
+        assert ip_of(keep, net) in {a["address"] for a in allocations_of(plugin, net)}
+        assert pings(run(net), ip_of(keep, net))
+    finally:
+        subprocess.run(["ip", "link", "del", "l3h5eeb00000b"], check=False)
+        subprocess.run(["ip", "link", "del", "l3h5eeb00000a"], check=False, capture_output=True)
 
 
 def test_policy_names_networks_by_docker_name(network, plugin):

@@ -412,3 +412,27 @@ def test_ipam_check_finds_unused_claims_and_stale_reservations():
     assert list(pool["claims"]) == [used[-16:]] and pool["refs"] == {"h1": 1}
     assert ipam.holder(IPNetwork("10.20.0.0/24"), "10.20.0.2") is None
     assert ipam.holder(IPNetwork("10.20.0.0/24"), "10.20.0.1")["users"] == {used[-16:]: "h1"}
+
+
+def test_ipam_check_finds_endpoints_of_this_host_whose_veth_is_gone():
+    import json as _json
+
+    from ipam import check
+    store, keys = MemoryStore(), Keys("/t")
+    ipam = Ipam(store, keys, "h1")
+    pid, cidr, _ = ipam.request_pool("10.20.0.0/24")
+    store.put(keys.network("h1", "n" * 64), _json.dumps({"id": "n" * 64, "pools": [cidr]}))
+    ips = []
+    for host, endpoint_id in (("h1", "a" * 64), ("h1", "b" * 64), ("h2", "c" * 64)):
+        ip = ipam.request_address(pid).split("/")[0]
+        ipam.set_handle(IPNetwork(cidr), ip, f"endpoint:{endpoint_id}")
+        store.put(keys.endpoint(host, endpoint_id), _json.dumps(
+            {"id": endpoint_id, "address": ip, "pool": cidr, "host_ifname": f"l3h{endpoint_id[:11]}",
+             "created": 0}))
+        ips.append(ip)
+    alive = {"l3h" + "b" * 11}                        # a's veth is gone; c is another host's
+    found = check.find(store, keys, time.time(), local=("h1", alive.__contains__))
+    assert [(f.kind, f.address) for f in found] == [("gone container", ips[0])]
+    assert check.fix(store, ipam, found)[0].fixed
+    assert ipam.holder(IPNetwork(cidr), ips[0]) is None and store.get(keys.endpoint("h1", "a" * 64))[0] is None
+    assert check.find(store, keys, time.time(), local=("h1", alive.__contains__)) == []
