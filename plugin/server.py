@@ -19,7 +19,7 @@ from gunicorn.app.base import BaseApplication
 from . import __version__
 from .config import RUN_DIR, Config, default_host_ip, etcd_options, make_store
 from .errors import L3netError
-from .store import describe_endpoints, parse_endpoints
+from .store import check_tls, describe_endpoints, parse_endpoints
 
 log = logging.getLogger("l3net")
 
@@ -331,6 +331,7 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
         cfg.bgp_passwords = read_bgp_passwords(bgp_password_file, os.environ.get("L3NET_BGP_PASSWORD"))
         cfg.check()
         parse_endpoints(cfg.etcd_endpoints)
+        check_tls(cfg.etcd_endpoints, cfg.etcd_ca_cert, cfg.etcd_cert, cfg.etcd_key)
         from ipam.pools import parse_cidr
         parse_cidr(cfg.default_pool, "--default-pool")
         if not 8 <= block_size <= 32 or not 8 <= default_pool_size <= 30:

@@ -165,18 +165,48 @@ def _patch_etcd3_watch():
         etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(d.values()))
 
 
+def check_tls(endpoints, ca_cert=None, cert=None, key=None):
+    """TLS options only with https:// endpoints, a certificate with its key, files readable:
+    refused at start with one clear line, never ignored (a TLS flag given with an http://
+    endpoint would otherwise talk to etcd in clear)."""
+    given = {"--etcd-ca-cert": ca_cert, "--etcd-cert": cert, "--etcd-key": key}
+    given = {flag: path for flag, path in given.items() if path}
+    if not given:
+        return
+    plain = [f"{h}:{p}" for h, p, secure in parse_endpoints(endpoints) if not secure]
+    if plain:
+        raise L3netError(f"{', '.join(given)} given, but etcd endpoint(s) {', '.join(plain)} are "
+                         "http://: use https:// endpoints (or drop the TLS options)")
+    if bool(cert) != bool(key):
+        raise L3netError("--etcd-cert and --etcd-key go together")
+    for flag, path in given.items():
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise L3netError(f"{flag} {path}: {e.strerror}") from None
+
+
 class EtcdStore:
     """The store over etcd v3 (python3-etcd3). The gRPC client is created on first use,
-    so that a store built before gunicorn forks opens its channel in the worker."""
+    so that a store built before gunicorn forks opens its channel in the worker.
+
+    Several endpoints: a call that cannot connect to one is tried on the next at once (a read
+    that timed out too, once: a write that timed out may have been applied). With a user,
+    the auth token is renewed when etcd says it expired, and the call tried again."""
 
     def __init__(self, endpoints="http://127.0.0.1:2379", timeout=5.0, ca_cert=None,
                  cert_cert=None, cert_key=None, user=None, password=None):
         self.endpoints = parse_endpoints(endpoints)
+        check_tls(endpoints, ca_cert, cert_cert, cert_key)
+        if bool(user) != bool(password):
+            raise L3netError("--etcd-user and --etcd-password go together")
         self.timeout = float(timeout)
         self._tls = (ca_cert, cert_cert, cert_key)
         self._auth = (user, password)
         self._client = None
         self._lock = threading.Lock()
+        self.reauthentications = 0
 
     def describe(self):
         return describe_endpoints(self.endpoints)
@@ -200,9 +230,44 @@ class EtcdStore:
             # would keep failing for five minutes after etcd comes back.
             eps.append(etcd3.Endpoint(host, port, secure=secure, creds=creds,
                                       time_retry=0 if len(self.endpoints) == 1 else 2.0))
+        # no user here: the library would authenticate once, on a random endpoint, and never
+        # again; _authenticate does it with failover, and again when the token expires
+        client = etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=self.timeout, failover=True)
+        if self._auth[0]:
+            self._authenticate(client)
+        return client
+
+    def _authenticate(self, client):
+        import grpc
+        from etcd3 import etcdrpc
+        from etcd3.client import EtcdTokenCallCredentials
+
         user, password = self._auth
-        return etcd3.MultiEndpointEtcd3Client(endpoints=eps, timeout=self.timeout,
-                                              user=user, password=password, failover=True)
+        for attempt in range(len(self.endpoints)):
+            try:
+                response = client.authstub.Authenticate(
+                    etcdrpc.AuthenticateRequest(name=user, password=password), self.timeout)
+                break
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or attempt == len(self.endpoints) - 1:
+                    raise
+                self._failed(client)
+        client.metadata = (("token", response.token),)
+        # the token goes as metadata on every call; gRPC refuses call credentials on a
+        # plain-text channel, so only https endpoints get them too
+        client.call_credentials = grpc.metadata_call_credentials(
+            EtcdTokenCallCredentials(response.token)) if all(e[2] for e in self.endpoints) else None
+        client._clear_old_stubs()       # a watcher holds the old token: its watches end, and are made again
+
+    @staticmethod
+    def _failed(client):
+        """Shun the endpoint in use for a while (the library does this only for some calls)."""
+        try:
+            client.endpoint_in_use.fail()
+            client._clear_old_stubs()
+        except Exception:  # noqa: BLE001 - best effort: the next call finds out anyway
+            pass
 
     @property
     def client(self):
@@ -212,31 +277,56 @@ class EtcdStore:
                     self._client = self._call(self._make_client)
         return self._client
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn, *args, idempotent=True, **kwargs):
+        """``fn(*args, **kwargs)``, bounded, errors as StoreError. ``fn`` may be called again
+        (next endpoint, renewed token): it must look ``self.client`` up each time (a lambda),
+        not be a method bound to one client."""
         import etcd3.exceptions
         import grpc
 
-        try:
-            return fn(*args, **kwargs)
-        except etcd3.exceptions.ConnectionTimeoutError:
-            raise StoreError(f"etcd at {self.describe()} did not answer within "
-                             f"{self.timeout:g}s") from None
-        except (etcd3.exceptions.ConnectionFailedError,
-                etcd3.exceptions.NoServerAvailableError):
-            raise StoreError(f"etcd at {self.describe()} is unreachable") from None
-        except etcd3.exceptions.Etcd3Exception as e:
-            raise StoreError(f"etcd error: {type(e).__name__} {e}".strip()) from None
-        except grpc.RpcError as e:
-            code = e.code() if hasattr(e, "code") else "?"
-            details = e.details() if hasattr(e, "details") else ""
-            raise StoreError(f"etcd error: {code} {details}".strip()) from None
+        timed_out = renewed = False
+        tries = len(self.endpoints)
+        while True:
+            tries -= 1
+            try:
+                return fn(*args, **kwargs)
+            except etcd3.exceptions.ConnectionTimeoutError:
+                error = StoreError(f"etcd at {self.describe()} did not answer within {self.timeout:g}s")
+                if timed_out or not idempotent or tries <= 0:
+                    raise error from None
+                timed_out = True
+            except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.NoServerAvailableError):
+                if tries <= 0:
+                    raise StoreError(f"etcd at {self.describe()} is unreachable") from None
+            except etcd3.exceptions.Etcd3Exception as e:
+                raise StoreError(f"etcd error: {type(e).__name__} {e}".strip()) from None
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                details = e.details() if hasattr(e, "details") else ""
+                if code == grpc.StatusCode.UNAUTHENTICATED and self._auth[0] and not renewed \
+                        and self._client is not None:
+                    renewed = True
+                    tries += 1
+                    with self._lock:
+                        self._authenticate(self._client)
+                    self.reauthentications += 1
+                    continue
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    if self._client is not None:
+                        self._failed(self._client)      # a raw call (Txn, Authenticate)
+                        if tries > 0 and (code == grpc.StatusCode.UNAVAILABLE or idempotent):
+                            continue
+                    what = "is unreachable" if code == grpc.StatusCode.UNAVAILABLE else \
+                        f"did not answer within {self.timeout:g}s"
+                    raise StoreError(f"etcd at {self.describe()} {what}") from None
+                raise StoreError(f"etcd error: {code.name if code else '?'} {details}".strip()) from None
 
     @staticmethod
     def _dec(value):
         return value.decode() if isinstance(value, bytes) else value
 
     def get(self, key):
-        value, meta = self._call(self.client.get, key)
+        value, meta = self._call(lambda: self.client.get(key))
         if value is None:
             return None, 0
         return self._dec(value), meta.mod_revision
@@ -246,11 +336,11 @@ class EtcdStore:
         return [(self._dec(m.key), self._dec(v), m.mod_revision) for v, m in items]
 
     def put(self, key, value, lease=None):
-        self._call(self.client.put, key, value, lease=lease)
+        self._call(lambda: self.client.put(key, value, lease=lease))
 
     def lease(self, ttl):
         """A new etcd lease of ``ttl`` seconds (keys put with it vanish when it expires)."""
-        return self._call(self.client.lease, int(ttl))
+        return self._call(lambda: self.client.lease(int(ttl)), idempotent=False)
 
     def refresh(self, lease):
         """Keep the lease alive; False if it had already expired."""
@@ -258,7 +348,7 @@ class EtcdStore:
         return bool(responses) and responses[0].TTL > 0
 
     def delete(self, key):
-        self._call(self.client.delete, key)
+        self._call(lambda: self.client.delete(key))
 
     def watch(self, prefix, callback, ignore=()):
         ignore = tuple(ignore)
@@ -269,8 +359,8 @@ class EtcdStore:
                 callback(response or StoreError("the etcd watch ended"))
             elif not ignore or any(not self._dec(e.key).startswith(ignore) for e in response.events):
                 callback(None)
-        watch_id = self._call(self.client.add_watch_prefix_callback, prefix, on_response)
-        return lambda: self._call(self.client.cancel_watch, watch_id)
+        watch_id = self._call(lambda: self.client.add_watch_prefix_callback(prefix, on_response))
+        return lambda: self._call(lambda: self.client.cancel_watch(watch_id))
 
     def txn(self, expect, put=None, delete=None):
         from etcd3 import etcdrpc
@@ -283,8 +373,10 @@ class EtcdStore:
         ops += [t.delete(k) for k in delete or []]
         # The library's transaction() drops the response header; we want its revision.
         request = etcdrpc.TxnRequest(compare=compare, success=c._ops_to_requests(ops), failure=[])
-        response = self._call(lambda: c.kvstub.Txn(request, c.timeout, credentials=c.call_credentials,
-                                                   metadata=c.metadata))
+        def call():
+            c = self.client             # afresh: the token may have been renewed meanwhile
+            return c.kvstub.Txn(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+        response = self._call(call, idempotent=False)
         return response.header.revision if response.succeeded else 0
 
     def close(self):

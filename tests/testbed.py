@@ -9,8 +9,9 @@ Per host:
     is started with ``nsenter -t <anchor> -m -n`` (not ``ip netns exec``, which remounts /sys
     and hides the cgroup mounts dockerd needs);
   * its own dockerd (own --data-root, -H socket, pidfile) and its own l3net-plugin.
-One etcd listens on the bridge address. Everything is torn down by ``down()``, also after a
-failure half way through ``up()``.
+One etcd listens on the bridge address (``etcd_members=3``: a three-member cluster, every
+member on its own port, the plugins given all three). Everything is torn down by ``down()``,
+also after a failure half way through ``up()``.
 
 Used by the multi-host tests (tag ``l3bed``) and by ``make demo`` (tag ``l3demo``, its own
 underlay and etcd port), so a running demo and a test run do not collide.
@@ -229,7 +230,7 @@ class Testbed:
     __test__ = False   # not a test class, whatever pytest thinks of the name
 
     def __init__(self, n=3, workdir=None, prefix="/l3bed", tag="l3bed", net=NET, etcd_port=23790,
-                 legacy_plugin=True):
+                 legacy_plugin=True, etcd_members=1):
         self.dir = workdir or tempfile.mkdtemp(prefix=f"{tag}-")
         self.legacy_plugin = legacy_plugin     # False: the test installs a managed plugin itself
         self.prefix = prefix
@@ -238,6 +239,8 @@ class Testbed:
         self.hosts = [Host(self, i) for i in range(1, n + 1)]
         self.etcd = None
         self.etcd_url = None
+        self.etcd_members = etcd_members
+        self.members = []          # with etcd_members > 1: [(name, client url, peer url, Popen)]
 
     def up(self):
         try:
@@ -256,15 +259,50 @@ class Testbed:
         # dockerd's FORWARD policy is DROP and br_netfilter sends bridged frames through it.
         run("iptables", "-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")
         port = self.etcd_port
-        self.etcd_url = f"http://{self.net}.1:{port}"
-        log = open(os.path.join(self.dir, "etcd.log"), "w")
-        self.etcd = subprocess.Popen(
-            etcd_command(self.tag, os.path.join(self.dir, "etcd"), self.etcd_url, port + 1),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.etcd_members > 1:
+            self._etcd_cluster()
+        else:
+            self.etcd_url = f"http://{self.net}.1:{port}"
+            log = open(os.path.join(self.dir, "etcd.log"), "w")
+            self.etcd = subprocess.Popen(
+                etcd_command(self.tag, os.path.join(self.dir, "etcd"), self.etcd_url, port + 1),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: run("etcdctl", "--endpoints", self.etcd_url, "endpoint", "health",
                                check=False, timeout=5).returncode == 0, 30, "etcd")
         with ThreadPoolExecutor(len(self.hosts)) as pool:
             list(pool.map(lambda h: h.up(), self.hosts))
+
+    # -- a three-member etcd ----------------------------------------------
+    def _etcd_cluster(self):
+        port = self.etcd_port
+        self.members = [(f"{self.tag}-m{i}", f"http://{self.net}.1:{port + 2 * i}",
+                         f"http://127.0.0.1:{port + 2 * i + 1}", None) for i in range(self.etcd_members)]
+        self.etcd_url = ",".join(url for _, url, _, _ in self.members)
+        for i in range(len(self.members)):
+            self.start_member(i, new=True)
+
+    def start_member(self, i, new=False):
+        name, url, peer, _ = self.members[i]
+        cluster = ",".join(f"{n}={p}" for n, _, p, _ in self.members)
+        log = open(os.path.join(self.dir, f"{name}.log"), "a")
+        proc = subprocess.Popen(
+            ["etcd", "--name", name, "--data-dir", os.path.join(self.dir, name),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", cluster, "--initial-cluster-state", "new",
+             "--initial-cluster-token", self.tag],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.members[i] = (name, url, peer, proc)
+        if not new:
+            wait_until(lambda: run("etcdctl", "--endpoints", url, "endpoint", "health",
+                                   check=False, timeout=5).returncode == 0, 30, f"etcd member {name}")
+
+    def stop_member(self, i):
+        name, url, peer, proc = self.members[i]
+        if proc is not None:
+            proc.terminate()
+            proc.wait(15)
+        self.members[i] = (name, url, peer, None)
 
     def down(self):
         for host in self.hosts:
@@ -272,6 +310,11 @@ class Testbed:
                 host.down()
             except Exception as e:  # noqa: BLE001 - tear down the rest anyway
                 print(f"testbed: {host.name}: {e}", file=sys.stderr)
+        for i, (_, _, _, proc) in enumerate(self.members):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+                self.members[i] = self.members[i][:3] + (None,)
         if self.etcd is not None:
             os.killpg(self.etcd.pid, signal.SIGKILL)
             self.etcd.wait(10)

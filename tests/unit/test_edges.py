@@ -40,3 +40,36 @@ def test_agent_rule_checks_use_full_matches():
     host = {"id": "h1", "proto": "tcp", "ports": "22", "node": "h1\n"}
     assert not _valid_rule(host, pools, host_rule=True)
     assert _valid_rule({**host, "node": "h1"}, pools, host_rule=True)
+
+
+def test_etcd_tls_options_need_https_endpoints(tmp_path):
+    """A TLS option with an http:// endpoint would talk to etcd in clear: refused at start by
+    the plugin (exit 2, nothing created), by l3netctl and by the store, with one clear line."""
+    import os
+    import subprocess
+    import sys
+
+    from plugin.store import EtcdStore, check_tls
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not really a certificate")
+    with pytest.raises(L3netError, match="--etcd-ca-cert given, but etcd endpoint"):
+        EtcdStore("http://127.0.0.1:2379", ca_cert=str(ca))
+    with pytest.raises(L3netError, match="127.0.0.1:2380 are http://"):
+        check_tls("https://127.0.0.1:2379,http://127.0.0.1:2380", ca_cert=str(ca))
+    with pytest.raises(L3netError, match="go together"):
+        check_tls("https://127.0.0.1:2379", cert=str(ca))
+    with pytest.raises(L3netError, match="No such file"):
+        check_tls("https://127.0.0.1:2379", ca_cert=str(tmp_path / "missing.pem"))
+    check_tls("https://127.0.0.1:2379", ca_cert=str(ca))
+    with pytest.raises(L3netError, match="go together"):
+        EtcdStore("http://127.0.0.1:2379", user="root")
+    bindir = os.path.dirname(sys.executable)
+    res = subprocess.run([os.path.join(bindir, "l3net-plugin"), "--etcd-endpoints", "http://127.0.0.1:2379",
+                          "--etcd-ca-cert", str(ca), "--socket", f"{tmp_path}/x.sock", "--state-dir",
+                          str(tmp_path / "state")], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "are http://" in res.stderr, res.stderr
+    assert not os.path.exists(f"{tmp_path}/x.sock") and not os.path.exists(tmp_path / "state")
+    res = subprocess.run([os.path.join(bindir, "l3netctl"), "--etcd-endpoints", "http://127.0.0.1:2379",
+                          "--etcd-cert", str(ca), "--etcd-key", str(ca), "status"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0 and "are http://" in res.stderr, res.stderr
