@@ -468,8 +468,10 @@ class Ipam:
         cidr = B.block_of(ip, pool, block_prefix)
         return self.keys.block(pool, cidr), ip
 
-    def release_address(self, pool_id, address, in_use=None):
+    def release_address(self, pool_id, address, in_use=None, asked_at=None):
         """ReleaseAddress: idempotent; an address outside the pool (our gateway) is a no-op.
+        ``asked_at``: when dockerd asked (a release retried later): an address requested
+        after that (pending since) is someone else's now and stays.
 
         dockerd re-sends calls after a connection error, and a slow one can arrive after the
         address went to the next container: an address held by a live endpoint is not freed.
@@ -497,6 +499,9 @@ class Ipam:
                 del block["allocations"][str(ip)]
                 return True, block, None
             handle = str(held.get("handle", ""))
+            if asked_at is not None and handle.startswith("pending:") and \
+                    float(held.get("time", 0)) > asked_at:
+                return False, None, None
             if in_use is not None and handle.startswith("endpoint:") and \
                     (held.get("host") != self.host or in_use(handle[len("endpoint:"):])):
                 log.info("ReleaseAddress %s: kept, it is held by a live endpoint (a late or "

@@ -146,7 +146,7 @@ def create_app(driver, ipam):
         data = body()
         g.pool = V.field(data, "PoolID", required=True)
         g.address = str(V.ipv4_interface(V.field(data, "Address", required=True)))
-        ipam.release_address(g.pool, g.address, in_use=driver.endpoint_in_use)
+        driver.release_address(g.pool, g.address)
         return jsonify({})
 
     # -- networks ---------------------------------------------------------

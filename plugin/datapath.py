@@ -21,7 +21,6 @@ ever configured, no RA ever processed); firewall.py drops IPv6 to and from the v
 import errno
 import logging
 import os
-import queue
 import socket
 import threading
 
@@ -286,45 +285,26 @@ class Reaper:
     """Deletes veths in a background thread. The kernel needs ~25 ms to delete a veth (it
     waits for an RCU grace period); dockerd only logs DeleteEndpoint's result, so there is no
     reason to make ``docker rm`` wait for it. ``then`` runs after each deletion (the driver
-    removes the endpoint record there, so a crash before it leaves a record to finish from).
-    A failure (etcd away) is retried with back-off until it succeeds; the journal covers a
-    restart in between."""
+    removes the endpoint record there, so a crash before it leaves a record to finish from) in
+    a second thread, retried with back-off until it succeeds: an etcd that does not answer
+    delays the records, never the deletion of the next veth."""
 
     def __init__(self):
-        self._queue = queue.Queue()
-        self._thread = None
-        self._lock = threading.Lock()
+        from .retry import Retrier
+        self.veths = Retrier("l3net-reaper", cap=10.0)
+        self.finisher = Retrier("l3net-finisher", cap=10.0)
 
-    MAX_DELAY = 60.0    # seconds between attempts, at most: tried until done
-
-    def submit(self, host_if, then=None, attempt=0):
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="l3net-reaper", daemon=True)
-                self._thread.start()
-        self._queue.put((host_if, then, attempt))
-
-    def _run(self):
-        while True:
-            host_if, then, attempt = self._queue.get()
-            try:
-                delete_veth(host_if)
-                if then is not None:
-                    then()
-            except Exception as e:  # noqa: BLE001 - keep reaping; retry with back-off until done
-                delay = min(2.0 ** attempt, self.MAX_DELAY)   # (etcd away for an hour: once a minute)
-                if attempt < 3 or attempt % 10 == 0:
-                    log.warning("background deletion of %s failed (%s); retrying in %.0f s",
-                                host_if, e, delay)
-                timer = threading.Timer(delay, self.submit, (host_if, then, attempt + 1))
-                timer.daemon = True
-                timer.start()
-            finally:
-                self._queue.task_done()
+    def submit(self, host_if, then=None):
+        def delete():
+            delete_veth(host_if)
+            if then is not None:
+                self.finisher.submit(then, f"finishing the deletion of {host_if}")
+        self.veths.submit(delete, f"deleting {host_if}")
 
     def wait(self):
-        """Block until everything submitted so far is done (tests, shutdown)."""
-        self._queue.join()
+        """Block until everything submitted so far has been tried once (tests, shutdown)."""
+        self.veths.wait()
+        self.finisher.wait()
 
 
 class Datapath:

@@ -22,7 +22,7 @@ from .datapath import LinkExists
 from .errors import L3netError
 from .ports import PortClaims
 from .ports import describe as describe_port
-from .store import get_json
+from .store import StoreError, get_json
 
 log = logging.getLogger("l3net.driver")
 
@@ -53,6 +53,8 @@ class Driver:
         self._networks = {}
         self._endpoints = {}
         self.ports = PortClaims(store, keys, host)
+        from .retry import Retrier
+        self.releases = Retrier("l3net-releases", cap=10.0)
 
     # -- records ----------------------------------------------------------
     def _cached(self, cache, key, record_id):
@@ -196,6 +198,20 @@ class Driver:
                 log.warning("endpoint %s: could not add %s to its network's set: %s",
                             endpoint_id[:12], address, e)
         return {} if mac else {"MacAddress": created_mac}
+
+    def release_address(self, pool_id, address):
+        """ReleaseAddress. dockerd never asks twice (it only logs an error), so one that meets
+        an etcd that does not answer is kept and retried in the background until done, and
+        answered as done (the sweeper would otherwise free the address only much later)."""
+        asked_at = time.time()
+
+        def release():
+            self.ipam.release_address(pool_id, address, in_use=self.endpoint_in_use, asked_at=asked_at)
+        try:
+            release()
+        except StoreError as e:
+            log.warning("ReleaseAddress %s: %s; retried in the background until done", address, e)
+            self.releases.submit(release, f"ReleaseAddress {address}")
 
     def endpoint_in_use(self, endpoint_id):
         """Whether an endpoint of this host is live: it exists and no DeleteEndpoint was

@@ -68,7 +68,7 @@ def plan(host, owner, endpoints, allocations, veths, routes, deleting, aux, now)
 
 
 class Sweeper:
-    def __init__(self, driver, ipam, every=30.0, grace=120.0):
+    def __init__(self, driver, ipam, every=10.0, grace=30.0):
         self.driver, self.ipam = driver, ipam
         self.every, self.grace = float(every), float(grace)
         self.seen = {}             # key -> when first seen unexplained

@@ -280,6 +280,9 @@ class Testbed:
         self.etcd_url = ",".join(url for _, url, _, _ in self.members)
         for i in range(len(self.members)):
             self.start_member(i, new=True)
+        # a cluster that just formed answers health checks before it commits writes promptly
+        wait_until(lambda: run("etcdctl", "--endpoints", self.etcd_url, "put", "/l3bed-ready", "1",
+                               check=False, timeout=10).returncode == 0, 60, "the etcd cluster to take writes")
 
     def start_member(self, i, new=False):
         name, url, peer, _ = self.members[i]

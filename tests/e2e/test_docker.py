@@ -405,7 +405,8 @@ def test_containers_removed_while_etcd_hangs_leave_nothing_behind(plugin, etcd, 
         time.sleep(max(0.0, 45 - (time.monotonic() - paused)))      # the hang, not a wait for something
     finally:
         etcd.resume()
-    wait_for(lambda: {a["address"] for a in allocations_of(plugin, net)} == {ip_of(keep, net)}, 90,
+    # the releases dockerd sent during the hang are retried at least every 10 s
+    wait_for(lambda: {a["address"] for a in allocations_of(plugin, net)} == {ip_of(keep, net)}, 30,
              "the removed containers' addresses released")
     wait_for(lambda: not [e for e in json.loads(l3netctl(plugin, "endpoint", "list", "--json"))
                           if e["address"] in removed], 30, "their endpoint records gone")

@@ -32,7 +32,12 @@ def test_three_member_etcd_losing_members(bed):
     etcd error and leaves nothing behind, running containers keep talking; quorum back: on as
     before."""
     host = bed.hosts[0]
-    host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", "10.97.0.0/24", "ha")
+    def network_made():
+        if host.docker("network", "inspect", "ha", check=False).returncode != 0:
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet",
+                        "10.97.0.0/24", "ha", check=False)
+        return host.docker("network", "inspect", "ha", check=False).returncode == 0
+    wait_for(network_made, 60, "the first network (a cluster that just formed may be slow at first)")
 
     def start(name):
         host.docker("run", "-d", "--name", name, "--net", "ha", TEST_IMAGE, "sleep", "600")

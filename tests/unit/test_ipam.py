@@ -436,3 +436,16 @@ def test_ipam_check_finds_endpoints_of_this_host_whose_veth_is_gone():
     assert check.fix(store, ipam, found)[0].fixed
     assert ipam.holder(IPNetwork(cidr), ips[0]) is None and store.get(keys.endpoint("h1", "a" * 64))[0] is None
     assert check.find(store, keys, time.time(), local=("h1", alive.__contains__)) == []
+
+
+def test_a_release_retried_later_leaves_an_address_requested_after_it(store, prefix):
+    """A ReleaseAddress that met a hung etcd is retried when etcd is back: if the address was
+    meanwhile requested again (pending since after the call), it is someone else's and stays."""
+    ipam = make(store, "h1", prefix)
+    pid, _, _ = ipam.request_pool("10.20.0.0/24")
+    addr = ipam.request_address(pid, "10.20.0.9")
+    asked = time.time()
+    assert ipam.release_address(pid, addr, asked_at=asked + 10)          # requested before the call
+    addr = ipam.request_address(pid, "10.20.0.9")
+    assert not ipam.release_address(pid, addr, asked_at=asked - 10)      # requested after it
+    assert ipam.holder(IPNetwork("10.20.0.0/24"), "10.20.0.9")["handle"] == "pending:h1"
