@@ -20,7 +20,8 @@ NET = "198.18.10"
 
 @pytest.fixture(scope="module")
 def bed(docker_ready):
-    testbed = bed_up(Testbed(1, prefix=f"/l3ha-{uuid.uuid4().hex[:6]}", tag="l3ha", net=NET,
+    # (a tag must not start with "l3h": l3net takes interfaces named l3h* for its veths)
+    testbed = bed_up(Testbed(1, prefix=f"/l3ec-{uuid.uuid4().hex[:6]}", tag="l3ec", net=NET,
                              etcd_port=23860, etcd_members=3))
     yield testbed
     testbed.cleanup()
