@@ -1,8 +1,10 @@
 """The agent: the long-running half of a node, beside the API.
 
-When anything under the etcd prefix changes (a watch wakes it), and at least every
-``interval`` seconds, it
-  1. keeps this node's registry record alive (an etcd lease: a dead node's record vanishes),
+It computes from a watch-fed copy of etcd (datastore.Cache: read once, then followed event by
+event; read in full again only when the watch is lost). When that copy changes, and at least
+every ``RESYNC`` seconds, it
+  1. keeps this node's registry record alive (an etcd lease: a dead node's record vanishes;
+     every ``interval`` seconds it checks whether a beat is due),
   2. computes the BGP desired state from etcd (nodes, BGP settings, pools, this node's blocks),
      renders it (bgp.render) and makes BIRD run with it (bird.Bird.apply: only on change;
      a BIRD that died is started again),
@@ -24,19 +26,21 @@ from netaddr import IPAddress, IPNetwork
 
 from . import metrics
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
+from .datastore import Cache, View
 from .errors import L3netError
+from .store import StoreError
 from .firewall import NoFirewall
 from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
                     pool_conflict, protected, unicast_ip)
 from .keys import key_cidr
 from .policy import PolicyState
-from .store import Snapshot
 
 log = logging.getLogger("l3net.agent")
 
 LEASE_TTL = 30
 HEARTBEAT = 10
 DEBOUNCE = 0.1      # seconds to let a burst of etcd changes settle before a sync
+RESYNC = 30.0       # seconds between computations when nothing changed (a safety net)
 
 
 _warned = {}
@@ -69,26 +73,36 @@ class Registry:
         self._last = 0.0
         self._facts = {}            # the last facts gathered (kept when gathering fails)
         self._known = None          # the addresses last written to the node's lasting record
+        self._record = None         # the record last written (without its time)
 
-    def heartbeat(self, asn, force=False):
+    def heartbeat(self, asn, force=False, present=True):
+        """Refresh the lease (and the record, when it changed) if a beat is due. Returns
+        whether etcd was asked (and answered). ``present``: whether the record is in etcd as
+        far as the caller knows (deleted by someone: written again)."""
         now = time.time()
         if not force and self._lease is not None and now - self._last < HEARTBEAT:
-            return
+            return False
+        renewed = False
         if self._lease is None or not self.store.refresh(self._lease):
             conflict = self.identity_conflict()
             if conflict:
                 raise L3netError(conflict)
             self._lease = self.store.lease(self.ttl)
+            renewed = True
             log.info("registered node %s (%s) with a %ds lease", self.name, self.ip, self.ttl)
         try:
             self._facts = {**self._facts, **self.facts()}
         except Exception as e:  # noqa: BLE001 - the last facts gathered still hold
             warn("could not list this host's addresses (publishing the last known): %s", e)
         facts = self._facts
-        record = {"name": self.name, "ip": self.ip, "as": asn, "last_seen": round(now, 3),
+        record = {"name": self.name, "ip": self.ip, "as": asn,
                   **{k: facts[k] for k in ("addresses", "networks", "etcd") if k in facts}}
-        self.store.put(self.keys.node(self.name), json.dumps(record, sort_keys=True),
-                       lease=self._lease)
+        if renewed or record != self._record or not present:
+            # Written only when it changes (or with a new lease): liveness is the lease's, and
+            # a record rewritten every beat would wake every other node's agent each time.
+            self.store.put(self.keys.node(self.name), json.dumps(dict(record, since=round(now, 3)),
+                                                                 sort_keys=True), lease=self._lease)
+            self._record = record
         self._last = now
         known = sorted(set(facts.get("addresses", [])) | {self.ip})
         if known != self._known:
@@ -96,6 +110,7 @@ class Registry:
             # away (its plugin stopped or cut off from etcd), until `l3netctl node remove`.
             self.store.put(self.keys.node_addresses(self.name), json.dumps({"name": self.name, "addresses": known}))
             self._known = known
+        return True
 
 
     def identity_conflict(self):
@@ -450,7 +465,6 @@ class Agent:
         self._wake = threading.Event()
         self._policy_lock = threading.Lock()
         self._thread = None
-        self._cancel_watch = None
         self._last_drift_check = 0.0
         self.last_sync = None
         self.last_error = None
@@ -458,29 +472,50 @@ class Agent:
         self._mesh_seen = {}            # mesh peer ip -> (Peer, when last in etcd): keep_departed
         self.stats = {}
         self.status_path = status_path   # where `l3netctl status` reads this agent's state
+        self.cache = Cache(store, keys.prefix + "/", keys.agent_view(name), on_change=self._wake.set)
+        self._computed = (None, 0.0)    # (cache generation, when) of the last full computation
+        self._applied_revision = 0      # the etcd revision of the policy last put in force
 
     def sync(self):
         """BGP and policy are synced independently: a BIRD problem must not freeze the
         firewall, nor the reverse. The first error is raised after both were tried."""
         errors = []
         generation = self.firewall.generation()        # before the read: see Firewall.apply
+        cache_generation, reloads = self.cache.generation, self.cache.reloads
         try:
-            view = Snapshot(self.store, self.keys.agent_view(self.name))
+            view = self.cache.view()
         except Exception:
             # etcd is away: nothing is recomputed, so rules, sets, routes and BIRD stay as
             # they were (fail closed, last good state) until it answers again
             if self.etcd_down_since is None:
                 self.etcd_down_since = time.time()
             raise
-        if self.etcd_down_since is not None:
-            log.info("etcd answers again after %.0f s", time.time() - self.etcd_down_since)
-            self.etcd_down_since = None
+        answered = self.cache.reloads != reloads       # etcd was read just now
         try:
             # First, and on its own: a node whose BGP state cannot be computed is still alive,
             # and its record (with the addresses every node protects) must not expire.
-            self.registry.heartbeat(node_asn(view, self.keys, self.name))
+            answered |= self.registry.heartbeat(node_asn(view, self.keys, self.name),
+                                                present=view.get(self.keys.node(self.name))[0] is not None)
+        except StoreError as e:
+            # the copy may still be followed (a hung etcd keeps the watch open): the beat
+            # is what tells; it is tried again at every tick until it goes through
+            if self.etcd_down_since is None:
+                self.etcd_down_since = time.time()
+            errors.append(e)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
+        if answered and self.etcd_down_since is not None:
+            log.info("etcd answers again after %.0f s", time.time() - self.etcd_down_since)
+            self.etcd_down_since = None
+        computed, when = self._computed
+        if computed == cache_generation and time.monotonic() - when < RESYNC and \
+                (self.bird is None or self.bird.pid() is not None):
+            # nothing changed since the last computation: nothing to compute
+            if errors:
+                metrics.SYNC_ERRORS.inc()
+                raise errors[0]
+            self.last_sync = time.time()
+            return
         try:
             state, _ = desired_bgp(view, self.keys, self.name, self.ip)
             state.peers = self.keep_departed(state.peers)
@@ -497,19 +532,26 @@ class Agent:
         if errors:
             metrics.SYNC_ERRORS.inc()
             raise errors[0]
+        self._computed = (cache_generation, time.monotonic())
         self.last_sync = time.time()
 
     def sync_policy(self, view=None, generation=None):
-        """Read the desired policy from etcd and put it in force (also called by the driver
-        when a network is created, so its rules exist before its first container). ``view``:
-        a Snapshot already read, with the firewall's ``generation`` taken before the read."""
+        """Compute the desired policy and put it in force. ``view``: the cache's (the loop),
+        with the firewall's ``generation`` taken before it was taken. None: read etcd now (the
+        driver, after a network is created or a port published: its rules must be in force
+        before the call returns, whatever the watch has delivered yet)."""
         with self._policy_lock:
             if view is None:
                 generation = self.firewall.generation()
-                view = Snapshot(self.store, self.keys.agent_view(self.name))
+                items, _ = self.store.read(self.keys.agent_view(self.name))
+                # its revision: the newest record in it (what the cache must have seen too)
+                view = View(items, max((r for _, r in items.values()), default=0))
+            elif view.revision < self._applied_revision:
+                return      # older than what the driver put in force: the watch catches up
             desired = desired_policy(view, self.keys, self.name)
             desired.uplinks = self.uplinks(sorted(set(desired.nodes.values()) - {self.ip}))
             done = self.firewall.apply(desired, generation)
+            self._applied_revision = max(self._applied_revision, view.revision)
             if done:
                 log.info("%s", done)
                 metrics.POLICY_WRITES.labels("full" if "in full" in done else "update").inc()
@@ -565,27 +607,10 @@ class Agent:
             metrics.POLICY_WRITES.labels("drift").inc()
             self.sync_policy()
 
-    def _watch(self):
-        """(Re)start the etcd watch that wakes the loop; failures only mean polling."""
-        if self._cancel_watch is not None:
-            return
-        def on_change(error):
-            if error is not None:
-                self._cancel_watch = None
-            self._wake.set()
-        try:
-            # Hosts' network and endpoint records alone change nothing the agent computes
-            # (an endpoint's address is in its block, written in the same transaction).
-            self._cancel_watch = self.store.watch(self.keys.prefix + "/", on_change,
-                                                  ignore=(self.keys.all_hosts(),))
-        except Exception as e:  # noqa: BLE001 - the periodic sync still runs
-            log.debug("etcd watch not available: %s", e)
-
     def _loop(self):
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                self._watch()
                 self.sync()
                 self.check_drift()
                 if self.last_error:
@@ -609,7 +634,8 @@ class Agent:
         status = {"node": self.name, "ip": self.ip, "pid": os.getpid(), "written": time.time(),
                   "last_sync": self.last_sync, "last_error": str(self.last_error) if self.last_error else None,
                   "etcd_down_since": self.etcd_down_since,
-                  "watch": self._cancel_watch is not None, **self.stats,
+                  "watch": self.cache.following, "datastore_reloads": self.cache.reloads,
+                  "datastore_events": self.cache.events, **self.stats,
                   "policy": None if applied is None else {
                       "networks": len(applied.pools), "policies": len(applied.rules),
                       "host_rules": len(applied.host_rules),
@@ -631,11 +657,10 @@ class Agent:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
-        if self._cancel_watch is not None:
-            try:
-                self._cancel_watch()
-            except Exception:  # noqa: BLE001 - etcd may be gone already
-                pass
+        try:
+            self.cache.stop()
+        except Exception:  # noqa: BLE001 - etcd may be gone already
+            pass
         # BIRD is left running: a plugin restart (an upgrade) costs no route, and the next
         # plugin adopts it (bird.py). A node down for good leaves the mesh when its registry
         # lease expires: the other nodes drop their sessions with it.

@@ -456,14 +456,14 @@ def node_list(obj, as_json):
                         if "/endpoints/" in k)
     registered = {n["name"]: n for n in nodes(obj.store, obj.keys)}
     rows = [{"name": n["name"], "address": n["ip"], "as": n.get("as"), "state": "up",
-             "last_seen": f"{now - n['last_seen']:.0f}s ago", "blocks": blocks.get(n["name"], 0),
+             "up_for": f"{now - n.get('since', n.get('last_seen', now)):.0f}s", "blocks": blocks.get(n["name"], 0),
              "endpoints": endpoints.get(n["name"], 0)} for n in registered.values()]
     # hosts that still hold blocks or endpoints but no longer register: dead, or gone for good
     rows += [{"name": h, "address": "", "as": "", "state": "gone (l3netctl node remove)",
-              "last_seen": "", "blocks": blocks.get(h, 0), "endpoints": endpoints.get(h, 0)}
+              "up_for": "", "blocks": blocks.get(h, 0), "endpoints": endpoints.get(h, 0)}
              for h in sorted((set(blocks) | set(endpoints)) - set(registered))]
     rows.sort(key=lambda r: r["name"])
-    emit(rows, ["Name", "Address", "AS", "State", "Last seen", "Blocks", "Endpoints"], as_json)
+    emit(rows, ["Name", "Address", "AS", "State", "Up for", "Blocks", "Endpoints"], as_json)
 
 
 @node.command("remove")

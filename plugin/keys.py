@@ -7,7 +7,7 @@ Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3n
     <prefix>/ipam/affinity/<host>/<block>      "<pool cidr>": the blocks a host owns
     <prefix>/hosts/<host>/networks/<id>        Docker network created on that host (JSON)
     <prefix>/hosts/<host>/endpoints/<id>       endpoint (veth) on that host (JSON)
-    <prefix>/nodes/<host>                      node registry: address, AS, last seen (leased)
+    <prefix>/nodes/<host>                      node registry: address, AS, since (leased; written on change only)
     <prefix>/bgp/config                        cluster BGP settings: default AS, mesh on/off
     <prefix>/bgp/peers/<ip>                    global BGP peers (route reflectors, ToR routers)
     <prefix>/bgp/nodes/<host>                  per-node BGP settings: AS, peers

@@ -19,7 +19,7 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .bgp import parse_protocols
 
@@ -65,6 +65,12 @@ class NodeCollector:
                                 value=time.time() - last if last else -1)
         yield GaugeMetricFamily("l3net_etcd_up", "1 while the agent reads etcd, 0 while it cannot.",
                                 value=0 if getattr(self.agent, "etcd_down_since", None) else 1)
+        cache = getattr(self.agent, "cache", None)
+        if cache is not None:
+            yield CounterMetricFamily("l3net_datastore_reloads", "Full reads of the agent's copy of etcd "
+                                      "(the first, then one per lost or compacted watch).", value=cache.reloads)
+            yield CounterMetricFamily("l3net_datastore_events", "Changes applied to the agent's copy of etcd "
+                                      "from its watch.", value=cache.events)
         sessions = GaugeMetricFamily("l3net_bgp_sessions", "This node's BGP sessions.", labels=["state"])
         if self.agent.bird is not None:
             try:

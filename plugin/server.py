@@ -227,7 +227,8 @@ class PluginServer(BaseApplication):
         agent.start()
         self.agent = agent
         from .sweep import Sweeper
-        Sweeper(driver, driver.ipam, self.node_cfg.sweep_every, self.node_cfg.sweep_grace).start()
+        Sweeper(driver, driver.ipam, self.node_cfg.sweep_every, self.node_cfg.sweep_grace,
+                blocks=lambda: agent.cache.view().get_prefix(driver.keys.all_blocks())).start()
         if self.node_cfg.metrics_port:
             from . import metrics
             metrics.serve(self.node_cfg.metrics_port, self.node_cfg.metrics_address, agent)

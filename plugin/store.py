@@ -14,6 +14,12 @@ Everything above this module (IPAM, driver, agent) sees only these calls::
                                 -> cancel(); callback(None) after every change under prefix
                                    (except changes only to keys under an ``ignore`` prefix),
                                    callback(error) once if the watch breaks (then watch again)
+    read(prefixes)              -> ({key: (value, revision)}, store revision): several prefixes
+                                   read at one revision (a consistent snapshot)
+    follow(prefix, revision, callback)
+                                -> cancel(); callback([(key, value | None, revision)]) with the
+                                   changes after ``revision``, in order (None: deleted);
+                                   callback(error) once if the watch breaks or was compacted past
 
 Values are strings (JSON by convention). Every etcd call is bounded by ``timeout`` seconds;
 a failure to reach etcd raises :class:`StoreError` with a message fit for the user.
@@ -80,8 +86,13 @@ class MemoryStore:
                 self._data.pop(key, None)
             rev, changed = self._rev, list(put or {}) + list(delete or [])
             watches = list(self._watches.values())
+        events = [(k, v, rev) for k, v in (put or {}).items()] + [(k, None, rev) for k in delete or []]
         for prefix, ignore, callback in watches:
-            if any(k.startswith(prefix) and not k.startswith(ignore) for k in changed):
+            if ignore is None:          # follow()
+                mine = [e for e in events if e[0].startswith(prefix)]
+                if mine:
+                    callback(mine)
+            elif any(k.startswith(prefix) and not k.startswith(ignore) for k in changed):
                 callback(None)
         return rev
 
@@ -89,6 +100,20 @@ class MemoryStore:
         token = object()
         with self._lock:
             self._watches[token] = (prefix, tuple(ignore), callback)
+        return lambda: self._watches.pop(token, None)
+
+    def read(self, prefixes):
+        with self._lock:
+            return ({k: item for k, item in self._data.items() if k.startswith(tuple(prefixes))},
+                    self._rev)
+
+    def follow(self, prefix, revision, callback):
+        """(In memory, changes are delivered as they happen: ``revision`` must be current.)"""
+        token = object()
+        with self._lock:
+            if revision != self._rev:
+                raise StoreError(f"cannot follow from revision {revision} (now {self._rev})")
+            self._watches[token] = (prefix, None, callback)
         return lambda: self._watches.pop(token, None)
 
 
@@ -360,6 +385,43 @@ class EtcdStore:
             elif not ignore or any(not self._dec(e.key).startswith(ignore) for e in response.events):
                 callback(None)
         watch_id = self._call(lambda: self.client.add_watch_prefix_callback(prefix, on_response))
+        return lambda: self._call(lambda: self.client.cancel_watch(watch_id))
+
+    def read(self, prefixes):
+        """Every prefix at the revision of the first read: what follow() continues from."""
+        from etcd3 import etcdrpc, utils
+
+        items, revision = {}, None
+        for prefix in prefixes:
+            request = etcdrpc.RangeRequest(key=utils.to_bytes(prefix),
+                                           range_end=utils.prefix_range_end(utils.to_bytes(prefix)))
+            if revision is not None:
+                request.revision = revision
+
+            def call():
+                c = self.client
+                return c.kvstub.Range(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+            response = self._call(call)
+            if revision is None:
+                revision = response.header.revision
+            for kv in response.kvs:
+                items[self._dec(kv.key)] = (self._dec(kv.value), kv.mod_revision)
+        return items, revision or 0
+
+    def follow(self, prefix, revision, callback):
+        from etcd3 import events as E
+        _patch_etcd3_watch()
+
+        def on_response(response):
+            if response is None or isinstance(response, Exception):
+                callback(response or StoreError("the etcd watch ended"))
+                return
+            changes = [(self._dec(e.key), None if isinstance(e, E.DeleteEvent) else self._dec(e.value),
+                        e.mod_revision) for e in response.events]
+            if changes:
+                callback(changes)
+        watch_id = self._call(lambda: self.client.add_watch_prefix_callback(
+            prefix, on_response, start_revision=revision + 1))
         return lambda: self._call(lambda: self.client.cancel_watch(watch_id))
 
     def txn(self, expect, put=None, delete=None):

@@ -68,8 +68,11 @@ def plan(host, owner, endpoints, allocations, veths, routes, deleting, aux, now)
 
 
 class Sweeper:
-    def __init__(self, driver, ipam, every=10.0, grace=30.0):
+    def __init__(self, driver, ipam, every=10.0, grace=30.0, blocks=None):
+        """``blocks()``: the IPAM block records as (key, value, revision), from the agent's
+        watch-fed copy (datastore.Cache): the sweep then reads only this node's records."""
         self.driver, self.ipam = driver, ipam
+        self.blocks = blocks
         self.every, self.grace = float(every), float(grace)
         self.seen = {}             # key -> when first seen unexplained
         self.removed = 0           # what this process removed (for tests and logs)
@@ -87,7 +90,8 @@ class Sweeper:
         for _, value, _ in d.store.get_prefix(d.keys.networks(d.host)):
             aux.update(a.split("/")[0] for a in json.loads(value).get("aux", []))
         allocations = []
-        for _, value, _ in d.store.get_prefix(d.keys.all_blocks()):
+        blocks = self.blocks() if self.blocks is not None else d.store.get_prefix(d.keys.all_blocks())
+        for _, value, _ in blocks:
             block = json.loads(value)
             allocations += [(block["pool"], ip, a) for ip, a in block["allocations"].items()]
         deleting = set(d.journal.pending())

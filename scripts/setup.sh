@@ -43,7 +43,9 @@ if ! etcdctl --endpoints=http://127.0.0.1:2379 --command-timeout=2s endpoint hea
     mkdir -p "$ETCD_DATA"
     setsid nohup etcd --name l3net-local --data-dir "$ETCD_DATA" \
         --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
-        --listen-peer-urls http://127.0.0.1:2380 >>"$LOGDIR/etcd.log" 2>&1 < /dev/null &
+        --listen-peer-urls http://127.0.0.1:2380 \
+        --auto-compaction-mode periodic --auto-compaction-retention 1h \
+        >>"$LOGDIR/etcd.log" 2>&1 < /dev/null &
     for _ in $(seq 60); do
         etcdctl --endpoints=http://127.0.0.1:2379 --command-timeout=1s endpoint health >/dev/null 2>&1 && break
         sleep 0.5

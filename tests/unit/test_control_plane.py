@@ -11,7 +11,7 @@ import pytest
 from plugin.agent import Agent, Registry
 from plugin.errors import L3netError
 from plugin.keys import Keys
-from plugin.store import MemoryStore
+from plugin.store import MemoryStore, StoreError
 
 KEYS = Keys("/t")
 
@@ -46,14 +46,36 @@ def test_a_second_plugin_on_one_state_dir_is_refused(tmp_path):
 
 
 class DownStore(MemoryStore):
+    """etcd that stops answering (every call), while the agent's watch stays open (a hung etcd
+    keeps its TCP connections)."""
+
     def __init__(self):
         super().__init__()
         self.down = False
 
-    def get_prefix(self, prefix):
+    def _check(self):
         if self.down:
-            raise L3netError("etcd at http://127.0.0.1:2379 did not answer within 5s")
+            raise StoreError("etcd at http://127.0.0.1:2379 did not answer within 5s")
+
+    def get(self, key):
+        self._check()
+        return super().get(key)
+
+    def get_prefix(self, prefix):
+        self._check()
         return super().get_prefix(prefix)
+
+    def read(self, prefixes):
+        self._check()
+        return super().read(prefixes)
+
+    def refresh(self, lease):
+        self._check()
+        return super().refresh(lease)
+
+    def txn(self, expect, put=None, delete=None):
+        self._check()
+        return super().txn(expect, put, delete)
 
 
 class CountingFirewall:
@@ -77,17 +99,26 @@ def test_losing_etcd_changes_nothing_and_is_reported(tmp_path):
     store.put(KEYS.pool("10.20.0.0/24"), json.dumps({"cidr": "10.20.0.0/24", "refs": {}}))
     agent = Agent(store, KEYS, "h1", "198.18.0.11", firewall=fw, status_path=str(tmp_path / "status.json"))
     agent.sync()
-    assert len(fw.written) == 1 and agent.etcd_down_since is None
+    agent.sync()                                # (its own node record, written by the first)
+    written = len(fw.written)
+    agent.sync()
+    assert len(fw.written) == written, "nothing changed: nothing computed"
+    assert agent.etcd_down_since is None
     store.down = True
+    agent.registry._last = 0                    # a beat is due: that is what finds etcd gone
     with pytest.raises(L3netError):
         agent.sync()
-    assert len(fw.written) == 1, "nothing recomputed or written from a failed read"
+    assert len(fw.written) == written, "nothing recomputed or written while etcd is away"
     agent.write_status()
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["etcd_down_since"] is not None
+    agent.cache._on(agent.cache._epoch, RuntimeError("the etcd watch ended"))   # and the watch breaks
+    with pytest.raises(L3netError):
+        agent.sync()                            # the copy cannot be loaded again: nothing done
+    assert len(fw.written) == written and agent.etcd_down_since is not None
     store.down = False
     agent.sync()
-    assert agent.etcd_down_since is None and len(fw.written) == 2
+    assert agent.etcd_down_since is None and len(fw.written) == written + 1   # loaded afresh
 
 
 def test_mesh_peers_outlive_their_record_for_a_grace():

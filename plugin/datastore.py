@@ -1,0 +1,134 @@
+"""The agent's datastore cache: what it computes from, read once and then followed by watch.
+
+Felix's split, in l3net: this module is the *datastore* half (etcd -> an in-memory copy of the
+prefixes the agent needs), the pure functions in agent.py are the *calculation* (desired BGP and
+policy state from a view), bird.py and firewall.py the *dataplane* writers.
+
+``load()`` reads the prefixes at one etcd revision, then one watch follows the cluster prefix
+from the next revision and applies each change to the copy, so an idle cluster costs a node
+nothing but its own heartbeat, and a change anywhere costs every node that one small event,
+not a re-read of everything. The watch breaking (etcd restarted, a member lost) or having been
+compacted past makes the next ``view()`` load again in full, counted in ``reloads`` (metric
+``l3net_datastore_reloads_total``). While it cannot load, ``view()`` raises: the agent then
+changes nothing (fail closed, last good state).
+"""
+
+import logging
+import threading
+
+log = logging.getLogger("l3net.datastore")
+
+
+class View:
+    """A frozen copy of the cache answering ``get`` / ``get_prefix`` like a store (what the
+    calculation functions read)."""
+
+    def __init__(self, items, revision=0):
+        self.revision = revision        # the etcd revision it is the state at
+        self._items = sorted((k, v, r) for k, (v, r) in items.items())
+        self._index = {k: (v, r) for k, v, r in self._items}
+
+    def get(self, key):
+        return self._index.get(key, (None, 0))
+
+    def get_prefix(self, prefix):
+        return [item for item in self._items if item[0].startswith(prefix)]
+
+
+class Cache:
+    def __init__(self, store, root, prefixes, on_change=None):
+        """``root``: the prefix to follow (the cluster's); ``prefixes``: the parts to keep;
+        ``on_change()``: called after each batch of changes (the agent's wake-up)."""
+        self.store, self.root, self.prefixes = store, root, tuple(prefixes)
+        self.on_change = on_change or (lambda: None)
+        self._lock = threading.Lock()
+        self._items = None          # key -> (value, revision); None: not loaded (or broken)
+        self._revision = 0
+        self._cancel = None
+        self._epoch = 0             # which load the watch callbacks belong to
+        self.generation = 0         # bumped on every change: "anything new since I computed?"
+        self._view = None           # (generation, View)
+        self.reloads = 0
+        self.events = 0
+
+    def view(self):
+        """The current copy (loading it first if needed). Raises when etcd cannot be read."""
+        with self._lock:
+            if self._items is not None:
+                return self._current()
+        self.load()
+        with self._lock:
+            if self._items is None:
+                return View({}, self._revision)
+            return self._current()
+
+    def _current(self):
+        """The View of this generation, made once (the agent asks every second; copying the
+        cluster's records each time would cost CPU in proportion to the cluster)."""
+        if self._view is None or self._view[0] != self.generation:
+            self._view = (self.generation, View(self._items, self._revision))
+        return self._view[1]
+
+    @property
+    def following(self):
+        return self._cancel is not None
+
+    def load(self):
+        items, revision = self.store.read(self.prefixes)
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+            cancel, self._cancel = self._cancel, None
+            self._items, self._revision = items, revision
+            self.generation += 1
+            self.reloads += 1
+        if cancel is not None:
+            try:
+                cancel()
+            except Exception:  # noqa: BLE001 - the old watch may be dead already
+                pass
+        try:
+            stop = self.store.follow(self.root, revision, lambda change: self._on(epoch, change))
+        except Exception:
+            with self._lock:
+                if self._epoch == epoch:
+                    self._items = None      # not followed: load again next time
+            raise
+        with self._lock:
+            if self._epoch == epoch:
+                self._cancel = stop
+                return
+        stop()      # a newer load happened meanwhile
+
+    def _on(self, epoch, change):
+        with self._lock:
+            if epoch != self._epoch or self._items is None:
+                return
+            if isinstance(change, Exception):
+                log.info("etcd watch lost (%s): loading again", change)
+                self._items = None
+                self._cancel = None
+            else:
+                relevant = [c for c in change if c[2] > self._revision and c[0].startswith(self.prefixes)]
+                for key, value, revision in relevant:
+                    if value is None:
+                        self._items.pop(key, None)
+                    else:
+                        self._items[key] = (value, revision)
+                self.events += len(relevant)
+                self._revision = max([self._revision] + [r for _, _, r in change])
+                if not relevant:
+                    return
+            self.generation += 1
+        self.on_change()
+
+    def stop(self):
+        with self._lock:
+            self._epoch += 1
+            cancel, self._cancel = self._cancel, None
+            self._items = None
+        if cancel is not None:
+            try:
+                cancel()
+            except Exception:  # noqa: BLE001
+                pass
