@@ -19,7 +19,9 @@ from plugin.errors import L3netError
 
 MIN_POOL_PREFIX = 8
 MAX_POOL_PREFIX = 30
-MIN_BLOCK_PREFIX = 16
+# A block record holds its allocations (~140 bytes each) and every node receives it whole on each
+# change: a /22 (1,024 addresses, ~150 kB at most) stays a tenth of etcd's 1.5 MiB request limit.
+MIN_BLOCK_PREFIX = 22
 MAX_BLOCK_PREFIX = 32
 
 # Options accepted with --ipam-opt (and their meaning, for the error message).
@@ -86,7 +88,8 @@ def parse_pool_options(options):
         text = str(options["block-size"]).lstrip("/")
         if not text.isdigit() or not MIN_BLOCK_PREFIX <= int(text) <= MAX_BLOCK_PREFIX:
             raise L3netError(f"invalid block-size {options['block-size']!r}: expected a prefix "
-                             f"length between {MIN_BLOCK_PREFIX} and {MAX_BLOCK_PREFIX}")
+                             f"length between {MIN_BLOCK_PREFIX} and {MAX_BLOCK_PREFIX} (a larger "
+                             "block's record would grow past what etcd carries well)")
         result["block_prefix"] = int(text)
     if "nat-outgoing" in options:
         value = str(options["nat-outgoing"]).lower()

@@ -335,8 +335,10 @@ def main(etcd_endpoints, etcd_prefix, etcd_timeout, etcd_ca_cert, etcd_cert, etc
         check_tls(cfg.etcd_endpoints, cfg.etcd_ca_cert, cfg.etcd_cert, cfg.etcd_key)
         from ipam.pools import parse_cidr
         parse_cidr(cfg.default_pool, "--default-pool")
-        if not 8 <= block_size <= 32 or not 8 <= default_pool_size <= 30:
-            raise L3netError("--block-size must be 8..32 and --default-pool-size 8..30")
+        from ipam.pools import MAX_BLOCK_PREFIX, MIN_BLOCK_PREFIX
+        if not MIN_BLOCK_PREFIX <= block_size <= MAX_BLOCK_PREFIX or not 8 <= default_pool_size <= 30:
+            raise L3netError(f"--block-size must be {MIN_BLOCK_PREFIX}..{MAX_BLOCK_PREFIX} and "
+                             "--default-pool-size 8..30")
         if not cfg.host_ip:
             cfg.host_ip = default_host_ip()
         if not cfg.host_ip and cfg.bgp:

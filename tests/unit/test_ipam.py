@@ -64,6 +64,8 @@ def test_bad_options_rejected():
         ipam.request_pool("10.1.0.0/16", options={"color": "red"})
     with pytest.raises(L3netError, match="invalid block-size"):
         ipam.request_pool("10.1.0.0/16", options={"block-size": "x"})
+    with pytest.raises(L3netError, match="between 22 and 32 .*etcd"):
+        ipam.request_pool("10.1.0.0/16", options={"block-size": "21"})   # its record would be too big
     with pytest.raises(L3netError, match="IPv6"):
         ipam.request_pool("10.1.0.0/16", v6=True)
     assert ipam.pools() == []
