@@ -472,9 +472,9 @@ class Agent:
         self._mesh_seen = {}            # mesh peer ip -> (Peer, when last in etcd): keep_departed
         self.stats = {}
         self.status_path = status_path   # where `l3netctl status` reads this agent's state
-        self.cache = Cache(store, keys.prefix + "/", keys.agent_view(name), on_change=self._wake.set)
+        self.cache = Cache(store, keys.agent_view(name), on_change=self._wake.set)
         self._computed = (None, 0.0)    # (cache generation, when) of the last full computation
-        self._applied_revision = 0      # the etcd revision of the policy last put in force
+        self._applied_revision = {}     # {prefix: revision} of the policy the driver put in force
 
     def sync(self):
         """BGP and policy are synced independently: a BIRD problem must not freeze the
@@ -543,15 +543,18 @@ class Agent:
         with self._policy_lock:
             if view is None:
                 generation = self.firewall.generation()
-                items, _ = self.store.read(self.keys.agent_view(self.name))
-                # its revision: the newest record in it (what the cache must have seen too)
-                view = View(items, max((r for _, r in items.values()), default=0))
-            elif view.revision < self._applied_revision:
+                prefixes = self.keys.agent_view(self.name)
+                items, _ = self.store.read(prefixes)
+                # per prefix, the newest record in it: what the cache must have seen too
+                view = View(items, {p: max((r for k, (_, r) in items.items() if k.startswith(p)), default=0)
+                                    for p in prefixes})
+            elif any(view.revision.get(p, 0) < r for p, r in self._applied_revision.items()):
                 return      # older than what the driver put in force: the watch catches up
             desired = desired_policy(view, self.keys, self.name)
             desired.uplinks = self.uplinks(sorted(set(desired.nodes.values()) - {self.ip}))
             done = self.firewall.apply(desired, generation)
-            self._applied_revision = max(self._applied_revision, view.revision)
+            for p, r in view.revision.items():
+                self._applied_revision[p] = max(self._applied_revision.get(p, 0), r)
             if done:
                 log.info("%s", done)
                 metrics.POLICY_WRITES.labels("full" if "in full" in done else "update").inc()

@@ -54,7 +54,7 @@ class Config:
     metrics_port: int = 0              # 0: no metrics endpoint
     metrics_address: str = "127.0.0.1"
     iptables_backend: str = "auto"
-    sweep_every: float = 10.0          # plugin/sweep.py
+    sweep_every: float = 30.0          # plugin/sweep.py
     sweep_grace: float = 30.0
     bgp_passwords: dict = field(default_factory=dict, repr=False)   # never logged: read_bgp_passwords
 

@@ -4,8 +4,9 @@ Felix's split, in l3net: this module is the *datastore* half (etcd -> an in-memo
 prefixes the agent needs), the pure functions in agent.py are the *calculation* (desired BGP and
 policy state from a view), bird.py and firewall.py the *dataplane* writers.
 
-``load()`` reads the prefixes at one etcd revision, then one watch follows the cluster prefix
-from the next revision and applies each change to the copy, so an idle cluster costs a node
+``load()`` reads the prefixes at one etcd revision, then a watch per prefix (one gRPC stream)
+follows them from the next revision and applies each change to the copy (other hosts'
+endpoint and network records never reach a node), so an idle cluster costs a node
 nothing but its own heartbeat, and a change anywhere costs every node that one small event,
 not a re-read of everything. The watch breaking (etcd restarted, a member lost) or having been
 compacted past makes the next ``view()`` load again in full, counted in ``reloads`` (metric
@@ -23,8 +24,10 @@ class View:
     """A frozen copy of the cache answering ``get`` / ``get_prefix`` like a store (what the
     calculation functions read)."""
 
-    def __init__(self, items, revision=0):
-        self.revision = revision        # the etcd revision it is the state at
+    def __init__(self, items, revision=None):
+        # {prefix: the newest etcd revision of it known here}: the watches of several prefixes
+        # deliver in order each, not with each other
+        self.revision = dict(revision or {})
         self._items = sorted((k, v, r) for k, (v, r) in items.items())
         self._index = {k: (v, r) for k, v, r in self._items}
 
@@ -36,14 +39,14 @@ class View:
 
 
 class Cache:
-    def __init__(self, store, root, prefixes, on_change=None):
-        """``root``: the prefix to follow (the cluster's); ``prefixes``: the parts to keep;
-        ``on_change()``: called after each batch of changes (the agent's wake-up)."""
-        self.store, self.root, self.prefixes = store, root, tuple(prefixes)
+    def __init__(self, store, prefixes, on_change=None):
+        """``prefixes``: what to copy and follow; ``on_change()``: called after each batch of
+        changes (the agent's wake-up)."""
+        self.store, self.prefixes = store, tuple(prefixes)
         self.on_change = on_change or (lambda: None)
         self._lock = threading.Lock()
         self._items = None          # key -> (value, revision); None: not loaded (or broken)
-        self._revision = 0
+        self._seen = {}             # prefix -> newest revision loaded or followed
         self._cancel = None
         self._epoch = 0             # which load the watch callbacks belong to
         self.generation = 0         # bumped on every change: "anything new since I computed?"
@@ -59,14 +62,14 @@ class Cache:
         self.load()
         with self._lock:
             if self._items is None:
-                return View({}, self._revision)
+                return View({})
             return self._current()
 
     def _current(self):
         """The View of this generation, made once (the agent asks every second; copying the
         cluster's records each time would cost CPU in proportion to the cluster)."""
         if self._view is None or self._view[0] != self.generation:
-            self._view = (self.generation, View(self._items, self._revision))
+            self._view = (self.generation, View(self._items, self._seen))
         return self._view[1]
 
     @property
@@ -79,7 +82,8 @@ class Cache:
             self._epoch += 1
             epoch = self._epoch
             cancel, self._cancel = self._cancel, None
-            self._items, self._revision = items, revision
+            self._items = items
+            self._seen = {p: revision for p in self.prefixes}
             self.generation += 1
             self.reloads += 1
         if cancel is not None:
@@ -87,9 +91,19 @@ class Cache:
                 cancel()
             except Exception:  # noqa: BLE001 - the old watch may be dead already
                 pass
+        stops = []
+
+        def stop():
+            for cancel in stops:
+                try:
+                    cancel()
+                except Exception:  # noqa: BLE001 - the watch may be dead already
+                    pass
         try:
-            stop = self.store.follow(self.root, revision, lambda change: self._on(epoch, change))
+            for prefix in self.prefixes:
+                stops.append(self.store.follow(prefix, revision, lambda change: self._on(epoch, change)))
         except Exception:
+            stop()
             with self._lock:
                 if self._epoch == epoch:
                     self._items = None      # not followed: load again next time
@@ -109,14 +123,18 @@ class Cache:
                 self._items = None
                 self._cancel = None
             else:
-                relevant = [c for c in change if c[2] > self._revision and c[0].startswith(self.prefixes)]
-                for key, value, revision in relevant:
+                relevant = 0
+                for key, value, revision in change:
+                    prefix = next((p for p in self.prefixes if key.startswith(p)), None)
+                    if prefix is None or revision <= self._seen.get(prefix, 0):
+                        continue        # not ours, or already in the load
+                    self._seen[prefix] = revision
                     if value is None:
                         self._items.pop(key, None)
                     else:
                         self._items[key] = (value, revision)
-                self.events += len(relevant)
-                self._revision = max([self._revision] + [r for _, _, r in change])
+                    relevant += 1
+                self.events += relevant
                 if not relevant:
                     return
             self.generation += 1

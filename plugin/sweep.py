@@ -68,7 +68,7 @@ def plan(host, owner, endpoints, allocations, veths, routes, deleting, aux, now)
 
 
 class Sweeper:
-    def __init__(self, driver, ipam, every=10.0, grace=30.0, blocks=None):
+    def __init__(self, driver, ipam, every=30.0, grace=30.0, blocks=None):
         """``blocks()``: the IPAM block records as (key, value, revision), from the agent's
         watch-fed copy (datastore.Cache): the sweep then reads only this node's records."""
         self.driver, self.ipam = driver, ipam

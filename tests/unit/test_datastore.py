@@ -22,7 +22,7 @@ def test_loaded_once_then_followed_by_events(store, prefix):
     store.put(f"{prefix}/ipam/pools/a", "1")
     store.put(f"{prefix}/hosts/h1/endpoints/x", "not kept")
     woken = threading.Event()
-    cache = Cache(store, prefix + "/", [f"{prefix}/ipam/", f"{prefix}/nodes/"], on_change=woken.set)
+    cache = Cache(store, [f"{prefix}/ipam/", f"{prefix}/nodes/"], on_change=woken.set)
     view = cache.view()
     assert [k for k, _, _ in view.get_prefix(prefix)] == [f"{prefix}/ipam/pools/a"]
     assert cache.reloads == 1 and cache.following
@@ -40,7 +40,7 @@ def test_loaded_once_then_followed_by_events(store, prefix):
 
 def test_a_lost_watch_means_a_full_load_next_time(prefix):
     store = MemoryStore()
-    cache = Cache(store, prefix + "/", [f"{prefix}/ipam/"])
+    cache = Cache(store, [f"{prefix}/ipam/"])
     cache.view()
     cache._on(cache._epoch, RuntimeError("the etcd watch ended"))
     assert not cache.following
@@ -53,7 +53,7 @@ def test_etcd_away_at_load_raises_and_keeps_nothing(prefix):
     class Away(MemoryStore):
         def read(self, prefixes):
             raise OSError("etcd did not answer")
-    cache = Cache(Away(), prefix + "/", [f"{prefix}/ipam/"])
+    cache = Cache(Away(), [f"{prefix}/ipam/"])
     with pytest.raises(OSError):
         cache.view()
     assert not cache.following
