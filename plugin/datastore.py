@@ -124,11 +124,12 @@ class Cache:
                 self._cancel = None
             else:
                 relevant = 0
+                before = dict(self._seen)   # (one transaction: several changes, one revision)
                 for key, value, revision in change:
                     prefix = next((p for p in self.prefixes if key.startswith(p)), None)
-                    if prefix is None or revision <= self._seen.get(prefix, 0):
+                    if prefix is None or revision <= before.get(prefix, 0):
                         continue        # not ours, or already in the load
-                    self._seen[prefix] = revision
+                    self._seen[prefix] = max(self._seen.get(prefix, 0), revision)
                     if value is None:
                         self._items.pop(key, None)
                     else:

@@ -30,10 +30,14 @@ def test_loaded_once_then_followed_by_events(store, prefix):
     store.put(f"{prefix}/hosts/h1/endpoints/y", "ignored")      # outside the kept prefixes
     store.put(f"{prefix}/nodes/n1", json.dumps({"name": "n1"}))
     store.delete(f"{prefix}/ipam/pools/a")
+    # one transaction, several keys (a block and its affinity): one revision, every change kept
+    store.txn({}, put={f"{prefix}/ipam/blocks/b1": "x", f"{prefix}/ipam/affinity/h1/b1": "y"})
     wait_for(lambda: cache.view().get(f"{prefix}/ipam/pools/a")[0] is None and
-             cache.view().get(f"{prefix}/nodes/n1")[0] is not None, 10, "the events applied")
+             cache.view().get(f"{prefix}/nodes/n1")[0] is not None and
+             cache.view().get(f"{prefix}/ipam/blocks/b1")[0] == "x" and
+             cache.view().get(f"{prefix}/ipam/affinity/h1/b1")[0] == "y", 10, "the events applied")
     assert woken.is_set() and cache.generation > generation
-    assert cache.reloads == 1 and cache.events == 2           # no read since the load
+    assert cache.reloads == 1 and cache.events == 4           # no read since the load
     assert cache.view() is cache.view()                        # one copy per generation
     cache.stop()
 
