@@ -612,14 +612,13 @@ class Ipam:
         for key, value, rev in self.store.get_prefix(self.keys.all_blocks()):
             for _ in range(MAX_ATTEMPTS):
                 block = json.loads(value)
-                shared = 0
-                for ip, a in block["allocations"].items():
-                    users = B.reservation_users(a)
-                    if users is not None and any(h != host for h in users.values()):
-                        shared += len(users)
-                        a["users"] = {c: h for c, h in users.items() if h != host}
-                        a["host"] = next(iter(a["users"].values()))
-                        shared -= len(a["users"])
+                shared = False      # reservations it shares with other hosts: only its claims go
+                for a in block["allocations"].values():
+                    users = B.reservation_users(a) or {}
+                    others = {c: h for c, h in users.items() if h != host}
+                    if others and (len(others) < len(users) or a["host"] == host):
+                        a["users"], a["host"] = others, next(iter(others.values()))
+                        shared = True
                 mine = [ip for ip, a in block["allocations"].items() if a["host"] == host]
                 owned = block["host"] == host
                 if not mine and not owned and not shared:

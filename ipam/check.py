@@ -16,7 +16,7 @@ reads records and returns findings; ``fix`` applies them through the allocator's
     has (the network's ReleaseAddress was lost, its ReleasePool was not);
   * gone container: an endpoint record of *this* host (``local`` given) whose veth is gone,
     created ``min_age`` ago or more: its container died while the plugin could not hear of it
-    (each node's agent also clears these by itself, see agent.Sweeper).
+    (each node's sweeper also clears these by itself, see plugin/sweep.py).
 
 Addresses held by nodes that are gone for good are ``l3netctl node remove``'s business.
 """
@@ -65,6 +65,7 @@ def find(store, keys, now, min_age=MIN_AGE, local=None):
             for cidr in record.get("pools", []):
                 networks[(cidr, host)] = networks.get((cidr, host), 0) + 1
     held = {}
+    referenced = {}         # pool -> claims some reservation names
     findings = []
     for block in blocks:
         for ip, a in block["allocations"].items():
@@ -73,6 +74,7 @@ def find(store, keys, now, min_age=MIN_AGE, local=None):
             old = now - a.get("time", now) >= min_age
             users = B.reservation_users(dict(a))
             if users is not None:
+                referenced.setdefault(block["pool"], set()).update(users)
                 claims = pools.get(block["pool"], {}).get("claims", {})
                 for claim, host in sorted(users.items()):
                     if claim and claim not in claims:
@@ -98,11 +100,9 @@ def find(store, keys, now, min_age=MIN_AGE, local=None):
             findings.append(Finding("gone container", record["address"], record.get("pool", ""), host,
                                     f"endpoint:{endpoint_id}", "its veth is gone", key=key))
     for cidr, pool in sorted(pools.items()):
-        referenced = {c for b in blocks if b["pool"] == cidr for a in b["allocations"].values()
-                      for c in (B.reservation_users(dict(a)) or {})}
         for host in sorted(pool.get("refs", {})):
             for claim in P.excess_claims(pool, host, networks.get((cidr, host), 0), min_age, now,
-                                         referenced):
+                                         referenced.get(cidr, ())):
                 findings.append(Finding("unused pool claim", "", cidr, host, f"claim:{claim}",
                                         "a RequestPool without a network"))
     return findings

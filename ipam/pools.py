@@ -3,8 +3,7 @@
 A pool is one CIDR shared by every host: ``--subnet 10.20.0.0/16`` on two hosts is the same pool.
 Docker remembers the PoolID we return for ever (it never asks again: no request replay), so
 each RequestPool gets its own: ``<cidr>[@<ip-range>]#<claim>``. The claim is a random token
-recorded in the pool record (``claims``), with the host and, once CreateNetwork has come,
-the network. A ReleasePool then drops exactly that claim: a re-sent one finds nothing to drop,
+recorded in the pool record (``claims``) with its host and time. A ReleasePool then drops exactly that claim: a re-sent one finds nothing to drop,
 and can never take away what another network on the same pool (on any host) still uses.
 PoolIDs without a claim (given out by l3net before claims existed) still work.
 """

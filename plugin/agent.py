@@ -28,12 +28,12 @@ from . import metrics
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer, render
 from .datastore import Cache, View
 from .errors import L3netError
-from .store import StoreError
 from .firewall import NoFirewall
 from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
                     pool_conflict, protected, unicast_ip)
 from .keys import key_cidr
 from .policy import PolicyState
+from .store import StoreError
 
 log = logging.getLogger("l3net.agent")
 
@@ -660,10 +660,7 @@ class Agent:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
-        try:
-            self.cache.stop()
-        except Exception:  # noqa: BLE001 - etcd may be gone already
-            pass
+        self.cache.stop()           # (a watch that is already dead is fine)
         # BIRD is left running: a plugin restart (an upgrade) costs no route, and the next
         # plugin adopts it (bird.py). A node down for good leaves the mesh when its registry
         # lease expires: the other nodes drop their sessions with it.

@@ -17,7 +17,7 @@ from netaddr import IPNetwork
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config, bird_socket, etcd_options, make_store
+from .config import Config, bird_socket, etcd_options, make_store, node_name
 from .errors import L3netError
 from .keys import Keys
 
@@ -181,8 +181,6 @@ def container_addresses(name):
 @click.pass_obj
 def diagnose(obj, src, dst, proto, port, hostname):
     """Can SRC reach DST, and why not? (containers by name or address, DST also a host or any IP)"""
-    import socket
-
     from netaddr import AddrFormatError, IPAddress
 
     from .diagnose import Facts
@@ -211,7 +209,7 @@ def diagnose(obj, src, dst, proto, port, hostname):
     for _, v, _ in obj.store.get_prefix(obj.keys.all_blocks()):
         allocations.update(json.loads(v)["allocations"])
     from .agent import nodes
-    here = hostname or socket.gethostname().split(".")[0]
+    here = node_name(hostname)
     route = None
     if allocations.get(s_ip, {}).get("host") == here:
         res = subprocess.run(["ip", "route", "get", d_ip], capture_output=True, text=True, timeout=10)
@@ -376,12 +374,10 @@ def ipam_show(obj, pool_cidr, per_block, as_json):
 def ipam_check(obj, do_fix, min_age, hostname, as_json):
     """Leaked addresses, unused pool claims and reservations, orphaned endpoint records, and
     endpoints of this host whose container is gone (--fix repairs them)."""
-    import socket
-
     from ipam import check
 
     from .datapath import link_exists
-    here = hostname or socket.gethostname().split(".")[0]
+    here = node_name(hostname)
     findings = check.find(obj.store, obj.keys, time.time(), min_age, local=(here, link_exists))
     if do_fix:
         check.fix(obj.store, obj.ipam(), findings)
@@ -422,8 +418,7 @@ def local_containers(network_ids):
 @click.pass_obj
 def endpoint_list(obj, hostname, as_json):
     """Every endpoint on every host; container names for this host's (from its dockerd)."""
-    import socket
-    here = hostname or socket.gethostname().split(".")[0]
+    here = node_name(hostname)
     from .ports import describe
     records, ports = [], {}
     for key, value, _ in obj.store.get_prefix(obj.keys.all_hosts()):

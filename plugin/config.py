@@ -30,6 +30,12 @@ def bird_socket():
     return next((p for p in BIRD_SOCKETS if os.path.exists(p)), BIRD_SOCKETS[0])
 
 
+def node_name(given=None):
+    """This node's name: ``given`` (--hostname, L3NET_HOSTNAME), else the host name up to the
+    first dot."""
+    return given or socket.gethostname().split(".")[0]
+
+
 @dataclass
 class Config:
     etcd_endpoints: str = "http://127.0.0.1:2379"
@@ -69,7 +75,7 @@ class Config:
         if not re.fullmatch(r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*/?", self.etcd_prefix or "") or \
                 ".." in self.etcd_prefix:
             raise L3netError(f"invalid --etcd-prefix {self.etcd_prefix!r}")
-        self.hostname = check_hostname(self.hostname or socket.gethostname().split(".")[0])
+        self.hostname = check_hostname(node_name(self.hostname))
         if self.host_ip:
             self.host_ip = str(ipv4(self.host_ip, "--host-ip"))
         if self.metrics_port:

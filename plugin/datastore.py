@@ -87,13 +87,11 @@ class Cache:
             self.generation += 1
             self.reloads += 1
         if cancel is not None:
-            try:
-                cancel()
-            except Exception:  # noqa: BLE001 - the old watch may be dead already
-                pass
+            cancel()
         stops = []
 
         def stop():
+            """Cancel this load's watches (one already dead is fine)."""
             for cancel in stops:
                 try:
                     cancel()
@@ -147,7 +145,4 @@ class Cache:
             cancel, self._cancel = self._cancel, None
             self._items = None
         if cancel is not None:
-            try:
-                cancel()
-            except Exception:  # noqa: BLE001
-                pass
+            cancel()

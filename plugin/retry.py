@@ -17,7 +17,6 @@ class Retrier:
         self._queue = queue.Queue()
         self._thread = None
         self._lock = threading.Lock()
-        self._waiting = 0            # jobs sleeping before their next attempt
 
     def submit(self, job, what, attempt=0):
         """Run ``job()`` until it returns without raising. ``what`` names it in the logs."""
@@ -26,11 +25,6 @@ class Retrier:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
         self._queue.put((job, what, attempt))
-
-    def _again(self, job, what, attempt):
-        with self._lock:
-            self._waiting -= 1
-        self.submit(job, what, attempt)
 
     def _run(self):
         while True:
@@ -41,18 +35,11 @@ class Retrier:
                 delay = min(2.0 ** attempt, self.cap)
                 if attempt < 3 or attempt % 10 == 0:
                     log.warning("%s failed (%s); retrying in %.0f s", what, e, delay)
-                with self._lock:
-                    self._waiting += 1
-                timer = threading.Timer(delay, self._again, (job, what, attempt + 1))
+                timer = threading.Timer(delay, self.submit, (job, what, attempt + 1))
                 timer.daemon = True
                 timer.start()
             finally:
                 self._queue.task_done()
-
-    def pending(self):
-        """Jobs not done yet (queued or waiting to be retried)."""
-        with self._lock:
-            return self._queue.unfinished_tasks + self._waiting
 
     def wait(self):
         """Block until everything submitted so far has been tried once (tests, shutdown)."""

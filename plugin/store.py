@@ -10,10 +10,6 @@ Everything above this module (IPAM, driver, agent) sees only these calls::
     txn(expect, put, delete)    -> the new revision (> 0) if every key in ``expect`` still had
                                    the given revision (0 = must not exist) and the writes were
                                    applied, else 0; the revision lets callers cache what they wrote
-    watch(prefix, callback, ignore=())
-                                -> cancel(); callback(None) after every change under prefix
-                                   (except changes only to keys under an ``ignore`` prefix),
-                                   callback(error) once if the watch breaks (then watch again)
     read(prefixes)              -> ({key: (value, revision)}, store revision): several prefixes
                                    read at one revision (a consistent snapshot)
     follow(prefix, revision, callback)
@@ -84,23 +80,14 @@ class MemoryStore:
                 self._data[key] = (value, self._rev)
             for key in delete or []:
                 self._data.pop(key, None)
-            rev, changed = self._rev, list(put or {}) + list(delete or [])
+            rev = self._rev
             watches = list(self._watches.values())
         events = [(k, v, rev) for k, v in (put or {}).items()] + [(k, None, rev) for k in delete or []]
-        for prefix, ignore, callback in watches:
-            if ignore is None:          # follow()
-                mine = [e for e in events if e[0].startswith(prefix)]
-                if mine:
-                    callback(mine)
-            elif any(k.startswith(prefix) and not k.startswith(ignore) for k in changed):
-                callback(None)
+        for prefix, callback in watches:
+            mine = [e for e in events if e[0].startswith(prefix)]
+            if mine:
+                callback(mine)
         return rev
-
-    def watch(self, prefix, callback, ignore=()):
-        token = object()
-        with self._lock:
-            self._watches[token] = (prefix, tuple(ignore), callback)
-        return lambda: self._watches.pop(token, None)
 
     def read(self, prefixes):
         with self._lock:
@@ -113,29 +100,8 @@ class MemoryStore:
         with self._lock:
             if revision != self._rev:
                 raise StoreError(f"cannot follow from revision {revision} (now {self._rev})")
-            self._watches[token] = (prefix, None, callback)
+            self._watches[token] = (prefix, callback)
         return lambda: self._watches.pop(token, None)
-
-
-class Snapshot:
-    """A read-only view of a few prefixes, read once (one range read each): what the agent
-    computes a sync from, instead of a dozen small reads. Answers get / get_prefix like a store
-    for keys under those prefixes."""
-
-    def __init__(self, store, prefixes):
-        self._items = []
-        for prefix in prefixes:
-            self._items += store.get_prefix(prefix)
-        self._items.sort()
-
-    def get(self, key):
-        for k, v, rev in self._items:
-            if k == key:
-                return v, rev
-        return None, 0
-
-    def get_prefix(self, prefix):
-        return [item for item in self._items if item[0].startswith(prefix)]
 
 
 class _MemoryLease:
@@ -374,18 +340,6 @@ class EtcdStore:
 
     def delete(self, key):
         self._call(lambda: self.client.delete(key))
-
-    def watch(self, prefix, callback, ignore=()):
-        ignore = tuple(ignore)
-        _patch_etcd3_watch()
-
-        def on_response(response):
-            if response is None or isinstance(response, Exception):
-                callback(response or StoreError("the etcd watch ended"))
-            elif not ignore or any(not self._dec(e.key).startswith(ignore) for e in response.events):
-                callback(None)
-        watch_id = self._call(lambda: self.client.add_watch_prefix_callback(prefix, on_response))
-        return lambda: self._call(lambda: self.client.cancel_watch(watch_id))
 
     def read(self, prefixes):
         """Every prefix at the revision of the first read: what follow() continues from."""

@@ -75,7 +75,6 @@ class Sweeper:
         self.blocks = blocks
         self.every, self.grace = float(every), float(grace)
         self.seen = {}             # key -> when first seen unexplained
-        self.removed = 0           # what this process removed (for tests and logs)
         self._stop = threading.Event()
         self._thread = None
 
@@ -118,7 +117,6 @@ class Sweeper:
             log.warning("sweep: removed %s (unexplained for %.0f s)", " ".join(action), now - self.seen[key])
             self.seen.pop(key)
             done.append(action)
-        self.removed += len(done)
         return done
 
     def _act(self, action):

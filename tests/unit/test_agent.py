@@ -89,20 +89,21 @@ def test_drift_triggers_a_new_sync():
         agent.stop()
 
 
-def test_etcd_watch_wakes_on_changes_but_not_on_ignored_keys(etcd, prefix):
-    """On a real etcd: events come in order, so once the second put is seen, the first
-    (ignored) one would have been seen before it."""
+def test_etcd_follow_delivers_changes_under_its_prefix_and_its_end(etcd, prefix):
+    """On a real etcd: events come in order, so once the second put is seen, the first (outside
+    the followed prefix) would have been seen before it."""
     from plugin.store import EtcdStore
 
     store = EtcdStore(etcd.url)
+    _, revision = store.read([prefix + "/ipam/"])
     seen = []
-    store.watch(prefix + "/", lambda err: seen.append(err), ignore=(prefix + "/hosts/",))
+    store.follow(prefix + "/ipam/", revision, seen.append)
     store.put(prefix + "/hosts/h1/endpoints/x", "{}")
     store.put(prefix + "/ipam/pools/y", "{}")
     wait_for(lambda: seen, 5, "the watch callback")
     time.sleep(0.2)     # a negative check: nothing else may arrive
-    assert seen == [None]
-    # when the stream ends, the callback hears it (and the agent watches again)
+    assert [[(k, v) for k, v, _ in changes] for changes in seen] == [[(prefix + "/ipam/pools/y", "{}")]]
+    # when the stream ends, the callback hears it (and the agent's copy is read again)
     store.close()
     wait_for(lambda: len(seen) == 2, 5, "the end of the watch reported")
-    assert seen[1] is not None
+    assert isinstance(seen[1], Exception)
