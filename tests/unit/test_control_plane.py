@@ -130,3 +130,23 @@ def test_mesh_peers_outlive_their_record_for_a_grace():
     assert agent.keep_departed([]) == [h2], "h2's record expired a moment ago: kept; an explicit peer is not"
     agent.MESH_GRACE = 0.0
     assert agent.keep_departed([]) == []
+
+
+def test_a_heartbeat_refreshes_the_lease_and_rewrites_the_record_only_on_change():
+    """A record rewritten every beat would wake every other node's agent every 10 s: it is
+    written with a new lease, when it changes, or when it went missing; liveness is the lease."""
+    store = MemoryStore()
+    facts = {"addresses": ["198.18.0.11"]}
+    reg = Registry(store, KEYS, "h1", "198.18.0.11", facts=lambda: dict(facts))
+    assert reg.heartbeat(64512)
+    _, first = store.get(KEYS.node("h1"))
+    for _ in range(3):
+        assert reg.heartbeat(64512, force=True)
+    assert store.get(KEYS.node("h1"))[1] == first, "an unchanged record is not written again"
+    facts["addresses"] = ["198.18.0.11", "10.1.2.3"]
+    reg.heartbeat(64512, force=True)
+    _, changed = store.get(KEYS.node("h1"))
+    assert changed > first and "10.1.2.3" in store.get(KEYS.node("h1"))[0]
+    store.delete(KEYS.node("h1"))                   # removed by someone, its lease still alive
+    reg.heartbeat(64512, force=True, present=False)
+    assert store.get(KEYS.node("h1"))[0] is not None
