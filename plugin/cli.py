@@ -38,7 +38,7 @@ class Ctx:
     def ipam(self):
         from ipam.allocator import Ipam
 
-        from .agent import read_infrastructure
+        from .calc import read_infrastructure
         return Ipam(self.store, self.keys, host="l3netctl",
                     infrastructure=lambda: read_infrastructure(self.store, self.keys))
 
@@ -208,7 +208,7 @@ def diagnose(obj, src, dst, proto, port, hostname):
     allocations = {}
     for _, v, _ in obj.store.get_prefix(obj.keys.all_blocks()):
         allocations.update(json.loads(v)["allocations"])
-    from .agent import nodes
+    from .calc import nodes
     here = node_name(hostname)
     route = None
     if allocations.get(s_ip, {}).get("host") == here:
@@ -220,8 +220,8 @@ def diagnose(obj, src, dst, proto, port, hostname):
         bgp = bgp_states(show(bird_socket(), "protocols"))
     except L3netError:
         pass
-    from .agent import RESERVED_NETS as hard                        # as the agents judge pools
-    from .agent import bgp_peer_ips, known_node_addresses, protected_by_operator
+    from .calc import RESERVED_NETS as hard                        # as the agents judge pools
+    from .calc import bgp_peer_ips, known_node_addresses, protected_by_operator
     from .infra import pool_conflict, protected
     registered, peers = nodes(obj.store, obj.keys), bgp_peer_ips(obj.store, obj.keys)
     known = known_node_addresses(obj.store, obj.keys)
@@ -292,7 +292,7 @@ def pool_ranges(ctx):
 @click.pass_obj
 def pool_ranges_show(obj, as_json=False):
     """The ranges every pool must lie in."""
-    from .agent import pool_ranges as read
+    from .calc import pool_ranges as read
     ranges = read(obj.store, obj.keys)
     if as_json:
         click.echo(json.dumps(ranges))
@@ -444,7 +444,7 @@ def node():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def node_list(obj, as_json):
-    from .agent import nodes
+    from .calc import nodes
     now = time.time()
     blocks = Counter(obj.keys.host_of(k) for k, _, _ in obj.store.get_prefix(obj.keys.all_affinities()))
     endpoints = Counter(obj.keys.host_of(k) for k, _, _ in obj.store.get_prefix(obj.keys.all_hosts())
@@ -538,7 +538,7 @@ def _update_json(obj, key, change):
 @click.pass_obj
 def bgp_config(obj, asn, mesh, hold_time, ttl_security, as_json):
     """Show, or change, the cluster's BGP settings."""
-    from .agent import bgp_settings
+    from .calc import bgp_settings
 
     settings = (("as", asn), ("mesh", mesh), ("hold_time", hold_time), ("ttl_security", ttl_security))
 
@@ -629,7 +629,7 @@ def peer_remove(obj, ip, node):
 def bgp_status(obj, sock, as_json):
     """This node's BGP sessions, as BIRD reports them, with the peer's node name from etcd."""
     sock = sock or bird_socket()
-    from .agent import nodes
+    from .calc import nodes
     from .bgp import parse_protocols
     from .bird import show
 
@@ -808,7 +808,7 @@ def host_unprotect(obj, cidr):
 def host_list(obj, show_all, as_json):
     """Host rules (what is open to containers), then the protected ranges (the operator's; with
     --all also the automatic ones, and why each is there)."""
-    from .agent import bgp_peer_ips, nodes, protected_by_operator
+    from .calc import bgp_peer_ips, nodes, protected_by_operator
     from .infra import LINK_LOCAL
     rows = [dict(r, kind="allow") for r in obj.records(obj.keys.host_rules())]
     protected = [(c, "operator (l3netctl host protect)") for c in protected_by_operator(obj.store, obj.keys)]

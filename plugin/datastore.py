@@ -1,7 +1,7 @@
 """The agent's datastore cache: what it computes from, read once and then followed by watch.
 
 Felix's split, in l3net: this module is the *datastore* half (etcd -> an in-memory copy of the
-prefixes the agent needs), the pure functions in agent.py are the *calculation* (desired BGP and
+prefixes the agent needs), the pure functions in calc.py are the *calculation* (desired BGP and
 policy state from a view), bird.py and firewall.py the *dataplane* writers.
 
 ``load()`` reads the prefixes at one etcd revision, then a watch per prefix (one gRPC stream)

@@ -30,7 +30,8 @@ def build(cfg):
 
     from .app import create_app
     from .datapath import Datapath, uplinks
-    from .agent import Agent, read_infrastructure
+    from .agent import Agent
+    from .calc import read_infrastructure
     from .bird import Bird
     from .driver import Driver
     from .firewall import Firewall, choose_backend

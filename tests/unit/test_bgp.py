@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugin.agent import Registry, desired_bgp
+from plugin.agent import Registry
+from plugin.calc import desired_bgp
 from plugin.bgp import BgpState, Peer, render
 from plugin.keys import Keys
 from plugin.store import MemoryStore

@@ -4,7 +4,7 @@ never passes an identifier or port check, at the socket, in the CLI or in the ag
 import pytest
 
 from plugin import validate
-from plugin.agent import _valid_rule, valid_ports
+from plugin.calc import _valid_rule, valid_ports
 from plugin.config import Config
 from plugin.errors import L3netError
 

@@ -9,7 +9,8 @@ from netaddr import IPNetwork
 
 from ipam.allocator import Ipam
 from plugin import infra
-from plugin.agent import Registry, desired_bgp, desired_policy, read_infrastructure
+from plugin.agent import Registry
+from plugin.calc import desired_bgp, desired_policy, read_infrastructure
 from plugin.diagnose import Facts, diagnose
 from plugin.errors import L3netError
 from plugin.keys import Keys

@@ -110,7 +110,8 @@ def test_desired_policy_from_etcd_data():
     import json
 
     from ipam.allocator import Ipam
-    from plugin.agent import Registry, desired_policy
+    from plugin.agent import Registry
+    from plugin.calc import desired_policy
     from plugin.keys import Keys
     from plugin.store import MemoryStore
 
@@ -172,7 +173,7 @@ def test_malformed_records_in_etcd_are_ignored():
     from netaddr import IPNetwork
 
     from ipam.allocator import Ipam
-    from plugin.agent import desired_policy
+    from plugin.calc import desired_policy
     from plugin.keys import Keys
     from plugin.store import MemoryStore
 

@@ -1,0 +1,359 @@
+"""The calculation: pure functions from a view of etcd to the state a node should run.
+
+Felix's split, in l3net: datastore.py keeps the watch-fed copy of etcd (the *datastore*),
+this module turns a view of it into desired state (the *calculation*: ``desired_bgp`` ->
+bgp.BgpState, ``desired_policy`` -> policy.PolicyState), bird.py and firewall.py put that
+state in force (the *dataplane*). Nothing here writes anything or talks to the kernel; every
+function takes anything with ``get``/``get_prefix`` (a datastore.View, a store, a
+MemoryStore in tests).
+
+Every record is checked here, since anyone with etcd access can write one: a malformed
+record is skipped with a warning (logged once per WARN_AGAIN seconds), the others still count,
+and nothing unchecked reaches bird.conf or iptables-restore input.
+"""
+
+import json
+import logging
+import re
+import time
+
+from netaddr import IPAddress, IPNetwork
+
+from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer
+from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
+                    pool_conflict, protected, unicast_ip)
+from .keys import key_cidr
+from .policy import PolicyState
+
+log = logging.getLogger("l3net.calc")
+
+_warned = {}
+WARN_AGAIN = 600.0      # seconds before the same warning about a bad record is logged again
+
+
+def warn(message, *args):
+    """Log a warning about a record the agent skips, once (again after WARN_AGAIN seconds):
+    the sync runs every second, the log must not."""
+    text = message % args
+    now = time.monotonic()
+    if now - _warned.get(text, -WARN_AGAIN) >= WARN_AGAIN:
+        _warned[text] = now
+        if len(_warned) > 1000:
+            _warned.clear()
+        log.warning("%s", text)
+
+
+def nodes(store, keys):
+    """Registered nodes, their fields checked (infra.node_facts): a record without a name and
+    an IPv4 address is skipped, malformed list entries dropped (one bad record must not stop
+    every node's sync, nor reach ipset input)."""
+    out = []
+    for record in _records(store, keys.nodes()):
+        facts = node_facts(record)
+        if facts is None:
+            warn("ignoring node record %.120s: no valid name or IPv4 address",
+                 json.dumps({k: record.get(k) for k in ("name", "ip")} if isinstance(record, dict) else record))
+            continue
+        out.append({**record, **facts})
+    return out
+
+
+def known_node_addresses(store, keys):
+    """Every address any node ever registered and was not removed with ``l3netctl node
+    remove``: the lasting half of host protection (a lease that expires must not open a node
+    to containers)."""
+    out = set()
+    for r in _records(store, keys.all_node_addresses()):
+        addresses = r.get("addresses") if isinstance(r, dict) else None
+        if isinstance(addresses, list):
+            out |= {a for a in addresses[:MAX_LISTED] if unicast_ip(a)}
+    return sorted(out)
+
+
+def bgp_peer_ips(store, keys):
+    """Addresses of every explicit BGP peer, cluster-wide and per node (protected from containers)."""
+    ips = [p.get("ip") for p in _records(store, keys.bgp_peers()) if isinstance(p, dict)]
+    for n in _records(store, keys.bgp_nodes()):
+        peers = n.get("peers") if isinstance(n, dict) else None
+        ips += [p.get("ip") for p in peers if isinstance(p, dict)] if isinstance(peers, list) else []
+    return sorted({ip for ip in ips if unicast_ip(ip)})
+
+
+def protected_by_operator(store, keys):
+    """The ranges ``l3netctl host protect`` added."""
+    out = []
+    for r in _records(store, keys.protected_ranges()):
+        cidr = r.get("cidr") if isinstance(r, dict) else None
+        if canonical_cidr(cidr):
+            out.append(cidr)
+        else:
+            warn("ignoring malformed protected range %.200r", r)
+    return out
+
+
+def pool_ranges(store, keys):
+    """The ranges pools must lie in (``l3netctl pool ranges set``); [] = anywhere."""
+    ranges = _json_record(store, keys.pool_ranges()).get("ranges")
+    return [c for c in ranges if canonical_cidr(c)] if isinstance(ranges, list) else []
+
+
+def read_infrastructure(store, keys):
+    """(what no pool may overlap, the allowed ranges), from etcd: Ipam's ``infrastructure``."""
+    return (infrastructure(nodes(store, keys), bgp_peer_ips(store, keys), protected_by_operator(store, keys)),
+            pool_ranges(store, keys))
+
+
+def valid_asn(value):
+    return value if type(value) is int and 1 <= value <= 4294967295 else None
+
+
+def _json_record(store, key):
+    """The JSON object at ``key``, or {} (absent, or not a JSON object: warned, skipped)."""
+    value, _ = store.get(key)
+    if value is None:
+        return {}
+    try:
+        record = json.loads(value)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        warn("ignoring %s: not a JSON object", key)
+        return {}
+    return record
+
+
+def bgp_settings(store, keys, name):
+    """(cluster settings, this node's settings) with defaults filled in; a malformed field is
+    skipped with a warning (the default holds) and never reaches bird.conf."""
+    cluster = {"as": DEFAULT_AS, "mesh": True, "hold_time": HOLD_TIME, "ttl_security": False}
+    record = _json_record(store, keys.bgp_config())
+    checks = {"as": valid_asn, "mesh": lambda v: v if type(v) is bool else None,
+              "ttl_security": lambda v: v if type(v) is bool else None,
+              "hold_time": lambda v: v if type(v) is int and 3 <= v <= 65535 else None}
+    for field, check in checks.items():
+        if field in record:
+            if check(record[field]) is None:
+                warn("ignoring BGP setting %s=%.50r: out of range", field, record[field])
+            else:
+                cluster[field] = record[field]
+    node_record = _json_record(store, keys.bgp_node(name))
+    node = {"as": valid_asn(node_record.get("as")), "peers": []}
+    peers = node_record.get("peers")
+    node["peers"] = [p for p in (peers if isinstance(peers, list) else []) if _valid_peer(p)]
+    return cluster, node
+
+
+def _valid_peer(record):
+    """An explicit peer: a unicast IPv4 address, an AS, an optional name that is a plain label
+    (it becomes a comment in bird.conf: a newline would inject configuration)."""
+    ok = isinstance(record, dict) and unicast_ip(record.get("ip")) and valid_asn(record.get("as")) and \
+        (record.get("name") in (None, "") or (isinstance(record.get("name"), str)
+                                              and NODE.fullmatch(record["name"]) is not None))
+    if not ok:
+        warn("ignoring BGP peer %.200s: bad address, AS or name", json.dumps(record)[:200])
+    return bool(ok)
+
+
+def node_asn(store, keys, name):
+    cluster, node = bgp_settings(store, keys, name)
+    return node["as"] or cluster["as"]
+
+
+def desired_bgp(store, keys, name, ip):
+    """The BGP state this node should run with, from what etcd holds now (records checked:
+    a bad one is skipped, the others still count)."""
+    cluster, node = bgp_settings(store, keys, name)
+    asn = node["as"] or cluster["as"]
+    peers = []
+    if cluster["mesh"]:
+        owned = announced_by_node(store, keys)
+        peers += [Peer(n["name"], n["ip"], valid_asn(n.get("as")) or cluster["as"],
+                       allowed=tuple(owned.get(n["name"], ())))
+                  for n in nodes(store, keys) if n["name"] != name and n["ip"] != ip]
+    explicit = [p for p in _records(store, keys.bgp_peers()) if _valid_peer(p)] + node["peers"]
+    peers += [Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True) for p in explicit if p["ip"] != ip]
+    unique = {p.ip: p for p in peers}       # one session per address: explicit peers win
+    pools = [p["cidr"] for p in pools_in_force(store, keys)]
+    blocks = [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in store.get_prefix(keys.affinities(name))]
+    return BgpState(node=name, router_id=ip, asn=asn, pools=pools, blocks=blocks,
+                    peers=list(unique.values()), hold_time=cluster["hold_time"],
+                    ttl_security=cluster["ttl_security"]), asn
+
+
+def announced_by_node(store, keys):
+    """{node: [prefix]}: what each node may announce in the mesh, as etcd says: the blocks it
+    owns, and /32s of addresses allocated to its endpoints (or about to be: ``pending``)
+    outside them (borrowed, or an --ip that moved there). A node announcing anything else is
+    not believed."""
+    blocks = {}
+    for key, value, _ in store.get_prefix(keys.all_affinities()):
+        cidr = key_cidr(key.rsplit("/", 1)[1])
+        if canonical_cidr(cidr):
+            blocks.setdefault(keys.host_of(key), []).append(cidr)
+    nets = {host: [IPNetwork(c) for c in cidrs] for host, cidrs in blocks.items()}
+    out = {host: list(cidrs) for host, cidrs in blocks.items()}
+    for block in _records(store, keys.all_blocks()):
+        allocations = block.get("allocations") if isinstance(block, dict) else None
+        for ip, a in (allocations.items() if isinstance(allocations, dict) else ()):
+            host = a.get("host") if isinstance(a, dict) else None
+            if not (isinstance(host, str) and str(a.get("handle", "")).startswith(("endpoint:", "pending:"))
+                    and unicast_ip(ip)):
+                continue
+            if not any(IPAddress(ip) in net for net in nets.get(host, ())):
+                out.setdefault(host, []).append(f"{ip}/32")
+    return out
+
+
+RULE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
+NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def valid_ports(value):
+    """"N" or "N-M" with 1 <= N <= M <= 65535 (anything else would make iptables-restore
+    refuse the whole rule set, on every node)."""
+    m = PORTS.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        return False
+    low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+    return 1 <= low <= high <= 65535
+
+
+def _valid_rule(rule, pools, host_rule=False):
+    """Records come from etcd, written by l3netctl, but anyone with etcd access can write
+    there: only well-formed rules reach iptables-restore input (no injection by a comment)."""
+    if not isinstance(rule, dict) or not RULE_ID.fullmatch(str(rule.get("id", ""))):
+        return False
+    proto, ports = rule.get("proto"), rule.get("ports")
+    if proto not in ((("tcp", "udp")) if host_rule else (None, "tcp", "udp", "icmp")):
+        return False
+    if ports is not None and (proto not in ("tcp", "udp") or not valid_ports(ports)):
+        return False
+    if host_rule:
+        node, to = rule.get("node"), rule.get("to")
+        return ports is not None and (node is None or bool(NODE.fullmatch(str(node)))) and \
+            (to is None or (node is None and canonical_cidr(to) is not None and not to.endswith("/0")))
+    return rule.get("from") in pools and rule.get("to") in pools
+
+
+def _port_number(value):
+    return type(value) is int and 1 <= value <= 65535
+
+
+def _valid_port(record, holders):
+    """A published port of this host, written by the driver; rendered only while its endpoint
+    still holds the address in the IPAM (a claim left behind must not send traffic to the
+    address's next holder)."""
+    if not isinstance(record, dict) or record.get("proto") not in ("tcp", "udp"):
+        return False
+    if not (_port_number(record.get("host_port")) and _port_number(record.get("port"))):
+        return False
+    if canonical_ip(record.get("ip")) is None:
+        return False
+    if record.get("host_ip") is not None and canonical_ip(record.get("host_ip")) is None:
+        return False
+    return holders.get(record["ip"]) == f"endpoint:{record.get('endpoint')}"
+
+
+def _records(store, prefix):
+    out = []
+    for key, value, _ in store.get_prefix(prefix):
+        try:
+            out.append(json.loads(value))
+        except ValueError:
+            warn("ignoring %s: not JSON", key)
+    return out
+
+
+RESERVED_NETS = [(IPNetwork(c), why) for c, why in RESERVED]
+
+
+def pools_in_force(store, keys):
+    """The pool records this node enforces and routes. A pool over a reserved range
+    (loopback, link-local, multicast...: only a write into etcd behind l3netctl's back can make
+    one) is left out: no such address is ever filtered or routed as a container's. Pools are
+    not judged against the nodes' addresses here: those change (a Docker bridge created on some
+    host), and an existing network must not go dark because of that; new pools are refused
+    over them (Ipam.check_not_infrastructure)."""
+    hard = RESERVED_NETS
+    pools = []
+    for p in _records(store, keys.pools()):
+        if not isinstance(p, dict) or not canonical_cidr(p.get("cidr")):
+            warn("ignoring malformed pool record %.200r", p)
+        elif pool_conflict(p["cidr"], hard):
+            warn("not enforcing pool %s: %s", p["cidr"], pool_conflict(p["cidr"], hard))
+        else:
+            pools.append(p)
+    return pools
+
+
+def desired_policy(store, keys, name):
+    """The isolation state this node should enforce, from what etcd holds now. Members of a
+    network: every address allocated in its pool on any host, except gateway reservations, in
+    the pools in force (pools_in_force)."""
+    registered = nodes(store, keys)
+    peers = bgp_peer_ips(store, keys)
+    pools = pools_in_force(store, keys)
+    members = {p["cidr"]: [] for p in pools}
+    holders = {}                    # address -> its holder ("endpoint:<id>", "gateway:...")
+    for block in _records(store, keys.all_blocks()):
+        if not isinstance(block, dict) or block.get("pool") not in members \
+                or not isinstance(block.get("allocations"), dict):
+            continue
+        allocations = block["allocations"]
+        pool_net = IPNetwork(block["pool"])
+        for ip, a in allocations.items():
+            handle = a.get("handle") if isinstance(a, dict) else None
+            if unicast_ip(ip) is None or IPAddress(ip) not in pool_net or not isinstance(handle, str):
+                warn("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
+                continue
+            holders[ip] = handle
+            if not handle.startswith(("gateway:", "reserved:")):
+                members[block["pool"]].append(ip)
+    rules, host_rules = [], []
+    for rule in _records(store, keys.policy_rules()):
+        if _valid_rule(rule, members):
+            rules.append(rule)
+        else:
+            warn("ignoring malformed policy rule %.200r", rule)
+    for rule in _records(store, keys.host_rules()):
+        if _valid_rule(rule, members, host_rule=True):
+            host_rules.append(rule)
+        else:
+            warn("ignoring malformed host rule %.200r", rule)
+    ports = []
+    for record in _records(store, keys.ports(name)):
+        if _valid_port(record, holders):
+            ports.append({k: record.get(k) for k in ("proto", "host_ip", "host_port", "ip", "port")})
+        else:
+            warn("ignoring published port %.200r: malformed, or its endpoint no longer holds "
+                        "the address", record)
+    return PolicyState(node=name, pools=sorted(members),
+                       nat_pools=sorted(p["cidr"] for p in pools
+                                        if p.get("nat_outgoing", True) and not p.get("internal")),
+                       members={k: sorted(v) for k, v in members.items()}, rules=rules,
+                       host_rules=host_rules, nodes={n["name"]: n["ip"] for n in registered},
+                       host_addresses=sorted({a for n in registered for a in n["addresses"]}
+                                             | set(known_node_addresses(store, keys))),
+                       protected=protected(registered, peers, protected_by_operator(store, keys)),
+                       internal=sorted(p["cidr"] for p in pools if p.get("internal")),
+                       ports=sorted(ports, key=lambda p: (p["proto"], p["host_port"])))
+
+
+def node_stats(view, keys, name):
+    """Figures for metrics and l3netctl status: {"pools": {cidr: (allocated, capacity)},
+    "endpoints": endpoints on this node}."""
+    pools, endpoints = {}, 0
+    for p in _records(view, keys.pools()):
+        cidr = canonical_cidr(p.get("cidr")) if isinstance(p, dict) else None
+        if cidr:
+            pools[cidr] = [0, max(IPNetwork(cidr).size - 2, 1)]
+    for block in _records(view, keys.all_blocks()):
+        allocations = block.get("allocations") if isinstance(block, dict) else None
+        if not isinstance(allocations, dict):
+            continue
+        if block.get("pool") in pools:
+            pools[block["pool"]][0] += len(allocations)
+        endpoints += sum(1 for a in allocations.values() if isinstance(a, dict) and a.get("host") == name
+                         and str(a.get("handle", "")).startswith("endpoint:"))
+    return {"pools": {k: tuple(v) for k, v in pools.items()}, "endpoints": endpoints}
