@@ -23,7 +23,7 @@ import time
 
 from . import metrics
 from .bgp import render
-from .calc import desired_bgp, desired_policy, node_asn, node_stats, warn
+from .calc import desired_bgp, desired_policy, node_asn, node_stats, nodes, warn
 from .datastore import Cache, View
 from .errors import L3netError
 from .firewall import NoFirewall
@@ -180,7 +180,7 @@ class Agent:
             return
         try:
             state, _ = desired_bgp(view, self.keys, self.name, self.ip)
-            state.peers = self.keep_departed(state.peers)
+            state.peers = self.keep_departed(state.peers, {n["ip"] for n in nodes(view, self.keys)})
             state.passwords = self.bgp_passwords
             if self.bird is not None:
                 self.bird.apply(render(state))
@@ -223,12 +223,15 @@ class Agent:
 
     MESH_GRACE = 60.0
 
-    def keep_departed(self, peers):
+    def keep_departed(self, peers, registered=None):
         """Mesh peers whose registry record vanished stay configured for MESH_GRACE seconds:
         when etcd comes back after an outage longer than a lease, every node's record has
         expired for the second it takes them to register again, and dropping their sessions
         then would withdraw every route in the cluster. A node really gone loses its routes
-        by the BGP hold time anyway; only its (idle) session is kept a while longer."""
+        by the BGP hold time anyway; only its (idle) session is kept a while longer.
+        ``registered``: the addresses of the nodes registered now; a session with one of
+        them that the desired state no longer has (the topology changed: the mesh turned
+        off for route reflectors) goes at once."""
         now = time.monotonic()
         current = {p.ip: p for p in peers}
         for p in peers:
@@ -237,7 +240,7 @@ class Agent:
         for ip, (p, seen) in list(self._mesh_seen.items()):
             if ip in current:
                 continue
-            if now - seen < self.MESH_GRACE:
+            if now - seen < self.MESH_GRACE and ip not in (registered or ()):
                 current[ip] = p
             else:
                 del self._mesh_seen[ip]

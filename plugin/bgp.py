@@ -37,6 +37,12 @@ class Peer:
     asn: int
     multihop: bool = False
     allowed: tuple = None       # exact prefixes this peer may announce (a mesh node); None: any pool prefix
+    # Route reflection (calc.node_peers): ((next hop, (prefixes...)), ...) this peer, a
+    # reflector, may pass on from other nodes; whether we reflect to it (we are a reflector);
+    # whether it is our client.
+    via: tuple = ()
+    reflect: bool = False
+    rr_client: bool = False
 
 
 @dataclass
@@ -88,6 +94,35 @@ def prefix_set(prefixes):
     """A BIRD prefix set matching the prefixes and everything inside them (``10.0.0.0/8+``).
     Callers handle the empty case: BIRD has no empty set literal."""
     return "[ " + ", ".join(f"{p}+" for p in sorted(prefixes)) + " ]"
+
+
+REFLECT_FILTER = [
+    "# A route reflector's export: what it has, and what it learned from the other nodes.",
+    "filter l3net_reflect {",
+    "  if !l3net_pool() then reject;",
+    "  if source = RTS_BGP then accept;",
+    "  if proto = \"l3net_blocks\" then accept;",
+    "  if proto = \"l3net_kernel\" && net.len = 32 && !l3net_own_block() then accept;",
+    "  reject;",
+    "}",
+    "",
+]
+
+
+def _reflection_channel(peer):
+    """The channel of a session in route reflection: in, what etcd says the peer has, plus
+    (from a reflector) what every other node has, with that node as next hop; out, on a
+    reflector, the learned routes too, their next hop kept (a reflector never puts itself in
+    the data path: Calico found ``next hop self`` on reflected routes does exactly that)."""
+    lines = ["  ipv4 {", "    import filter {", "      if !l3net_pool() then reject;"]
+    if peer.allowed:
+        lines.append(f"      if net ~ {prefix_set(set(peer.allowed))} then accept;   # {peer.name}'s own")
+    for hop, prefixes in peer.via:
+        lines.append(f"      if bgp_next_hop = {hop} && net ~ {prefix_set(set(prefixes))} then accept;")
+    lines += ["      reject;", "    };"]
+    if peer.reflect:
+        lines += ["    export filter l3net_reflect;", "    next hop self ebgp;"]
+    return lines + ["  };"]
 
 
 def render(state):
@@ -154,6 +189,7 @@ def render(state):
         "  reject;",
         "}",
         "",
+        *(REFLECT_FILTER if any(p.reflect for p in s.peers) else []),
         "template bgp l3net_peer {",
         f"  local as {s.asn};",
         f"  hold time {s.hold_time};",
@@ -190,7 +226,11 @@ def render(state):
         secret = s.passwords.get(peer.ip) or (s.passwords.get("default") if peer.allowed is not None else None)
         if secret:
             lines.append(f'  password "{secret}";')     # config.SECRET: no quote, no backslash
-        if peer.allowed is not None:
+        if peer.rr_client:
+            lines.append("  rr client;")
+        if peer.via or peer.reflect:
+            lines += _reflection_channel(peer)
+        elif peer.allowed is not None:
             allowed = sorted(set(peer.allowed))
             lines += ["  # what etcd says this node has: its blocks, its endpoints' /32s outside them",
                       "  ipv4 { import filter { if l3net_pool() && net ~ "

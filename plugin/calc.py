@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import replace
 
 from netaddr import IPAddress, IPNetwork
 
@@ -137,7 +138,8 @@ def bgp_settings(store, keys, name):
             else:
                 cluster[field] = record[field]
     node_record = _json_record(store, keys.bgp_node(name))
-    node = {"as": valid_asn(node_record.get("as")), "peers": []}
+    node = {"as": valid_asn(node_record.get("as")), "peers": [],
+            "route_reflector": node_record.get("route_reflector") is True}
     peers = node_record.get("peers")
     node["peers"] = [p for p in (peers if isinstance(peers, list) else []) if _valid_peer(p)]
     return cluster, node
@@ -159,17 +161,33 @@ def node_asn(store, keys, name):
     return node["as"] or cluster["as"]
 
 
+def route_reflectors(store, keys):
+    """The names of the nodes marked route reflector (``l3netctl bgp node NAME
+    --route-reflector``); a flag that is not a boolean is ignored with a warning."""
+    out = set()
+    for key, value, _ in store.get_prefix(keys.bgp_nodes()):
+        try:
+            record = json.loads(value)
+        except ValueError:
+            continue        # (bgp_settings warns about its own node's record)
+        flag = record.get("route_reflector", False) if isinstance(record, dict) else False
+        if type(flag) is not bool:
+            warn("ignoring route_reflector=%.50r of %s: not true or false", flag, key)
+        elif flag:
+            out.add(keys.host_of(key))
+    return out
+
+
 def desired_bgp(store, keys, name, ip):
     """The BGP state this node should run with, from what etcd holds now (records checked:
     a bad one is skipped, the others still count)."""
     cluster, node = bgp_settings(store, keys, name)
     asn = node["as"] or cluster["as"]
+    others = [n for n in nodes(store, keys) if n["name"] != name and n["ip"] != ip]
+    reflectors = route_reflectors(store, keys) if not cluster["mesh"] else set()
     peers = []
-    if cluster["mesh"]:
-        owned = announced_by_node(store, keys)
-        peers += [Peer(n["name"], n["ip"], valid_asn(n.get("as")) or cluster["as"],
-                       allowed=tuple(owned.get(n["name"], ())))
-                  for n in nodes(store, keys) if n["name"] != name and n["ip"] != ip]
+    if cluster["mesh"] or reflectors & ({n["name"] for n in others} | {name}):
+        peers += node_peers(name, asn, cluster["as"], others, announced_by_node(store, keys), reflectors)
     explicit = [p for p in _records(store, keys.bgp_peers()) if _valid_peer(p)] + node["peers"]
     peers += [Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True) for p in explicit if p["ip"] != ip]
     unique = {p.ip: p for p in peers}       # one session per address: explicit peers win
@@ -178,6 +196,42 @@ def desired_bgp(store, keys, name, ip):
     return BgpState(node=name, router_id=ip, asn=asn, pools=pools, blocks=blocks,
                     peers=list(unique.values()), hold_time=cluster["hold_time"],
                     ttl_security=cluster["ttl_security"]), asn
+
+
+def node_peers(name, asn, cluster_as, others, owned, reflectors):
+    """The sessions with other nodes. ``reflectors`` empty: the full mesh (one session with
+    every node). Otherwise route reflection: a reflector peers with every node (the nodes of
+    its AS are its clients) and reflects what it learns; any other node peers with the
+    reflectors only. Two reflectors give every node two paths to each route: losing one loses
+    nothing.
+
+    What each session may bring in is what etcd says the nodes have (``owned``: {node:
+    [prefix]}): from a node, its own prefixes; through a reflector, every other node's, each
+    with that node as next hop (a reflector passes the next hop on: traffic goes straight to
+    the node that has the container, never through the reflector)."""
+    def peer(n, **kw):
+        return Peer(n["name"], n["ip"], valid_asn(n.get("as")) or cluster_as,
+                    allowed=tuple(owned.get(n["name"], ())), **kw)
+    if not reflectors:
+        return [peer(n) for n in others]
+    if name not in reflectors:
+        return [peer(n, via=_via(owned, others, n["name"])) for n in others if n["name"] in reflectors]
+    out = []
+    for n in others:
+        p = peer(n, reflect=True)
+        if n["name"] in reflectors:
+            p = replace(p, via=_via(owned, others, n["name"]))
+        elif p.asn == asn:
+            p = replace(p, rr_client=True)      # (a node of another AS gets our routes by eBGP anyway)
+        out.append(p)
+    return out
+
+
+def _via(owned, others, reflector):
+    """(node ip, its prefixes) of every node but this one and ``reflector``: what may come
+    in through that reflector."""
+    return tuple((n["ip"], tuple(owned[n["name"]])) for n in sorted(others, key=lambda n: n["ip"])
+                 if n["name"] != reflector and owned.get(n["name"]))
 
 
 def announced_by_node(store, keys):

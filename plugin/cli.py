@@ -558,11 +558,41 @@ def bgp_config(obj, asn, mesh, hold_time, ttl_security, as_json):
 @bgp.command("node")
 @click.argument("name", type=node_type)
 @click.option("--as", "asn", type=asn_type, help="This node's own AS number.")
+@click.option("--cluster-as", is_flag=True, help="Take the cluster's AS number again (drop --as).")
+@click.option("--route-reflector/--no-route-reflector", "reflector", default=None,
+              help="Make this node a route reflector (with the mesh off, every other node peers "
+                   "with the reflectors only), or an ordinary node again.")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def bgp_node(obj, name, asn):
-    """Set a node's AS number (default: the cluster's)."""
-    record = _update_json(obj, obj.keys.bgp_node(name), lambda r: r.update({"as": asn}))
-    click.echo(f"node {name}: AS {record['as'] or 'cluster default'}")
+def bgp_node(obj, name, asn, cluster_as, reflector, as_json):
+    """Show, or change, a node's BGP settings: its AS number (default: the cluster's) and
+    whether it is a route reflector.
+
+    \b
+    Route reflection replaces the full mesh (n*(n-1)/2 sessions) by two or three reflectors:
+    mark them first, then turn the mesh off (`l3netctl bgp config --no-mesh`). Every node then
+    peers with the reflectors only (their AS's nodes are their clients), the reflectors with
+    every node and with each other; routes keep their next hop (traffic never goes through a
+    reflector). With two reflectors, losing one loses no route.
+    """
+    from .calc import bgp_settings
+    if asn is not None and cluster_as:
+        raise click.UsageError("--as and --cluster-as exclude each other")
+
+    def change(record):
+        if asn is not None or cluster_as:
+            record["as"] = asn
+        if reflector is not None:
+            record["route_reflector"] = reflector
+    if asn is not None or cluster_as or reflector is not None:
+        _update_json(obj, obj.keys.bgp_node(name), change)
+    cluster, node = bgp_settings(obj.store, obj.keys, name)
+    row = {"node": name, "as": node["as"] or cluster["as"], "as_from": "node" if node["as"] else "cluster",
+           "route_reflector": node["route_reflector"] if as_json else ("yes" if node["route_reflector"] else "no"),
+           "peers": len(node["peers"])}
+    emit([row], ["Node", "AS", "AS from", "Route reflector", "Peers"], as_json)
+    if reflector and cluster["mesh"] and not as_json:
+        click.echo("note: the mesh is on; reflection takes over once it is off (l3netctl bgp config --no-mesh)")
 
 
 @bgp.group()

@@ -93,6 +93,70 @@ def test_desired_state_options_mesh_off_global_and_node_peers():
                                                                 ("198.18.0.2", 65001, True)}
 
 
+def _rr_cluster(reflectors=("r1", "r2"), mesh=False):
+    """Four nodes with a block each; ``reflectors`` marked; the mesh off."""
+    store, keys = MemoryStore(), Keys("/t")
+    hosts = [("r1", "198.18.0.11"), ("r2", "198.18.0.12"), ("h3", "198.18.0.13"), ("h4", "198.18.0.14")]
+    store.put(keys.pool("10.20.0.0/16"), '{"cidr": "10.20.0.0/16"}')
+    for i, (name, ip) in enumerate(hosts):
+        Registry(store, keys, name, ip).heartbeat(64512)
+        store.put(keys.affinity(name, f"10.20.{i}.0/26"), "10.20.0.0/16")
+    store.put(keys.bgp_config(), json.dumps({"mesh": mesh}))
+    for name in reflectors:
+        store.put(keys.bgp_node(name), json.dumps({"route_reflector": True}))
+    return store, keys, dict(hosts)
+
+
+def test_route_reflection_topology():
+    """Mesh off, two reflectors: a node peers with the reflectors only and takes from each
+    what every other node has (next hop: that node); a reflector peers with everyone, its
+    AS's nodes as clients, and reflects."""
+    store, keys, ips = _rr_cluster()
+    h3, _ = desired_bgp(store, keys, "h3", ips["h3"])
+    assert sorted(p.name for p in h3.peers) == ["r1", "r2"]
+    r1_seen_by_h3 = next(p for p in h3.peers if p.name == "r1")
+    assert r1_seen_by_h3.allowed == ("10.20.0.0/26",) and not r1_seen_by_h3.reflect
+    assert r1_seen_by_h3.via == (("198.18.0.12", ("10.20.1.0/26",)), ("198.18.0.14", ("10.20.3.0/26",)))
+    r1, _ = desired_bgp(store, keys, "r1", ips["r1"])
+    by = {p.name: p for p in r1.peers}
+    assert sorted(by) == ["h3", "h4", "r2"] and all(p.reflect for p in r1.peers)
+    assert by["h3"].rr_client and by["h4"].rr_client and not by["r2"].rr_client
+    assert by["r2"].via == (("198.18.0.13", ("10.20.2.0/26",)), ("198.18.0.14", ("10.20.3.0/26",)))
+    assert by["h3"].via == ()
+
+
+def test_route_reflection_needs_the_mesh_off_and_a_live_reflector():
+    store, keys, ips = _rr_cluster(mesh=True)           # flag set, mesh on: the full mesh
+    state, _ = desired_bgp(store, keys, "h3", ips["h3"])
+    assert sorted(p.name for p in state.peers) == ["h4", "r1", "r2"] and not any(p.via for p in state.peers)
+    store, keys, ips = _rr_cluster(reflectors=("gone",))     # no live reflector, mesh off: no sessions
+    assert desired_bgp(store, keys, "h3", ips["h3"])[0].peers == []
+    store.put(keys.bgp_node("h4"), json.dumps({"route_reflector": "yes"}))   # not a boolean: ignored
+    assert desired_bgp(store, keys, "h3", ips["h3"])[0].peers == []
+
+
+def test_reflector_with_a_node_of_another_as_does_not_make_it_a_client():
+    store, keys, ips = _rr_cluster()
+    store.put(keys.bgp_node("h4"), json.dumps({"as": 65001}))
+    Registry(store, keys, "h4", ips["h4"]).heartbeat(65001)
+    r1, _ = desired_bgp(store, keys, "r1", ips["r1"])
+    h4 = next(p for p in r1.peers if p.name == "h4")
+    assert h4.asn == 65001 and not h4.rr_client and h4.reflect
+
+
+@has_bird
+def test_bird_accepts_reflector_and_client_configs(tmp_path):
+    store, keys, ips = _rr_cluster()
+    for name in ("r1", "h3"):
+        state, _ = desired_bgp(store, keys, name, ips[name])
+        text = render(state)
+        ok, err = bird_accepts(text, tmp_path)
+        assert ok, err
+        assert ("rr client;" in text) == (name == "r1")
+        assert ("export filter l3net_reflect;" in text) == (name == "r1")
+    assert "if bgp_next_hop = 198.18.0.14 && net ~ [ 10.20.3.0/26+ ] then accept;" in text
+
+
 def test_expired_lease_removes_node():
     store, keys = MemoryStore(), Keys("/t")
     reg = Registry(store, keys, "h2", "198.18.0.12")

@@ -128,6 +128,8 @@ def test_mesh_peers_outlive_their_record_for_a_grace():
     tor = Peer("tor", "198.18.0.1", 65000, multihop=True)
     assert agent.keep_departed([h2, tor]) == [h2, tor]
     assert agent.keep_departed([]) == [h2], "h2's record expired a moment ago: kept; an explicit peer is not"
+    assert agent.keep_departed([], {"198.18.0.12"}) == [], "h2 is registered: dropped by the topology, not gone"
+    assert agent.keep_departed([h2]) == [h2]
     agent.MESH_GRACE = 0.0
     assert agent.keep_departed([]) == []
 

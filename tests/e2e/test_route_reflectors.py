@@ -1,0 +1,114 @@
+"""Route reflectors of our own: four hosts on one machine (tests/testbed.py), two of them
+marked route reflector, the full mesh turned off.
+
+Checked at the receivers: an ordinary host has BGP sessions with the two reflectors only, yet
+it routes straight to the host that has the container (the reflector is never the next hop);
+with one reflector killed (plugin and BIRD, as in a crash) no route is lost, and an address
+announced after the loss still arrives through the other reflector.
+"""
+
+import json
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import BIN, bed_up, wait_for
+from tests.testbed import Testbed
+
+NET = "198.18.18"
+SUBNET = "10.41.0.0/16"
+
+
+@pytest.fixture(scope="module")
+def bed(docker_ready):
+    bed = bed_up(Testbed(4, prefix=f"/l3rr-{uuid.uuid4().hex[:6]}", tag="l3rr", net=NET, etcd_port=23940))
+    try:
+        for host in bed.hosts:
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", SUBNET, "web")
+        yield bed
+    finally:
+        bed.cleanup()
+
+
+def ctl(bed, *args):
+    res = subprocess.run([f"{BIN}/l3netctl", "--etcd-endpoints", bed.etcd_url, "--etcd-prefix", bed.prefix,
+                          *args], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def sessions(host):
+    """{peer address: established?} as this host's BIRD reports them."""
+    out = host.sh(f"{BIN}/l3netctl", "--etcd-endpoints", host.bed.etcd_url, "--etcd-prefix", host.bed.prefix,
+                  "bgp", "status", "--json", check=False).stdout
+    try:
+        return {s["peer"]: s["established"] for s in json.loads(out)}
+    except ValueError:
+        return {}
+
+
+def run(host, *args):
+    name = f"c-{uuid.uuid4().hex[:8]}"
+    host.docker("run", "-d", "--name", name, "--net", "web", *args, "l3net-test/busybox", "sleep", "600")
+    out = host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", name).stdout
+    return name, json.loads(out)["web"]["IPAddress"]
+
+
+def pings(host, name, address):
+    return host.docker("exec", name, "ping", "-c1", "-W1", address, check=False).returncode == 0
+
+
+def route_via(host, address):
+    """The next hop of the host's route to ``address``, or None."""
+    m = re.search(r" via (\S+) ", host.sh("ip", "route", "get", address, check=False).stdout)
+    return m.group(1) if m else None
+
+
+def test_two_reflectors_replace_the_mesh_and_losing_one_loses_no_route(bed):
+    r1, r2, h3, h4 = bed.hosts
+    c3, ip3 = run(h3)
+    c4, ip4 = run(h4)
+    wait_for(lambda: pings(h3, c3, ip4), 30, "host 4's container from host 3 (full mesh)")
+    out = ctl(bed, "bgp", "node", r1.name, "--route-reflector")
+    assert "yes" in out and "the mesh is on" in out, out
+    ctl(bed, "bgp", "node", r2.name, "--route-reflector")
+    assert json.loads(ctl(bed, "bgp", "node", r2.name, "--json"))[0]["route_reflector"] is True
+    ctl(bed, "bgp", "config", "--no-mesh")
+
+    # Ordinary hosts peer with the reflectors only; reflectors with everyone.
+    for host in (h3, h4):
+        wait_for(lambda: sessions(host) == {r1.ip: True, r2.ip: True}, 40,
+                 f"{host.name}'s sessions: the two reflectors, established")
+    for host in (r1, r2):
+        others = {h.ip: True for h in bed.hosts if h is not host}
+        wait_for(lambda: sessions(host) == others, 40, f"{host.name}'s sessions: every other host")
+    # Reflected, and still straight to the host that has the container.
+    wait_for(lambda: pings(h3, c3, ip4) and pings(h4, c4, ip3), 30, "hosts 3 and 4 through reflection")
+    assert route_via(h3, ip4) == h4.ip and route_via(h4, ip3) == h3.ip
+    moved = "10.41.250.7"                       # outside any block: its own /32, reflected
+    c4b, _ = run(h4, "--ip", moved)
+    wait_for(lambda: pings(h3, c3, moved), 30, "a /32 announced by host 4, on host 3")
+    assert route_via(h3, moved) == h4.ip
+
+    # One reflector dies (plugin and BIRD killed): nothing is lost, and what host 4 announces
+    # afterwards arrives on host 3 through the other one.
+    r1.kill_plugin()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert route_via(h3, ip4) == h4.ip and route_via(h3, moved) == h4.ip, "a route lost with reflector 1"
+    late = "10.41.250.8"
+    run(h4, "--ip", late)
+    wait_for(lambda: pings(h3, c3, late), 30, "an address announced after reflector 1 died, on host 3")
+    assert route_via(h3, late) == h4.ip
+    # past the graceful-restart time of the dead reflector's routes, still everything
+    wait_for(lambda: not sessions(h3).get(r1.ip), 20, "host 3's session with the dead reflector down")
+    r1.start_plugin()
+    wait_for(lambda: sessions(h3) == {r1.ip: True, r2.ip: True}, 40, "reflector 1 back on host 3")
+    assert pings(h3, c3, ip4) and pings(h3, c3, moved) and pings(h3, c3, late)
+    for name in (c3,):
+        h3.docker("rm", "-f", name, check=False)
+    for name in (c4, c4b):
+        h4.docker("rm", "-f", name, check=False)
