@@ -8,7 +8,8 @@ Per host:
     xtables lock, docker exec root), held open by an anchor process; every process of the host
     is started with ``nsenter -t <anchor> -m -n`` (not ``ip netns exec``, which remounts /sys
     and hides the cgroup mounts dockerd needs);
-  * its own dockerd (own --data-root, -H socket, pidfile) and its own l3net-plugin.
+  * its own dockerd (own --data-root, -H socket, pidfile; none with ``dockerd=False``, for
+    benches that drive the plugin socket the way dockerd does) and its own l3net-plugin.
 One etcd listens on the bridge address (``etcd_members=3``: a three-member cluster, every
 member on its own port, the plugins given all three). Everything is torn down by ``down()``,
 also after a failure half way through ``up()``.
@@ -129,10 +130,11 @@ class Host:
             text=True, start_new_session=True)
         if self.anchor.stdout.readline().strip() != "ready":
             raise RuntimeError(f"{self.name}: the namespace anchor did not start")
-        self.start_dockerd()
-        if self.docker("image", "inspect", TEST_IMAGE, check=False).returncode != 0:
-            run(os.path.join(ROOT, "scripts", "test-image.sh"), timeout=120,
-                env={**os.environ, "DOCKER_HOST": self.docker_host})
+        if self.bed.dockerd:
+            self.start_dockerd()
+            if self.docker("image", "inspect", TEST_IMAGE, check=False).returncode != 0:
+                run(os.path.join(ROOT, "scripts", "test-image.sh"), timeout=120,
+                    env={**os.environ, "DOCKER_HOST": self.docker_host})
         if self.bed.legacy_plugin:
             self.start_plugin()
 
@@ -211,7 +213,7 @@ class Host:
         if self.anchor is not None:
             # Containers first, while the plugin still answers: without it dockerd retries
             # each endpoint deletion for a minute.
-            ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
+            ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split() if self.bed.dockerd else []
             if ids:
                 self.docker("rm", "-f", *ids, check=False, timeout=120)
             if self.plugin is not None:
@@ -230,9 +232,11 @@ class Testbed:
     __test__ = False   # not a test class, whatever pytest thinks of the name
 
     def __init__(self, n=3, workdir=None, prefix="/l3bed", tag="l3bed", net=NET, etcd_port=23790,
-                 legacy_plugin=True, etcd_members=1):
+                 legacy_plugin=True, etcd_members=1, dockerd=True):
         self.dir = workdir or tempfile.mkdtemp(prefix=f"{tag}-")
         self.legacy_plugin = legacy_plugin     # False: the test installs a managed plugin itself
+        self.dockerd = dockerd                 # False: no dockerd (and no test image) on the hosts:
+                                               # the caller drives the plugin socket itself
         self.prefix = prefix
         self.tag, self.net, self.etcd_port = tag, net, etcd_port
         self.bridge = f"{tag}0"
