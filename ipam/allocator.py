@@ -56,6 +56,49 @@ class Ipam:
         self._blocks = {}     # block key -> (JSON, revision) as last read or written here
 
     # -- small helpers -------------------------------------------------
+    def _member_writes(self, pool, before, after):
+        """(puts, deletes) that bring the member records of a block's addresses in line with
+        its allocations going from ``before`` to ``after`` (both {address: allocation}): written
+        in the block's own transaction, so the two never disagree. Only what changed."""
+        old, new = B.members(before), B.members(after)
+        puts = {self.keys.member(pool, ip): json.dumps(m, sort_keys=True)
+                for ip, m in new.items() if old.get(ip) != m}
+        return puts, [self.keys.member(pool, ip) for ip in old if ip not in new]
+
+    def sync_members(self):
+        """Write the member records every block implies and delete those no block implies (a
+        cluster written by an l3net without them, or a record written by hand), each block in
+        a transaction on its revision. Returns the number of records changed."""
+        changed = 0
+        present = {}
+        for key, value, _ in self.store.get_prefix(self.keys.all_members()):
+            present[key] = value
+        implied = set()
+        for key, value, rev in self.store.get_prefix(self.keys.all_blocks()):
+            try:
+                block = json.loads(value)
+                pool, allocations = block["pool"], block["allocations"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            want = {self.keys.member(pool, ip): json.dumps(m, sort_keys=True)
+                    for ip, m in B.members(allocations).items()}
+            implied |= set(want)
+            puts = {k: v for k, v in want.items() if present.get(k) != v}
+            if puts and self.store.txn({key: rev}, put=puts):
+                changed += len(puts)
+        stale = [k for k in present if k not in implied]
+        if stale:
+            # (an address allocated between the two reads has its record from its own txn,
+            # and its block is then newer: only records of no block at all are dropped here,
+            # checked once more against a fresh read)
+            fresh = {k for k, _, _ in self.store.get_prefix(self.keys.all_members())}
+            blocks_now = {self.keys.member(b["pool"], ip) for b in self.blocks() for ip in b["allocations"]}
+            stale = [k for k in stale if k in fresh and k not in blocks_now]
+            if stale:
+                self.store.txn({}, delete=stale)
+                changed += len(stale)
+        return changed
+
     def _load(self, key):
         value, rev = self.store.get(key)
         return (json.loads(value) if value is not None else None), rev
@@ -385,8 +428,9 @@ class Ipam:
             block["allocations"][str(ip)] = B.allocation(handle, self.host)
             key = self.keys.block(pool, cidr)
             text = json.dumps(block, sort_keys=True)
-            revision = self.store.txn({key: 0}, put={key: text,
-                                                     self.keys.affinity(self.host, cidr): str(pool)})
+            members, _ = self._member_writes(pool, {}, block["allocations"])
+            revision = self.store.txn({key: 0}, put={key: text, self.keys.affinity(self.host, cidr): str(pool),
+                                                     **members})
             if revision:
                 self._remember(key, text, revision)
                 log.info("claimed block %s of pool %s", cidr, pool)
@@ -434,6 +478,7 @@ class Ipam:
         fresh = False
         for _ in range(MAX_ATTEMPTS):
             block, rev = self._read_block(key, fresh)
+            before = json.loads(json.dumps(block["allocations"])) if block else {}
             try:
                 result, new, extra = change(block)
             except L3netError:
@@ -447,7 +492,8 @@ class Ipam:
                 fresh = True
                 continue
             text = json.dumps(new, sort_keys=True)
-            revision = self.store.txn({key: rev}, put={key: text, **(extra or {})})
+            members, gone = self._member_writes(new["pool"], before, new["allocations"])
+            revision = self.store.txn({key: rev}, put={key: text, **(extra or {}), **members}, delete=gone)
             if revision:
                 self._remember(key, text, revision)
                 return result
@@ -612,6 +658,7 @@ class Ipam:
         for key, value, rev in self.store.get_prefix(self.keys.all_blocks()):
             for _ in range(MAX_ATTEMPTS):
                 block = json.loads(value)
+                before = json.loads(value)["allocations"]
                 shared = False      # reservations it shares with other hosts: only its claims go
                 for a in block["allocations"].values():
                     users = B.reservation_users(a) or {}
@@ -633,6 +680,9 @@ class Ipam:
                     deletes.append(key)
                 else:
                     puts[key] = json.dumps(block, sort_keys=True)
+                members, gone = self._member_writes(block["pool"], before, block["allocations"])
+                puts.update(members)
+                deletes += gone
                 if self.store.txn({key: rev}, put=puts, delete=deletes):
                     released += len(mine)
                     freed += owned

@@ -68,6 +68,13 @@ def allocation(handle, host, claim=None):
 RESERVED = "reserved:"
 
 
+def members(allocations):
+    """{address: member record} of a block's allocations: the small copy every agent follows
+    (who holds the address, on which host, since when), without a reservation's users."""
+    return {ip: {"host": a.get("host", ""), "handle": str(a.get("handle", "")), "time": a.get("time", 0)}
+            for ip, a in allocations.items() if isinstance(a, dict)}
+
+
 def reservation(pool, users):
     """A --gateway or --aux-address: held by networks, ``users`` = {PoolID claim: host}, one
     per network that asked for it (networks on one pool on several hosts may share it), and

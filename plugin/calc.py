@@ -246,15 +246,33 @@ def announced_by_node(store, keys):
             blocks.setdefault(keys.host_of(key), []).append(cidr)
     nets = {host: [IPNetwork(c) for c in cidrs] for host, cidrs in blocks.items()}
     out = {host: list(cidrs) for host, cidrs in blocks.items()}
-    for block in _records(store, keys.all_blocks()):
-        allocations = block.get("allocations") if isinstance(block, dict) else None
-        for ip, a in (allocations.items() if isinstance(allocations, dict) else ()):
-            host = a.get("host") if isinstance(a, dict) else None
-            if not (isinstance(host, str) and str(a.get("handle", "")).startswith(("endpoint:", "pending:"))
-                    and unicast_ip(ip)):
-                continue
-            if not any(IPAddress(ip) in net for net in nets.get(host, ())):
-                out.setdefault(host, []).append(f"{ip}/32")
+    for _, ip, a in allocations(store, keys):
+        host = a["host"]
+        if a["handle"].startswith(("endpoint:", "pending:")) and \
+                not any(IPAddress(ip) in net for net in nets.get(host, ())):
+            out.setdefault(host, []).append(f"{ip}/32")
+    return out
+
+
+def allocations(store, keys):
+    """[(pool, address, {"host", "handle", "time"})] of every allocation, from the member
+    records (ipam/blocks.members: one per address, written with its block). A record with a
+    malformed key, an address outside its pool, or no string host and handle is skipped."""
+    out = []
+    root = keys.all_members()
+    for key, value, _ in store.get_prefix(root):
+        pool_key, _, ip = key[len(root):].partition("/")
+        pool = canonical_cidr(key_cidr(pool_key))
+        try:
+            record = json.loads(value)
+        except ValueError:
+            record = None
+        if pool is None or unicast_ip(ip) is None or IPAddress(ip) not in IPNetwork(pool) or \
+                not isinstance(record, dict) or not isinstance(record.get("handle"), str) or \
+                not isinstance(record.get("host"), str):
+            warn("ignoring malformed allocation record %s", key[:200])
+            continue
+        out.append((pool, ip, record))
     return out
 
 
@@ -349,21 +367,12 @@ def desired_policy(store, keys, name):
     peers = bgp_peer_ips(store, keys)
     pools = pools_in_force(store, keys)
     members = {p["cidr"]: [] for p in pools}
-    holders = {}                    # address -> its holder ("endpoint:<id>", "gateway:...")
-    for block in _records(store, keys.all_blocks()):
-        if not isinstance(block, dict) or block.get("pool") not in members \
-                or not isinstance(block.get("allocations"), dict):
-            continue
-        allocations = block["allocations"]
-        pool_net = IPNetwork(block["pool"])
-        for ip, a in allocations.items():
-            handle = a.get("handle") if isinstance(a, dict) else None
-            if unicast_ip(ip) is None or IPAddress(ip) not in pool_net or not isinstance(handle, str):
-                warn("ignoring malformed allocation %.100r in a block of %s", ip, block["pool"])
-                continue
-            holders[ip] = handle
-            if not handle.startswith(("gateway:", "reserved:")):
-                members[block["pool"]].append(ip)
+    holders = {}                    # address -> its holder ("endpoint:<id>", "reserved:...")
+    for pool, ip, a in allocations(store, keys):
+        if pool in members:
+            holders[ip] = a["handle"]
+            if not a["handle"].startswith(("gateway:", "reserved:")):
+                members[pool].append(ip)
     rules, host_rules = [], []
     for rule in _records(store, keys.policy_rules()):
         if _valid_rule(rule, members):
@@ -402,12 +411,8 @@ def node_stats(view, keys, name):
         cidr = canonical_cidr(p.get("cidr")) if isinstance(p, dict) else None
         if cidr:
             pools[cidr] = [0, max(IPNetwork(cidr).size - 2, 1)]
-    for block in _records(view, keys.all_blocks()):
-        allocations = block.get("allocations") if isinstance(block, dict) else None
-        if not isinstance(allocations, dict):
-            continue
-        if block.get("pool") in pools:
-            pools[block["pool"]][0] += len(allocations)
-        endpoints += sum(1 for a in allocations.values() if isinstance(a, dict) and a.get("host") == name
-                         and str(a.get("handle", "")).startswith("endpoint:"))
+    for pool, _, a in allocations(view, keys):
+        if pool in pools:
+            pools[pool][0] += 1
+        endpoints += a["host"] == name and a["handle"].startswith("endpoint:")
     return {"pools": {k: tuple(v) for k, v in pools.items()}, "endpoints": endpoints}

@@ -5,6 +5,9 @@ Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3n
     <prefix>/ipam/pools/<pool>                 pool record (JSON), shared by all hosts
     <prefix>/ipam/blocks/<pool>/<block>        block record (JSON): owner host + allocations
     <prefix>/ipam/affinity/<host>/<block>      "<pool cidr>": the blocks a host owns
+    <prefix>/ipam/members/<pool>/<address>     {"host", "handle", "time"} of one allocation: the block's
+                                               entry, written in the same transaction (what the agents
+                                               follow: a container start is one small event, not a block)
     <prefix>/hosts/<host>/networks/<id>        Docker network created on that host (JSON)
     <prefix>/hosts/<host>/endpoints/<id>       endpoint (veth) on that host (JSON)
     <prefix>/nodes/<host>                      node registry: address, AS, since (leased; written on change only)
@@ -40,10 +43,12 @@ class Keys:
         self.prefix = "/" + prefix.strip("/")
 
     def agent_view(self, host):
-        """The prefixes the agent of ``host`` reads on each sync: everything but the hosts'
-        records, except its own published ports."""
-        return [f"{self.prefix}/ipam/", f"{self.prefix}/nodes/", f"{self.prefix}/bgp/",
-                f"{self.prefix}/policy/", self.ports(host)]
+        """The prefixes the agent of ``host`` copies and follows: pools, block ownership, one
+        small record per allocation (not the blocks: each holds up to 1,024 allocations and
+        changes with every container of its host), nodes, BGP, policy, and of the hosts'
+        records only its own published ports."""
+        return [self.pools(), self.all_affinities(), self.pool_ranges(), self.all_members(),
+                f"{self.prefix}/nodes/", f"{self.prefix}/bgp/", f"{self.prefix}/policy/", self.ports(host)]
 
     # IPAM --------------------------------------------------------------
     def pools(self):
@@ -64,6 +69,15 @@ class Keys:
 
     def block(self, pool_cidr, block_cidr):
         return f"{self.blocks(pool_cidr)}{cidr_key(block_cidr)}"
+
+    def all_members(self):
+        return f"{self.prefix}/ipam/members/"
+
+    def members(self, pool_cidr):
+        return f"{self.all_members()}{cidr_key(pool_cidr)}/"
+
+    def member(self, pool_cidr, address):
+        return f"{self.members(pool_cidr)}{address}"
 
     def affinities(self, host):
         return f"{self.prefix}/ipam/affinity/{host}/"

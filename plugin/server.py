@@ -227,9 +227,18 @@ class PluginServer(BaseApplication):
         threading.Thread(target=resume, args=(driver,), name="l3net-resume", daemon=True).start()
         agent.start()
         self.agent = agent
+        from .calc import allocations
+        from .retry import Retrier
         from .sweep import Sweeper
+
+        def sync_members():
+            changed = driver.ipam.sync_members()
+            if changed:
+                log.info("IPAM member records brought in line with the blocks (%d written or removed)", changed)
+        # (a cluster written by an l3net without member records, or a record written by hand)
+        Retrier("l3net-members").submit(sync_members, "IPAM member records sync")
         Sweeper(driver, driver.ipam, self.node_cfg.sweep_every, self.node_cfg.sweep_grace,
-                blocks=lambda: agent.cache.view().get_prefix(driver.keys.all_blocks())).start()
+                allocations=lambda: allocations(agent.cache.view(), driver.keys)).start()
         if self.node_cfg.metrics_port:
             from . import metrics
             metrics.serve(self.node_cfg.metrics_port, self.node_cfg.metrics_address, agent)

@@ -68,11 +68,12 @@ def plan(host, owner, endpoints, allocations, veths, routes, deleting, aux, now)
 
 
 class Sweeper:
-    def __init__(self, driver, ipam, every=30.0, grace=30.0, blocks=None):
-        """``blocks()``: the IPAM block records as (key, value, revision), from the agent's
-        watch-fed copy (datastore.Cache): the sweep then reads only this node's records."""
+    def __init__(self, driver, ipam, every=30.0, grace=30.0, allocations=None):
+        """``allocations()``: [(pool, address, allocation)] of the cluster, from the agent's
+        watch-fed copy (datastore.Cache, calc.allocations): the sweep then reads only this
+        node's records from etcd. None: read from the blocks."""
         self.driver, self.ipam = driver, ipam
-        self.blocks = blocks
+        self.allocations = allocations
         self.every, self.grace = float(every), float(grace)
         self.seen = {}             # key -> when first seen unexplained
         self._stop = threading.Event()
@@ -88,11 +89,13 @@ class Sweeper:
         aux = set()
         for _, value, _ in d.store.get_prefix(d.keys.networks(d.host)):
             aux.update(a.split("/")[0] for a in json.loads(value).get("aux", []))
-        allocations = []
-        blocks = self.blocks() if self.blocks is not None else d.store.get_prefix(d.keys.all_blocks())
-        for _, value, _ in blocks:
-            block = json.loads(value)
-            allocations += [(block["pool"], ip, a) for ip, a in block["allocations"].items()]
+        if self.allocations is not None:
+            allocations = self.allocations()
+        else:
+            allocations = []
+            for _, value, _ in d.store.get_prefix(d.keys.all_blocks()):
+                block = json.loads(value)
+                allocations += [(block["pool"], ip, a) for ip, a in block["allocations"].items()]
         deleting = set(d.journal.pending())
         veths, routes = d.datapath.veth_facts()
         return endpoints, allocations, veths, routes, deleting, aux

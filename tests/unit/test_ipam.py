@@ -451,3 +451,55 @@ def test_a_release_retried_later_leaves_an_address_requested_after_it(store, pre
     addr = ipam.request_address(pid, "10.20.0.9")
     assert not ipam.release_address(pid, addr, asked_at=asked - 10)      # requested after it
     assert ipam.holder(IPNetwork("10.20.0.0/24"), "10.20.0.9")["handle"] == "pending:h1"
+
+
+def members_match_blocks(store, keys):
+    """The member records are exactly what the blocks imply (ipam/blocks.members)."""
+    import json
+
+    from ipam import blocks as B
+    want = {}
+    for _, value, _ in store.get_prefix(keys.all_blocks()):
+        block = json.loads(value)
+        want.update({keys.member(block["pool"], ip): m for ip, m in B.members(block["allocations"]).items()})
+    got = {k: json.loads(v) for k, v, _ in store.get_prefix(keys.all_members())}
+    return got == want, (got, want)
+
+
+def test_member_records_follow_every_allocation_change(store, prefix):
+    """One small record per address, written in the block's transaction: the agents follow
+    these, not the blocks. Allocation, handle, borrowing, gateway reservations, release,
+    a node released: the records stay exactly what the blocks say."""
+    keys = Keys(prefix)
+    a, b = make(store, "h1", prefix, block_prefix=30), make(store, "h2", prefix, block_prefix=30)
+    pid, _, _ = a.request_pool("10.20.0.0/28")
+    pid_b, _, _ = b.request_pool("10.20.0.0/28")
+    got = addresses(a, pid, 3)
+    a.set_handle(IPNetwork("10.20.0.0/28"), got[0].split("/")[0], "endpoint:" + "a" * 64)
+    a.request_address(pid, "10.20.0.14", {"RequestAddressType": "com.docker.network.gateway"})
+    addresses(b, pid_b, 8)                           # h2 takes the remaining blocks, then borrows
+    ok, diff = members_match_blocks(store, keys)
+    assert ok, diff
+    member = store.get(keys.member("10.20.0.0/28", got[0].split("/")[0]))[0]
+    assert '"handle": "endpoint:' in member and '"host": "h1"' in member and len(member) < 150
+    a.release_address(pid, got[1])
+    assert store.get(keys.member("10.20.0.0/28", got[1].split("/")[0]))[0] is None
+    a.release_host("h2")
+    ok, diff = members_match_blocks(store, keys)
+    assert ok, diff
+
+
+def test_sync_members_backfills_and_drops_strays():
+    """A cluster written before member records existed gets them at the next plugin start; a
+    record no block implies (written by hand) goes."""
+    store, keys = MemoryStore(), Keys("/t")
+    ipam = make(store)
+    pid, _, _ = ipam.request_pool("10.20.0.0/24")
+    addresses(ipam, pid, 3)
+    for key, _, _ in store.get_prefix(keys.all_members()):
+        store.delete(key)
+    store.put(keys.member("10.20.0.0/24", "10.20.0.200"), '{"handle": "endpoint:x", "host": "h9"}')
+    assert ipam.sync_members() == 4
+    ok, diff = members_match_blocks(store, keys)
+    assert ok, diff
+    assert ipam.sync_members() == 0

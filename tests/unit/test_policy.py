@@ -200,6 +200,13 @@ def test_malformed_records_in_etcd_are_ignored():
     block["allocations"]["10.30.0.9\n-I INPUT 1 -j ACCEPT"] = {"handle": "endpoint:x", "host": "h1"}
     block["allocations"]["10.30.0.10"] = "junk"
     store.put(block_key, json.dumps(block))
+    # the member records the agents compute from: malformed keys and values are skipped
+    members = keys.members("10.30.0.0/24")
+    store.put(members + "10.30.0.9\n-I INPUT 1 -j ACCEPT", json.dumps({"handle": "endpoint:x", "host": "h1"}))
+    store.put(members + "10.30.0.10", "junk")
+    store.put(members + "10.30.0.11", json.dumps({"handle": 7, "host": "h1"}))
+    store.put(members + "10.99.0.12", json.dumps({"handle": "endpoint:y", "host": "h1"}))   # not in the pool
+    store.put(keys.all_members() + "10.30.0.0-33/10.30.0.13", json.dumps({"handle": "endpoint:z", "host": "h1"}))
     claim = {"proto": "tcp", "host_ip": None, "host_port": 8080, "ip": held, "port": 80, "endpoint": "e" * 64}
     for i, port in enumerate([claim, dict(claim, port=True, host_port=81), dict(claim, ip=167772161, host_port=82),
                               dict(claim, host_ip="1.2.3.4 -j ACCEPT", host_port=83),
