@@ -20,6 +20,8 @@ from dataclasses import replace
 
 from netaddr import IPAddress, IPNetwork
 
+from ipam.blocks import ip_int
+
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer
 from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
                     pool_conflict, protected, unicast_ip)
@@ -244,36 +246,52 @@ def announced_by_node(store, keys):
         cidr = key_cidr(key.rsplit("/", 1)[1])
         if canonical_cidr(cidr):
             blocks.setdefault(keys.host_of(key), []).append(cidr)
-    nets = {host: [IPNetwork(c) for c in cidrs] for host, cidrs in blocks.items()}
+    nets = {host: [(IPNetwork(c).first, IPNetwork(c).last) for c in cidrs] for host, cidrs in blocks.items()}
     out = {host: list(cidrs) for host, cidrs in blocks.items()}
     for _, ip, a in allocations(store, keys):
         host = a["host"]
-        if a["handle"].startswith(("endpoint:", "pending:")) and \
-                not any(IPAddress(ip) in net for net in nets.get(host, ())):
-            out.setdefault(host, []).append(f"{ip}/32")
+        if a["handle"].startswith(("endpoint:", "pending:")):
+            value = ip_int(ip)
+            if not any(first <= value <= last for first, last in nets.get(host, ())):
+                out.setdefault(host, []).append(f"{ip}/32")
     return out
 
 
 def allocations(store, keys):
     """[(pool, address, {"host", "handle", "time"})] of every allocation, from the member
     records (ipam/blocks.members: one per address, written with its block). A record with a
-    malformed key, an address outside its pool, or no string host and handle is skipped."""
-    out = []
+    malformed key, an address outside its pool, or no string host and handle is skipped.
+
+    Parsed once per record revision when ``store`` is a datastore.View (its ``memo``): a
+    container start anywhere costs each agent the parsing of one record, not of the cluster."""
+    memo = getattr(store, "memo", None)
+    memo = memo.setdefault("allocations", {}) if memo is not None else {}
+    out, seen = [], {}
     root = keys.all_members()
-    for key, value, _ in store.get_prefix(root):
-        pool_key, _, ip = key[len(root):].partition("/")
-        pool = canonical_cidr(key_cidr(pool_key))
-        try:
-            record = json.loads(value)
-        except ValueError:
-            record = None
-        if pool is None or unicast_ip(ip) is None or IPAddress(ip) not in IPNetwork(pool) or \
-                not isinstance(record, dict) or not isinstance(record.get("handle"), str) or \
-                not isinstance(record.get("host"), str):
-            warn("ignoring malformed allocation record %s", key[:200])
-            continue
-        out.append((pool, ip, record))
+    for key, value, rev in store.get_prefix(root):
+        hit = memo.get(key)
+        parsed = hit[2] if hit is not None and hit[0] == rev and hit[1] == value else _member(root, key, value)
+        seen[key] = (rev, value, parsed)
+        if parsed is not None:
+            out.append(parsed)
+    memo.clear()
+    memo.update(seen)
     return out
+
+
+def _member(root, key, value):
+    pool_key, _, ip = key[len(root):].partition("/")
+    pool = canonical_cidr(key_cidr(pool_key))
+    try:
+        record = json.loads(value)
+    except ValueError:
+        record = None
+    if pool is None or unicast_ip(ip) is None or IPAddress(ip) not in IPNetwork(pool) or \
+            not isinstance(record, dict) or not isinstance(record.get("handle"), str) or \
+            not isinstance(record.get("host"), str):
+        warn("ignoring malformed allocation record %s", key[:200])
+        return None
+    return pool, ip, record
 
 
 RULE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")

@@ -14,6 +14,7 @@ compacted past makes the next ``view()`` load again in full, counted in ``reload
 changes nothing (fail closed, last good state).
 """
 
+import bisect
 import logging
 import threading
 
@@ -22,20 +23,26 @@ log = logging.getLogger("l3net.datastore")
 
 class View:
     """A frozen copy of the cache answering ``get`` / ``get_prefix`` like a store (what the
-    calculation functions read)."""
+    calculation functions read). ``memo``: where the calculation keeps what it parsed, by key
+    and revision, from one view to the next (calc.allocations): shared by every view of one
+    cache, so a change costs the parsing of what changed, not of the cluster."""
 
-    def __init__(self, items, revision=None):
+    def __init__(self, items, revision=None, memo=None):
         # {prefix: the newest etcd revision of it known here}: the watches of several prefixes
         # deliver in order each, not with each other
         self.revision = dict(revision or {})
+        self.memo = {} if memo is None else memo
         self._items = sorted((k, v, r) for k, (v, r) in items.items())
+        self._keys = [k for k, _, _ in self._items]
         self._index = {k: (v, r) for k, v, r in self._items}
 
     def get(self, key):
         return self._index.get(key, (None, 0))
 
     def get_prefix(self, prefix):
-        return [item for item in self._items if item[0].startswith(prefix)]
+        start = bisect.bisect_left(self._keys, prefix)
+        end = bisect.bisect_left(self._keys, prefix + "\U0010ffff", start)
+        return self._items[start:end]
 
 
 class Cache:
@@ -53,6 +60,7 @@ class Cache:
         self._view = None           # (generation, View)
         self.reloads = 0
         self.events = 0
+        self.memo = {}              # the calculation's parsed records (View.memo)
 
     def view(self):
         """The current copy (loading it first if needed). Raises when etcd cannot be read."""
@@ -69,7 +77,7 @@ class Cache:
         """The View of this generation, made once (the agent asks every second; copying the
         cluster's records each time would cost CPU in proportion to the cluster)."""
         if self._view is None or self._view[0] != self.generation:
-            self._view = (self.generation, View(self._items, self._seen))
+            self._view = (self.generation, View(self._items, self._seen, self.memo))
         return self._view[1]
 
     @property
