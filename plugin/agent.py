@@ -24,7 +24,7 @@ import time
 from . import metrics
 from .bgp import render
 from .calc import desired_bgp, desired_policy, node_asn, node_stats, nodes, warn
-from .datastore import Cache, View
+from .datastore import Cache
 from .errors import L3netError
 from .firewall import NoFirewall
 from .store import StoreError
@@ -35,6 +35,12 @@ LEASE_TTL = 30
 HEARTBEAT = 10
 DEBOUNCE = 0.1      # seconds to let a burst of etcd changes settle before a sync
 RESYNC = 30.0       # seconds between computations when nothing changed (a safety net)
+# After a lost watch (etcd restarted), the agents of a cluster of RELOAD_SPREAD_FROM nodes or
+# more load their copies again spread over this much time per node, at most the max: 1,000
+# nodes reload over 10 s; a smaller cluster at once.
+RELOAD_SPREAD_FROM = 50
+RELOAD_SPREAD_PER_NODE = 0.01
+RELOAD_SPREAD_MAX = 10.0
 
 
 class Registry:
@@ -134,9 +140,16 @@ class Agent:
         self._mesh_seen = {}            # mesh peer ip -> (Peer, when last in etcd): keep_departed
         self.stats = {}
         self.status_path = status_path   # where `l3netctl status` reads this agent's state
-        self.cache = Cache(store, keys.agent_view(name), on_change=self._wake.set)
+        self.cache = Cache(store, keys.agent_view(name), on_change=self._wake.set, spread=self._reload_spread)
         self._computed = (None, 0.0)    # (cache generation, when) of the last full computation
         self._applied_revision = {}     # {prefix: revision} of the policy the driver put in force
+
+    def _reload_spread(self, items):
+        """Seconds over which the cluster's agents spread their loads after a lost watch:
+        none below RELOAD_SPREAD_FROM nodes, then in proportion to the nodes."""
+        prefix = self.keys.nodes()
+        count = sum(1 for k in items if k.startswith(prefix))
+        return 0.0 if count < RELOAD_SPREAD_FROM else min(RELOAD_SPREAD_MAX, RELOAD_SPREAD_PER_NODE * count)
 
     def sync(self):
         """BGP and policy are synced independently: a BIRD problem must not freeze the
@@ -197,19 +210,20 @@ class Agent:
         self._computed = (cache_generation, time.monotonic())
         self.last_sync = time.time()
 
-    def sync_policy(self, view=None, generation=None):
+    def sync_policy(self, view=None, generation=None, fresh=()):
         """Compute the desired policy and put it in force. ``view``: the cache's (the loop),
-        with the firewall's ``generation`` taken before it was taken. None: read etcd now (the
-        driver, after a network is created or a port published: its rules must be in force
-        before the call returns, whatever the watch has delivered yet)."""
+        with the firewall's ``generation`` taken before it was taken. None (the driver, after
+        a network is created or a port published: its rules must be in force before the call
+        returns, whatever the watch has delivered yet): the pools, this node's published ports
+        and the ``fresh`` prefixes (the endpoint's member record) are read from etcd now, the
+        rest of the cluster taken from the cache (never read again: that would cost etcd the
+        whole cluster per docker run -p)."""
         with self._policy_lock:
             if view is None:
                 generation = self.firewall.generation()
-                prefixes = self.keys.agent_view(self.name)
+                prefixes = [self.keys.pools(), self.keys.ports(self.name), *fresh]
                 items, _ = self.store.read(prefixes)
-                # per prefix, the newest record in it: what the cache must have seen too
-                view = View(items, {p: max((r for k, (_, r) in items.items() if k.startswith(p)), default=0)
-                                    for p in prefixes})
+                view = self.cache.view().overlay(prefixes, items)
             elif any(view.revision.get(p, 0) < r for p, r in self._applied_revision.items()):
                 return      # older than what the driver put in force: the watch catches up
             desired = desired_policy(view, self.keys, self.name)

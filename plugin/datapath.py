@@ -158,11 +158,16 @@ def ipv6_off(ifname):
     _sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", 1)
 
 
-def setup_host_veth(host_if, idx, address, owner=None):
+def setup_host_veth(host_if, idx, address, owner=None, mac=None):
     """Make the host side the container's router and route the /32 to it. The link is down
     until its settings are in place: it never has an IPv6 address, not even for a moment.
     ``owner`` goes into the link's alias: which node made it (the sweeper removes only veths
-    of its own node that no endpoint record explains)."""
+    of its own node that no endpoint record explains). ``mac``: the container side's MAC,
+    written as a permanent neighbour entry (as Calico does): the host never ARPs for the
+    container. Without it, a packet that arrives between CreateEndpoint and the moment dockerd
+    gives the container its address (a client retrying a recycled address, a new container
+    probed at once) leaves an INCOMPLETE entry, and the container stays unreachable until the
+    kernel's next ARP try, a second later."""
     ipv6_off(host_if)
     # proxy_arp: answer the container's ARP for 169.254.1.1 with our MAC.
     # proxy_delay=0: answer at once (the default delays proxy replies by up to 0.8 s).
@@ -173,7 +178,12 @@ def setup_host_veth(host_if, idx, address, owner=None):
         _ipr().link("set", index=idx, state="up", ifalias=owner)
     else:
         _ipr().link("set", index=idx, state="up")
+    if mac:
+        _ipr().neigh("replace", dst=str(address), lladdr=mac, ifindex=idx, state=NUD_PERMANENT)
     _ipr().route("replace", dst=f"{address}/32", oif=idx, scope=253, proto=ROUTE_PROTO)
+
+
+NUD_PERMANENT = 0x80
 
 
 def our_veths():
@@ -323,7 +333,7 @@ class Datapath:
         mac = mac or random_mac()
         idx = create_veth(host_if, temp_if, mac)
         try:
-            setup_host_veth(host_if, idx, address, self.owner)
+            setup_host_veth(host_if, idx, address, self.owner, mac)
         except Exception:
             delete_veth(host_if)
             raise

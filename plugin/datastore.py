@@ -16,7 +16,9 @@ changes nothing (fail closed, last good state).
 
 import bisect
 import logging
+import random
 import threading
+import time
 
 log = logging.getLogger("l3net.datastore")
 
@@ -36,6 +38,21 @@ class View:
         self._keys = [k for k, _, _ in self._items]
         self._index = {k: (v, r) for k, v, r in self._items}
 
+    def overlay(self, prefixes, items):
+        """This view with everything under ``prefixes`` replaced by ``items`` ({key: (value,
+        revision)}, read from etcd just now): what the driver computes from when its own write
+        must count before the watch has brought it (the rest of the cluster from the copy, not
+        read again). The revisions of the copy's prefixes take the fresh records' in."""
+        prefixes = tuple(prefixes)
+        merged = {k: (v, r) for k, v, r in self._items if not k.startswith(prefixes)}
+        merged.update(items)
+        revision = dict(self.revision)
+        for key, (_, r) in items.items():
+            for p in revision:
+                if key.startswith(p):
+                    revision[p] = max(revision[p], r)
+        return View(merged, revision, self.memo)
+
     def get(self, key):
         return self._index.get(key, (None, 0))
 
@@ -46,11 +63,14 @@ class View:
 
 
 class Cache:
-    def __init__(self, store, prefixes, on_change=None):
+    def __init__(self, store, prefixes, on_change=None, spread=None):
         """``prefixes``: what to copy and follow; ``on_change()``: called after each batch of
-        changes (the agent's wake-up)."""
+        changes (the agent's wake-up); ``spread(items)``: seconds over which to spread the load
+        after a lost watch (see ``_on``), from the copy; default none."""
         self.store, self.prefixes = store, tuple(prefixes)
         self.on_change = on_change or (lambda: None)
+        self.spread = spread or (lambda items: 0.0)
+        self._reload_at = None      # a lost watch: when to load again (the copy serves till then)
         self._lock = threading.Lock()
         self._items = None          # key -> (value, revision); None: not loaded (or broken)
         self._seen = {}             # prefix -> newest revision loaded or followed
@@ -65,7 +85,7 @@ class Cache:
     def view(self):
         """The current copy (loading it first if needed). Raises when etcd cannot be read."""
         with self._lock:
-            if self._items is not None:
+            if self._items is not None and (self._reload_at is None or time.monotonic() < self._reload_at):
                 return self._current()
         self.load()
         with self._lock:
@@ -91,6 +111,7 @@ class Cache:
             epoch = self._epoch
             cancel, self._cancel = self._cancel, None
             self._items = items
+            self._reload_at = None
             self._seen = {p: revision for p in self.prefixes}
             self.generation += 1
             self.reloads += 1
@@ -125,9 +146,17 @@ class Cache:
             if epoch != self._epoch or self._items is None:
                 return
             if isinstance(change, Exception):
-                log.info("etcd watch lost (%s): loading again", change)
-                self._items = None
+                # Every agent of the cluster loses its watch at the same moment when etcd
+                # restarts: each loads again after a random delay that grows with the cluster
+                # (``spread``), so etcd does not send every copy at once. Till then the copy
+                # it had serves (the last good state; not followed, so nothing new is learned).
+                delay = random.uniform(0, max(0.0, self.spread(self._items)))
+                log.info("etcd watch lost (%s): loading again in %.1f s", change, delay)
                 self._cancel = None
+                if delay > 0:
+                    self._reload_at = time.monotonic() + delay
+                    return      # nothing new to compute from; the agent's tick loads it in time
+                self._items = None
             else:
                 relevant = 0
                 before = dict(self._seen)   # (one transaction: several changes, one revision)

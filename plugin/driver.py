@@ -294,7 +294,8 @@ class Driver:
         self.ports.claim(endpoint_id, network_id, record["address"], mappings, self._endpoint_alive,
                          self.datapath.host_port_free)
         if self.sync_policy is not None:
-            self.sync_policy()
+            # (the rule needs the endpoint's member record: it was written a moment ago)
+            self.sync_policy(fresh=[self.keys.member(record["pool"], record["address"])])
         log.info("endpoint %s: published %s", endpoint_id[:12], ", ".join(describe_port(m) for m in mappings))
 
     def _endpoint_alive(self, endpoint_id):

@@ -76,6 +76,7 @@ class Sweeper:
         self.allocations = allocations
         self.every, self.grace = float(every), float(grace)
         self.seen = {}             # key -> when first seen unexplained
+        self._known = {}           # prefix -> (version, values) as last read (_records)
         self._stop = threading.Event()
         self._thread = None
 
@@ -83,11 +84,11 @@ class Sweeper:
         """Everything ``plan`` needs, or an exception (etcd away): then nothing is done."""
         d = self.driver
         endpoints = {}
-        for _, value, _ in d.store.get_prefix(d.keys.endpoints(d.host)):
+        for value in self._records(d.keys.endpoints(d.host)):
             record = json.loads(value)
             endpoints[record["id"]] = record
         aux = set()
-        for _, value, _ in d.store.get_prefix(d.keys.networks(d.host)):
+        for value in self._records(d.keys.networks(d.host)):
             aux.update(a.split("/")[0] for a in json.loads(value).get("aux", []))
         if self.allocations is not None:
             allocations = self.allocations()
@@ -99,6 +100,17 @@ class Sweeper:
         deleting = set(d.journal.pending())
         veths, routes = d.datapath.veth_facts()
         return endpoints, allocations, veths, routes, deleting, aux
+
+    def _records(self, prefix):
+        """The values under one of this node's prefixes, read again only when its version
+        (count, newest revision) changed: an idle node's sweep costs etcd two small answers,
+        not its endpoint records every round."""
+        version = self.driver.store.prefix_version(prefix)
+        known = self._known.get(prefix)
+        if known is None or known[0] != version:
+            known = (version, [v for _, v, _ in self.driver.store.get_prefix(prefix)])
+            self._known[prefix] = known
+        return known[1]
 
     def sweep(self, now=None):
         """One round. Returns the actions taken."""

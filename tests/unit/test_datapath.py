@@ -34,6 +34,12 @@ def test_create_and_delete_veth_in_this_namespace():
     try:
         assert D.link_exists(D.host_ifname(eid)) and D.link_exists(D.temp_ifname(eid))
         assert D.link_mac(D.temp_ifname(eid)) == mac
+        # the host never ARPs for its container: a packet before the container has its
+        # address must not leave an INCOMPLETE entry (a second of silence after it is up)
+        import subprocess
+        neigh = subprocess.run(["ip", "neigh", "show", "dev", D.host_ifname(eid)], capture_output=True,
+                               text=True, check=True).stdout
+        assert f"10.254.254.254 lladdr {mac} PERMANENT" in neigh, neigh
     finally:
         dp.delete(eid)
     assert not D.link_exists(D.host_ifname(eid))

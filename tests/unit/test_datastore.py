@@ -61,3 +61,70 @@ def test_etcd_away_at_load_raises_and_keeps_nothing(prefix):
     with pytest.raises(OSError):
         cache.view()
     assert not cache.following
+
+
+def test_a_container_start_elsewhere_is_two_small_events(store, prefix):
+    """What another host's docker run costs an agent: its RequestAddress and CreateEndpoint
+    change one member record each (not the block, not the endpoint record): two events of a
+    few hundred bytes, whatever the number of addresses in the block."""
+    from netaddr import IPNetwork
+
+    from ipam.allocator import Ipam
+    from plugin.keys import Keys
+    keys = Keys(prefix)
+    other = Ipam(store, keys, "h2")
+    pool_id, _, _ = other.request_pool("10.20.0.0/16")
+    for _ in range(50):                                     # a block well filled already
+        other.request_address(pool_id)
+    cache = Cache(store, keys.agent_view("h1"))
+    cache.view()
+    events, generation = cache.events, cache.generation
+    ip = other.request_address(pool_id).split("/")[0]      # RequestAddress on h2
+    other.set_handle(IPNetwork("10.20.0.0/16"), ip, "endpoint:" + "e" * 64,
+                     also_put={keys.endpoint("h2", "e" * 64): json.dumps({"id": "e" * 64, "address": ip})})
+    wait_for(lambda: cache.events - events == 2, 10, "the two member events")
+    view = cache.view()
+    assert cache.reloads == 1 and cache.generation > generation
+    member = view.get(keys.member("10.20.0.0/16", ip))[0]
+    assert '"handle": "endpoint:' in member and len(member) < 200
+    assert not view.get_prefix(keys.all_blocks()) and not view.get_prefix(keys.all_hosts())
+    cache.stop()
+
+
+def test_overlay_replaces_only_the_fresh_prefixes():
+    from plugin.datastore import View
+    view = View({"/p/a/1": ("old", 3), "/p/a/2": ("gone", 4), "/p/b/1": ("kept", 5)}, {"/p/a/": 4, "/p/b/": 5})
+    fresh = view.overlay(["/p/a/"], {"/p/a/1": ("new", 9)})
+    assert fresh.get_prefix("/p/") == [("/p/a/1", "new", 9), ("/p/b/1", "kept", 5)]
+    assert fresh.revision == {"/p/a/": 9, "/p/b/": 5} and fresh.memo is view.memo
+    assert view.get("/p/a/1") == ("old", 3)            # the cache's own view is left alone
+
+
+def test_a_lost_watch_in_a_large_cluster_reloads_after_a_spread(prefix):
+    """Every agent loses its watch when etcd restarts: in a large cluster each waits a random
+    part of the spread before loading again, serving its last copy meanwhile."""
+    store = MemoryStore()
+    store.put(f"{prefix}/ipam/pools/a", "1")
+    cache = Cache(store, [f"{prefix}/ipam/"], spread=lambda items: 3600.0)
+    cache.view()
+    cache._on(cache._epoch, RuntimeError("the etcd watch ended"))
+    store.put(f"{prefix}/ipam/pools/b", "2")
+    view = cache.view()                                     # not reloaded yet: the last copy
+    assert view.get(f"{prefix}/ipam/pools/a")[0] == "1" and cache.reloads == 1 and not cache.following
+    cache._reload_at = 0.0                                  # its turn comes
+    assert cache.view().get(f"{prefix}/ipam/pools/b")[0] == "2" and cache.reloads == 2 and cache.following
+
+
+def test_prefix_version_changes_with_any_change_under_the_prefix(store, prefix):
+    p = f"{prefix}/hosts/h1/endpoints/"
+    assert store.prefix_version(p) == (0, 0)
+    store.put(p + "a", "1")
+    store.put(p + "b", "2")
+    store.put(f"{prefix}/hosts/h1/endpointsX", "outside")
+    first = store.prefix_version(p)
+    assert first[0] == 2 and first[1] > 0 and store.prefix_version(p) == first
+    store.put(p + "a", "1 again")
+    second = store.prefix_version(p)
+    assert second[0] == 2 and second[1] > first[1]
+    store.delete(p + "b")
+    assert store.prefix_version(p)[0] == 1

@@ -79,3 +79,37 @@ def test_etcd_away_means_no_sweep():
     except OSError:
         pass
     assert driver.deleted == [] and sweeper.seen == {}
+
+
+def test_an_idle_node_reads_its_records_only_when_they_changed():
+    """Every round asks etcd whether the node's endpoint and network records changed (their
+    count and newest revision); the records themselves are read only when they did."""
+    import json
+
+    from plugin.keys import Keys
+    from plugin.store import MemoryStore
+
+    reads = []
+
+    class Counting(MemoryStore):
+        def get_prefix(self, prefix):
+            if "/hosts/" in prefix:
+                reads.append(prefix)
+            return super().get_prefix(prefix)
+
+        def prefix_version(self, prefix):      # (MemoryStore's own reads every record)
+            items = MemoryStore.get_prefix(self, prefix)
+            return len(items), max((r for _, _, r in items), default=0)
+    driver = FakeDriver()
+    driver.store, driver.keys = Counting(), Keys("/t")
+    driver.store.put(driver.keys.endpoint("h1", A), json.dumps(record(A, "10.20.0.2")))
+    sweeper = Sweeper(driver, ipam=None, allocations=lambda: [])
+    sweeper._records(driver.keys.endpoints("h1"))
+    assert len(reads) == 1
+    for _ in range(3):
+        assert [json.loads(v)["id"] for v in sweeper._records(driver.keys.endpoints("h1"))] == [A]
+    assert len(reads) == 1
+    driver.store.put(driver.keys.endpoint("h1", B), json.dumps(record(B, "10.20.0.3")))
+    assert len(sweeper._records(driver.keys.endpoints("h1"))) == 2 and len(reads) == 2
+    driver.store.delete(driver.keys.endpoint("h1", A))
+    assert len(sweeper._records(driver.keys.endpoints("h1"))) == 1 and len(reads) == 3
