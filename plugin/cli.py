@@ -444,8 +444,9 @@ def node():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def node_list(obj, as_json):
-    from .calc import nodes
+    from .calc import nodes, route_reflectors
     now = time.time()
+    reflectors = route_reflectors(obj.store, obj.keys)
     blocks = Counter(obj.keys.host_of(k) for k, _, _ in obj.store.get_prefix(obj.keys.all_affinities()))
     endpoints = Counter(obj.keys.host_of(k) for k, _, _ in obj.store.get_prefix(obj.keys.all_hosts())
                         if "/endpoints/" in k)
@@ -457,8 +458,10 @@ def node_list(obj, as_json):
     rows += [{"name": h, "address": "", "as": "", "state": "gone (l3netctl node remove)",
               "up_for": "", "blocks": blocks.get(h, 0), "endpoints": endpoints.get(h, 0)}
              for h in sorted((set(blocks) | set(endpoints)) - set(registered))]
+    for r in rows:
+        r["role"] = "route reflector" if r["name"] in reflectors else "node"
     rows.sort(key=lambda r: r["name"])
-    emit(rows, ["Name", "Address", "AS", "State", "Up for", "Blocks", "Endpoints"], as_json)
+    emit(rows, ["Name", "Address", "AS", "Role", "State", "Up for", "Blocks", "Endpoints"], as_json)
 
 
 @node.command("remove")

@@ -46,9 +46,10 @@ class Keys:
         """The prefixes the agent of ``host`` copies and follows: pools, block ownership, one
         small record per allocation (not the blocks: each holds up to 1,024 allocations and
         changes with every container of its host), nodes, BGP, policy, and of the hosts'
-        records only its own published ports."""
+        records only its own (published ports; endpoints and networks, for the sweeper)."""
         return [self.pools(), self.all_affinities(), self.pool_ranges(), self.all_members(),
-                f"{self.prefix}/nodes/", f"{self.prefix}/bgp/", f"{self.prefix}/policy/", self.ports(host)]
+                f"{self.prefix}/nodes/", f"{self.prefix}/bgp/", f"{self.prefix}/policy/", self.ports(host),
+                self.endpoints(host), self.networks(host)]
 
     # IPAM --------------------------------------------------------------
     def pools(self):

@@ -227,7 +227,6 @@ class PluginServer(BaseApplication):
         threading.Thread(target=resume, args=(driver,), name="l3net-resume", daemon=True).start()
         agent.start()
         self.agent = agent
-        from .calc import allocations
         from .retry import Retrier
         from .sweep import Sweeper
 
@@ -238,7 +237,7 @@ class PluginServer(BaseApplication):
         # (a cluster written by an l3net without member records, or a record written by hand)
         Retrier("l3net-members").submit(sync_members, "IPAM member records sync")
         Sweeper(driver, driver.ipam, self.node_cfg.sweep_every, self.node_cfg.sweep_grace,
-                allocations=lambda: allocations(agent.cache.view(), driver.keys)).start()
+                view=agent.cache.view).start()
         if self.node_cfg.metrics_port:
             from . import metrics
             metrics.serve(self.node_cfg.metrics_port, self.node_cfg.metrics_address, agent)

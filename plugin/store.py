@@ -56,10 +56,6 @@ class MemoryStore:
         with self._lock:
             return sorted((k, v, r) for k, (v, r) in self._data.items() if k.startswith(prefix))
 
-    def prefix_version(self, prefix):
-        items = self.get_prefix(prefix)
-        return len(items), max((r for _, _, r in items), default=0)
-
     def put(self, key, value, lease=None):
         self.txn({}, put={key: value})
         if lease is not None:
@@ -398,24 +394,6 @@ class EtcdStore:
             return c.kvstub.Txn(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
         response = self._call(call, idempotent=False)
         return response.header.revision if response.succeeded else 0
-
-    def prefix_version(self, prefix):
-        """(number of keys, newest modification revision) under ``prefix``: two small numbers
-        that change whenever anything under it does, so a reader can tell "nothing new"
-        without the records (one key, no values)."""
-        from etcd3 import etcdrpc
-        from etcd3.utils import prefix_range_end
-
-        key = prefix.encode()
-        request = etcdrpc.RangeRequest(key=key, range_end=prefix_range_end(key), limit=1, keys_only=True,
-                                       sort_order=etcdrpc.RangeRequest.DESCEND,
-                                       sort_target=etcdrpc.RangeRequest.MOD)
-
-        def call():
-            c = self.client
-            return c.kvstub.Range(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
-        response = self._call(call)
-        return response.count, (response.kvs[0].mod_revision if response.kvs else 0)
 
     def close(self):
         if self._client is not None:

@@ -27,6 +27,7 @@ import time
 
 from netaddr import IPNetwork
 
+from . import calc
 from .datapath import host_ifname
 
 log = logging.getLogger("l3net.sweep")
@@ -68,30 +69,30 @@ def plan(host, owner, endpoints, allocations, veths, routes, deleting, aux, now)
 
 
 class Sweeper:
-    def __init__(self, driver, ipam, every=30.0, grace=30.0, allocations=None):
-        """``allocations()``: [(pool, address, allocation)] of the cluster, from the agent's
-        watch-fed copy (datastore.Cache, calc.allocations): the sweep then reads only this
-        node's records from etcd. None: read from the blocks."""
+    def __init__(self, driver, ipam, every=30.0, grace=30.0, view=None):
+        """``view()``: the agent's watch-fed copy of etcd (datastore.Cache.view), which holds
+        this node's endpoint and network records and every allocation: an idle node's sweep
+        then costs etcd nothing (the grace period covers the watch's lag). None: read etcd."""
         self.driver, self.ipam = driver, ipam
-        self.allocations = allocations
+        self.view = view
         self.every, self.grace = float(every), float(grace)
         self.seen = {}             # key -> when first seen unexplained
-        self._known = {}           # prefix -> (version, values) as last read (_records)
         self._stop = threading.Event()
         self._thread = None
 
     def facts(self):
         """Everything ``plan`` needs, or an exception (etcd away): then nothing is done."""
         d = self.driver
+        source = self.view() if self.view is not None else d.store
         endpoints = {}
-        for value in self._records(d.keys.endpoints(d.host)):
+        for _, value, _ in source.get_prefix(d.keys.endpoints(d.host)):
             record = json.loads(value)
             endpoints[record["id"]] = record
         aux = set()
-        for value in self._records(d.keys.networks(d.host)):
+        for _, value, _ in source.get_prefix(d.keys.networks(d.host)):
             aux.update(a.split("/")[0] for a in json.loads(value).get("aux", []))
-        if self.allocations is not None:
-            allocations = self.allocations()
+        if self.view is not None:
+            allocations = calc.allocations(source, d.keys)
         else:
             allocations = []
             for _, value, _ in d.store.get_prefix(d.keys.all_blocks()):
@@ -100,17 +101,6 @@ class Sweeper:
         deleting = set(d.journal.pending())
         veths, routes = d.datapath.veth_facts()
         return endpoints, allocations, veths, routes, deleting, aux
-
-    def _records(self, prefix):
-        """The values under one of this node's prefixes, read again only when its version
-        (count, newest revision) changed: an idle node's sweep costs etcd two small answers,
-        not its endpoint records every round."""
-        version = self.driver.store.prefix_version(prefix)
-        known = self._known.get(prefix)
-        if known is None or known[0] != version:
-            known = (version, [v for _, v, _ in self.driver.store.get_prefix(prefix)])
-            self._known[prefix] = known
-        return known[1]
 
     def sweep(self, now=None):
         """One round. Returns the actions taken."""

@@ -76,6 +76,8 @@ def test_two_reflectors_replace_the_mesh_and_losing_one_loses_no_route(bed):
     assert "yes" in out and "the mesh is on" in out, out
     ctl(bed, "bgp", "node", r2.name, "--route-reflector")
     assert json.loads(ctl(bed, "bgp", "node", r2.name, "--json"))[0]["route_reflector"] is True
+    roles = {n["name"]: n["role"] for n in json.loads(ctl(bed, "node", "list", "--json"))}
+    assert roles == {r1.name: "route reflector", r2.name: "route reflector", h3.name: "node", h4.name: "node"}
     ctl(bed, "bgp", "config", "--no-mesh")
 
     # Ordinary hosts peer with the reflectors only; reflectors with everyone.

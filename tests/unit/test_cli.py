@@ -33,6 +33,20 @@ def test_bgp_settings_and_peers_round_trip(ctl):
     assert json.loads(ctl("bgp", "peer", "list", "--json").output) == []
 
 
+def test_bgp_node_as_and_route_reflector(ctl):
+    row = json.loads(ctl("bgp", "node", "h1", "--json").output)[0]
+    assert row == {"node": "h1", "as": 64512, "as_from": "cluster", "route_reflector": False, "peers": 0}
+    out = ctl("bgp", "node", "h1", "--route-reflector").output
+    assert "the mesh is on" in out
+    ctl("bgp", "node", "h1", "--as", "64601")                   # the flag stays
+    row = json.loads(ctl("bgp", "node", "h1", "--json").output)[0]
+    assert row["route_reflector"] is True and (row["as"], row["as_from"]) == (64601, "node")
+    ctl("bgp", "node", "h1", "--cluster-as", "--no-route-reflector")
+    row = json.loads(ctl("bgp", "node", "h1", "--json").output)[0]
+    assert row["route_reflector"] is False and row["as_from"] == "cluster"
+    assert ctl("bgp", "node", "h1", "--as", "1", "--cluster-as", ok=False).exit_code != 0
+
+
 @pytest.mark.parametrize("args", [
     ("bgp", "peer", "add", "300.1.1.1", "--as", "1"),
     ("bgp", "peer", "add", "1.1.1.1", "--as", "0"),

@@ -114,17 +114,3 @@ def test_a_lost_watch_in_a_large_cluster_reloads_after_a_spread(prefix):
     cache._reload_at = 0.0                                  # its turn comes
     assert cache.view().get(f"{prefix}/ipam/pools/b")[0] == "2" and cache.reloads == 2 and cache.following
 
-
-def test_prefix_version_changes_with_any_change_under_the_prefix(store, prefix):
-    p = f"{prefix}/hosts/h1/endpoints/"
-    assert store.prefix_version(p) == (0, 0)
-    store.put(p + "a", "1")
-    store.put(p + "b", "2")
-    store.put(f"{prefix}/hosts/h1/endpointsX", "outside")
-    first = store.prefix_version(p)
-    assert first[0] == 2 and first[1] > 0 and store.prefix_version(p) == first
-    store.put(p + "a", "1 again")
-    second = store.prefix_version(p)
-    assert second[0] == 2 and second[1] > first[1]
-    store.delete(p + "b")
-    assert store.prefix_version(p)[0] == 1

@@ -81,11 +81,14 @@ def test_etcd_away_means_no_sweep():
     assert driver.deleted == [] and sweeper.seen == {}
 
 
-def test_an_idle_node_reads_its_records_only_when_they_changed():
-    """Every round asks etcd whether the node's endpoint and network records changed (their
-    count and newest revision); the records themselves are read only when they did."""
+
+def test_the_sweep_reads_the_agents_copy_not_etcd():
+    """An idle node's sweep costs etcd nothing: its endpoint and network records and the
+    allocations come from the agent's watch-fed copy."""
     import json
 
+    from ipam.allocator import Ipam
+    from plugin.datastore import Cache
     from plugin.keys import Keys
     from plugin.store import MemoryStore
 
@@ -93,23 +96,24 @@ def test_an_idle_node_reads_its_records_only_when_they_changed():
 
     class Counting(MemoryStore):
         def get_prefix(self, prefix):
-            if "/hosts/" in prefix:
-                reads.append(prefix)
+            reads.append(prefix)
             return super().get_prefix(prefix)
 
-        def prefix_version(self, prefix):      # (MemoryStore's own reads every record)
-            items = MemoryStore.get_prefix(self, prefix)
-            return len(items), max((r for _, _, r in items), default=0)
+        def read(self, prefixes):
+            reads.append("load")
+            return super().read(prefixes)
     driver = FakeDriver()
     driver.store, driver.keys = Counting(), Keys("/t")
-    driver.store.put(driver.keys.endpoint("h1", A), json.dumps(record(A, "10.20.0.2")))
-    sweeper = Sweeper(driver, ipam=None, allocations=lambda: [])
-    sweeper._records(driver.keys.endpoints("h1"))
-    assert len(reads) == 1
-    for _ in range(3):
-        assert [json.loads(v)["id"] for v in sweeper._records(driver.keys.endpoints("h1"))] == [A]
-    assert len(reads) == 1
-    driver.store.put(driver.keys.endpoint("h1", B), json.dumps(record(B, "10.20.0.3")))
-    assert len(sweeper._records(driver.keys.endpoints("h1"))) == 2 and len(reads) == 2
-    driver.store.delete(driver.keys.endpoint("h1", A))
-    assert len(sweeper._records(driver.keys.endpoints("h1"))) == 1 and len(reads) == 3
+    driver.journal = type("Journal", (), {"pending": staticmethod(lambda: [])})()
+    driver.datapath.veth_facts = lambda: ({host_ifname(A): OWNER}, [])
+    ipam = Ipam(driver.store, driver.keys, "h1")
+    pool_id, _, _ = ipam.request_pool("10.20.0.0/24")
+    ip = ipam.request_address(pool_id).split("/")[0]
+    driver.store.put(driver.keys.endpoint("h1", A), json.dumps(record(A, ip)))
+    driver.store.put(driver.keys.network("h1", "n" * 64), json.dumps({"id": "n" * 64, "aux": ["10.20.0.9"]}))
+    cache = Cache(driver.store, driver.keys.agent_view("h1"))
+    cache.view()
+    reads.clear()
+    endpoints, allocations, veths, _, _, aux = Sweeper(driver, ipam, view=cache.view).facts()
+    assert list(endpoints) == [A] and aux == {"10.20.0.9"} and [a[1] for a in allocations] == [ip]
+    assert reads == [], "nothing read from etcd"
