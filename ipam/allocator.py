@@ -14,6 +14,7 @@ Order of preference for an automatic address (as Calico does):
 import json
 import logging
 import threading
+import time
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
@@ -65,10 +66,11 @@ class Ipam:
                 for ip, m in new.items() if old.get(ip) != m}
         return puts, [self.keys.member(pool, ip) for ip in old if ip not in new]
 
-    def sync_members(self):
+    def sync_members(self, dry_run=False):
         """Write the member records every block implies and delete those no block implies (a
         cluster written by an l3net without them, or a record written by hand), each block in
-        a transaction on its revision. Returns the number of records changed."""
+        a transaction on its revision. Returns the number of records changed (``dry_run``:
+        that would change, nothing written)."""
         changed = 0
         present = {}
         for key, value, _ in self.store.get_prefix(self.keys.all_members()):
@@ -84,19 +86,28 @@ class Ipam:
                     for ip, m in B.members(allocations).items()}
             implied |= set(want)
             puts = {k: v for k, v in want.items() if present.get(k) != v}
-            if puts and self.store.txn({key: rev}, put=puts):
+            if puts and (dry_run or self.store.txn({key: rev}, put=puts)):
                 changed += len(puts)
         stale = [k for k in present if k not in implied]
-        if stale:
+        if stale and not dry_run:
             # (an address allocated between the two reads has its record from its own txn,
             # and its block is then newer: only records of no block at all are dropped here,
             # checked once more against a fresh read)
-            fresh = {k for k, _, _ in self.store.get_prefix(self.keys.all_members())}
+            fresh = set(self.store.keys(self.keys.all_members()))
             blocks_now = {self.keys.member(b["pool"], ip) for b in self.blocks() for ip in b["allocations"]}
             stale = [k for k in stale if k in fresh and k not in blocks_now]
             if stale:
                 self.store.txn({}, delete=stale)
-                changed += len(stale)
+        return changed + len(stale)
+
+    def ensure_members(self):
+        """At plugin start: the member records of a cluster an older l3net wrote are made once
+        (a marker key says it was done: later starts cost one small read, not the cluster)."""
+        marker = self.keys.members_synced()
+        if self.store.get(marker)[0] is not None:
+            return 0
+        changed = self.sync_members()
+        self.store.put(marker, json.dumps({"host": self.host, "time": round(time.time(), 3)}))
         return changed
 
     def _load(self, key):
@@ -416,8 +427,7 @@ class Ipam:
     def _claim_block(self, pool, rng, block_prefix, handle):
         """Create the first unclaimed block of the range for this host, with the address in it.
         Create-if-absent: a block another host claims first is skipped."""
-        existing = {key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in
-                    self.store.get_prefix(self.keys.blocks(pool))}
+        existing = {key_cidr(k.rsplit("/", 1)[1]) for k in self.store.keys(self.keys.blocks(pool))}
         for cidr in B.candidate_blocks(pool, rng, block_prefix):
             if str(cidr) in existing:
                 continue
@@ -449,7 +459,7 @@ class Ipam:
                 return None, None, None
             block["allocations"][str(ip)] = B.allocation(handle, self.host)
             return ip, block, None
-        return self._update_block(self.keys.block(pool, cidr), take)
+        return self._update_block(self.keys.block(pool, cidr), take, verify=owner is None)
 
     # -- the block cache and the CAS loop for changes to one existing or new block --
     # (claims, frees and release_host write blocks with their affinity keys directly)
@@ -469,12 +479,15 @@ class Ipam:
             elif rev > self._blocks.get(key, (None, 0))[1]:   # never replace newer with older
                 self._blocks[key] = (value, rev)
 
-    def _update_block(self, key, change):
+    def _update_block(self, key, change, verify=True):
         """Read a block (from the cache first), let ``change(block)`` decide, write it with CAS.
 
         ``change`` returns (result, block to write or None, extra puts). A cached copy may be
         stale: a conflict, and any decision made without writing ("full", "not allocated",
-        "already in use"), is taken again on a fresh read before it counts."""
+        "already in use"), is taken again on a fresh read before it counts; unless ``verify``
+        is false (this host's own blocks, which only this host fills: a block the cache says is
+        full is passed over without reading it, up to 1,024 allocations, from etcd again for
+        every container; at worst an address freed by another host waits for the next read)."""
         fresh = False
         for _ in range(MAX_ATTEMPTS):
             block, rev = self._read_block(key, fresh)
@@ -487,7 +500,7 @@ class Ipam:
                 fresh = True
                 continue
             if new is None:
-                if fresh:
+                if fresh or not verify:
                     return result
                 fresh = True
                 continue

@@ -5,11 +5,12 @@ event; read in full again only when the watch is lost). When that copy changes, 
 every ``RESYNC`` seconds, it
   1. keeps this node's registry record alive (an etcd lease: a dead node's record vanishes;
      every ``interval`` seconds it checks whether a beat is due),
-  2. computes the BGP desired state from etcd (nodes, BGP settings, pools, this node's blocks),
-     renders it (bgp.render) and makes BIRD run with it (bird.Bird.apply: only on change;
-     a BIRD that died is started again),
-  3. computes the policy desired state (networks and their members on every host, policies,
-     host rules, nodes) and puts it in force (firewall.Firewall.apply: only what changed),
+  2. computes the BGP desired state from the copy (calc.desired_bgp: nodes, BGP settings, the
+     mesh or route reflection, pools, this node's blocks), renders it (bgp.render) and makes
+     BIRD run with it (bird.Bird.apply: only on change; a BIRD that died is started again),
+  3. computes the policy desired state (calc.desired_policy: networks and their members on
+     every host, policies, host rules, nodes) and puts it in force (firewall.Firewall.apply:
+     only what changed: a new member anywhere is one ``ipset add``),
   4. every ``drift_every`` seconds, checks that our chains, hooks and sets are still what it
      wrote, and writes them again if not.
 Errors are logged and retried at the next tick; nothing here can block a Docker call.
@@ -115,9 +116,9 @@ class Registry:
 
 
 class Agent:
-    """Runs sync() when etcd changes (a watch on the whole prefix wakes it) and at least
-    every ``interval`` seconds (so a broken watch costs latency, not correctness), and checks
-    the kernel for drift every ``drift_every`` seconds."""
+    """Runs sync() when its copy of etcd changes (the cache's watches wake it) and at least
+    every ``interval`` seconds (a beat due, a reload after a lost watch), and checks the kernel
+    for drift every ``drift_every`` seconds."""
 
     def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0,
                  status_path=None, facts=None, uplinks=None, bgp_passwords=None):

@@ -381,7 +381,13 @@ def ipam_check(obj, do_fix, min_age, hostname, as_json):
     findings = check.find(obj.store, obj.keys, time.time(), min_age, local=(here, link_exists))
     if do_fix:
         check.fix(obj.store, obj.ipam(), findings)
+    # the member records the agents follow, against the blocks (written together; a record
+    # written or deleted by hand is the only way they part)
+    members = obj.ipam().sync_members(dry_run=not do_fix)
     rows = [f.row() for f in findings]
+    if members:
+        rows.append({"kind": "member records out of line", "address": "", "pool": "", "host": "", "handle": "",
+                     "detail": f"{members} member records differ from their blocks", "key": "", "fixed": do_fix})
     if not rows and not as_json:
         click.echo("no problems found")
         return

@@ -20,6 +20,7 @@ Everything l3net stores sits under one prefix (``--etcd-prefix``, default ``/l3n
     <prefix>/policy/nodes/<host>               every address a node registered (no lease: kept
                                                protected until l3netctl node remove)
     <prefix>/ipam/ranges                       the ranges pools must lie in (l3netctl pool ranges set)
+    <prefix>/ipam/members-synced               the member records of every block were written once
 
 ``<pool>`` and ``<block>`` are CIDRs with the ``/`` written as ``-`` (``10.20.0.0-16``), so a
 CIDR never adds a path level. Host names are validated before they reach a key (no ``/``).
@@ -73,6 +74,10 @@ class Keys:
 
     def all_members(self):
         return f"{self.prefix}/ipam/members/"
+
+    def members_synced(self):
+        """Present once the member records of every block were written (Ipam.ensure_members)."""
+        return f"{self.prefix}/ipam/members-synced"
 
     def members(self, pool_cidr):
         return f"{self.all_members()}{cidr_key(pool_cidr)}/"

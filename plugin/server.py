@@ -231,10 +231,10 @@ class PluginServer(BaseApplication):
         from .sweep import Sweeper
 
         def sync_members():
-            changed = driver.ipam.sync_members()
+            changed = driver.ipam.ensure_members()
             if changed:
-                log.info("IPAM member records brought in line with the blocks (%d written or removed)", changed)
-        # (a cluster written by an l3net without member records, or a record written by hand)
+                log.info("IPAM member records written for the blocks of an older l3net (%d)", changed)
+        # (a cluster written by an l3net without member records: once per cluster)
         Retrier("l3net-members").submit(sync_members, "IPAM member records sync")
         Sweeper(driver, driver.ipam, self.node_cfg.sweep_every, self.node_cfg.sweep_grace,
                 view=agent.cache.view).start()

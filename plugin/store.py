@@ -56,6 +56,9 @@ class MemoryStore:
         with self._lock:
             return sorted((k, v, r) for k, (v, r) in self._data.items() if k.startswith(prefix))
 
+    def keys(self, prefix):
+        return [k for k, _, _ in self.get_prefix(prefix)]
+
     def put(self, key, value, lease=None):
         self.txn({}, put={key: value})
         if lease is not None:
@@ -325,6 +328,11 @@ class EtcdStore:
     def get_prefix(self, prefix):
         items = self._call(lambda: list(self.client.get_prefix(prefix, sort_order="ascend")))
         return [(self._dec(m.key), self._dec(v), m.mod_revision) for v, m in items]
+
+    def keys(self, prefix):
+        """The keys under ``prefix``, without their values (blocks are large)."""
+        items = self._call(lambda: list(self.client.get_prefix(prefix, sort_order="ascend", keys_only=True)))
+        return [self._dec(m.key) for _, m in items]
 
     def put(self, key, value, lease=None):
         self._call(lambda: self.client.put(key, value, lease=lease))
