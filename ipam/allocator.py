@@ -57,11 +57,12 @@ class Ipam:
         self._blocks = {}     # block key -> (JSON, revision) as last read or written here
 
     # -- small helpers -------------------------------------------------
-    def _member_writes(self, pool, before, after):
+    def _member_writes(self, pool, old, allocations):
         """(puts, deletes) that bring the member records of a block's addresses in line with
-        its allocations going from ``before`` to ``after`` (both {address: allocation}): written
-        in the block's own transaction, so the two never disagree. Only what changed."""
-        old, new = B.members(before), B.members(after)
+        its ``allocations``, from ``old`` (``B.members`` of the block as read, taken before it
+        was changed): written in the block's own transaction, so the two never disagree. Only
+        what changed."""
+        new = B.members(allocations)
         puts = {self.keys.member(pool, ip): json.dumps(m, sort_keys=True)
                 for ip, m in new.items() if old.get(ip) != m}
         return puts, [self.keys.member(pool, ip) for ip in old if ip not in new]
@@ -491,7 +492,7 @@ class Ipam:
         fresh = False
         for _ in range(MAX_ATTEMPTS):
             block, rev = self._read_block(key, fresh)
-            before = json.loads(json.dumps(block["allocations"])) if block else {}
+            before = B.members(block["allocations"]) if block else {}
             try:
                 result, new, extra = change(block)
             except L3netError:
@@ -671,7 +672,7 @@ class Ipam:
         for key, value, rev in self.store.get_prefix(self.keys.all_blocks()):
             for _ in range(MAX_ATTEMPTS):
                 block = json.loads(value)
-                before = json.loads(value)["allocations"]
+                before = B.members(block["allocations"])
                 shared = False      # reservations it shares with other hosts: only its claims go
                 for a in block["allocations"].values():
                     users = B.reservation_users(a) or {}

@@ -3,8 +3,9 @@
 A pool is one CIDR shared by every host: ``--subnet 10.20.0.0/16`` on two hosts is the same pool.
 Docker remembers the PoolID we return for ever (it never asks again: no request replay), so
 each RequestPool gets its own: ``<cidr>[@<ip-range>]#<claim>``. The claim is a random token
-recorded in the pool record (``claims``) with its host and time. A ReleasePool then drops exactly that claim: a re-sent one finds nothing to drop,
-and can never take away what another network on the same pool (on any host) still uses.
+recorded in the pool record (``claims``) with its host and time. A ReleasePool then drops
+exactly that claim: a re-sent one finds nothing to drop, and can never take away what another
+network on the same pool (on any host) still uses.
 PoolIDs without a claim (given out by l3net before claims existed) still work.
 """
 
@@ -18,8 +19,8 @@ from plugin.errors import L3netError
 
 MIN_POOL_PREFIX = 8
 MAX_POOL_PREFIX = 30
-# A block record holds its allocations (~140 bytes each) and every node receives it whole on each
-# change: a /22 (1,024 addresses, ~150 kB at most) stays a tenth of etcd's 1.5 MiB request limit.
+# A block record holds its allocations (~140 bytes each) and is written whole on each change:
+# a /22 (1,024 addresses, ~150 kB at most) stays a tenth of etcd's 1.5 MiB request limit.
 MIN_BLOCK_PREFIX = 22
 MAX_BLOCK_PREFIX = 32
 

@@ -46,10 +46,26 @@ def warn(message, *args):
         log.warning("%s", text)
 
 
+def _once_per_view(store, name, compute):
+    """``compute()``, once per datastore.View (frozen: every calculation of one sync, BGP,
+    policy, figures and the sweeper, shares the result; callers only read it); with a plain
+    store, every time."""
+    derived = getattr(store, "derived", None)
+    if derived is None:
+        return compute()
+    if name not in derived:
+        derived[name] = compute()
+    return derived[name]
+
+
 def nodes(store, keys):
     """Registered nodes, their fields checked (infra.node_facts): a record without a name and
     an IPv4 address is skipped, malformed list entries dropped (one bad record must not stop
     every node's sync, nor reach ipset input)."""
+    return _once_per_view(store, "nodes", lambda: _nodes(store, keys))
+
+
+def _nodes(store, keys):
     out = []
     for record in _records(store, keys.nodes()):
         facts = node_facts(record)
@@ -264,6 +280,10 @@ def allocations(store, keys):
 
     Parsed once per record revision when ``store`` is a datastore.View (its ``memo``): a
     container start anywhere costs each agent the parsing of one record, not of the cluster."""
+    return _once_per_view(store, "allocations", lambda: _allocations(store, keys))
+
+
+def _allocations(store, keys):
     memo = getattr(store, "memo", None)
     memo = memo.setdefault("allocations", {}) if memo is not None else {}
     out, seen = [], {}

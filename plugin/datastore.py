@@ -27,13 +27,15 @@ class View:
     """A frozen copy of the cache answering ``get`` / ``get_prefix`` like a store (what the
     calculation functions read). ``memo``: where the calculation keeps what it parsed, by key
     and revision, from one view to the next (calc.allocations): shared by every view of one
-    cache, so a change costs the parsing of what changed, not of the cluster."""
+    cache, so a change costs the parsing of what changed, not of the cluster. ``derived``:
+    what it computed from this view itself, kept for the view's other readers."""
 
     def __init__(self, items, revision=None, memo=None):
         # {prefix: the newest etcd revision of it known here}: the watches of several prefixes
         # deliver in order each, not with each other
         self.revision = dict(revision or {})
         self.memo = {} if memo is None else memo
+        self.derived = {}           # what the calculation derived from this view (calc._once_per_view)
         self._items = sorted((k, v, r) for k, (v, r) in items.items())
         self._keys = [k for k, _, _ in self._items]
         self._index = {k: (v, r) for k, v, r in self._items}

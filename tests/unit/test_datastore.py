@@ -114,3 +114,35 @@ def test_a_lost_watch_in_a_large_cluster_reloads_after_a_spread(prefix):
     cache._reload_at = 0.0                                  # its turn comes
     assert cache.view().get(f"{prefix}/ipam/pools/b")[0] == "2" and cache.reloads == 2 and cache.following
 
+
+
+def test_one_sync_reads_the_members_of_a_view_once(prefix):
+    """BGP, policy and the node's figures all need every allocation and every node: derived
+    once per view, not once per calculation."""
+    from ipam.allocator import Ipam
+    from plugin.agent import Registry
+    from plugin.calc import desired_bgp, desired_policy, node_stats
+    from plugin.datastore import View
+    from plugin.keys import Keys
+
+    store, keys = MemoryStore(), Keys(prefix)
+    Registry(store, keys, "h1", "198.18.0.11").heartbeat(64512)
+    ipam = Ipam(store, keys, "h1")
+    pool_id, _, _ = ipam.request_pool("10.20.0.0/24")
+    ipam.request_address(pool_id)
+    cache = Cache(store, keys.agent_view("h1"))
+    view = cache.view()
+    reads = []
+    original = View.get_prefix
+
+    def counting(self, p):
+        reads.append(p)
+        return original(self, p)
+    View.get_prefix = counting
+    try:
+        desired_bgp(view, keys, "h1", "198.18.0.11")
+        desired_policy(view, keys, "h1")
+        assert node_stats(view, keys, "h1")["pools"]["10.20.0.0/24"][0] == 1
+    finally:
+        View.get_prefix = original
+    assert reads.count(keys.all_members()) == 1 and reads.count(keys.nodes()) == 1, reads
