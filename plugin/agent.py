@@ -24,7 +24,7 @@ import time
 
 from . import metrics
 from .bgp import render
-from .calc import desired_bgp, desired_policy, node_asn, node_stats, nodes, warn
+from .calc import MemberIndex, desired_bgp, desired_policy, node_asn, nodes, warn
 from .datastore import Cache
 from .errors import L3netError
 from .firewall import NoFirewall
@@ -142,7 +142,9 @@ class Agent:
         self.stats = {}
         self.status_path = status_path   # where `l3netctl status` reads this agent's state
         self.cache = Cache(store, keys.agent_view(name), on_change=self._wake.set, spread=self._reload_spread)
-        self._computed = (None, 0.0)    # (cache generation, when) of the last full computation
+        self.index = MemberIndex(keys, name)   # the members as last computed (calc.MemberIndex)
+        self._computed = -RESYNC        # when everything was last computed (monotonic)
+        self._full_due = True           # the last sync failed: compute everything at the next
         self._applied_revision = {}     # {prefix: revision} of the policy the driver put in force
 
     def _reload_spread(self, items):
@@ -153,13 +155,17 @@ class Agent:
         return 0.0 if count < RELOAD_SPREAD_FROM else min(RELOAD_SPREAD_MAX, RELOAD_SPREAD_PER_NODE * count)
 
     def sync(self):
-        """BGP and policy are synced independently: a BIRD problem must not freeze the
-        firewall, nor the reverse. The first error is raised after both were tried."""
+        """Follow the copy: a change to member records only is applied as what it changes
+        (calc.MemberIndex: set entries, BGP only for a borrowed address); anything else, a
+        load, or RESYNC seconds without a full computation computes everything from a view.
+        BGP and policy are synced independently: a BIRD problem must not freeze the firewall,
+        nor the reverse. The first error is raised after both were tried (and the next sync
+        computes in full)."""
         errors = []
         generation = self.firewall.generation()        # before the read: see Firewall.apply
-        cache_generation, reloads = self.cache.generation, self.cache.reloads
+        reloads = self.cache.reloads
         try:
-            view = self.cache.view()
+            changes = self.cache.changes()
         except Exception:
             # etcd is away: nothing is recomputed, so rules, sets, routes and BIRD stay as
             # they were (fail closed, last good state) until it answers again
@@ -170,8 +176,8 @@ class Agent:
         try:
             # First, and on its own: a node whose BGP state cannot be computed is still alive,
             # and its record (with the addresses every node protects) must not expire.
-            answered |= self.registry.heartbeat(node_asn(view, self.keys, self.name),
-                                                present=view.get(self.keys.node(self.name))[0] is not None)
+            answered |= self.registry.heartbeat(node_asn(self.cache, self.keys, self.name),
+                                                present=self.cache.get(self.keys.node(self.name))[0] is not None)
         except StoreError as e:
             # the copy may still be followed (a hung etcd keeps the watch open): the beat
             # is what tells; it is tried again at every tick until it goes through
@@ -183,33 +189,67 @@ class Agent:
         if answered and self.etcd_down_since is not None:
             log.info("etcd answers again after %.0f s", time.time() - self.etcd_down_since)
             self.etcd_down_since = None
-        computed, when = self._computed
-        if computed == cache_generation and time.monotonic() - when < RESYNC and \
-                (self.bird is None or self.bird.pid() is not None):
-            # nothing changed since the last computation: nothing to compute
-            if errors:
-                metrics.SYNC_ERRORS.inc()
-                raise errors[0]
-            self.last_sync = time.time()
-            return
+        members = self.keys.all_members()
+        full = changes is None or self._full_due or time.monotonic() - self._computed >= RESYNC or \
+            (self.bird is not None and self.bird.pid() is None) or \
+            not all(k.startswith(members) for k in changes)
         try:
-            state, _ = desired_bgp(view, self.keys, self.name, self.ip)
-            state.peers = self.keep_departed(state.peers, {n["ip"] for n in nodes(view, self.keys)})
-            state.passwords = self.bgp_passwords
-            if self.bird is not None:
-                self.bird.apply(render(state))
-        except Exception as e:  # noqa: BLE001 - reported below, after the policy sync
+            if full:
+                self._compute_all(errors, generation)
+            elif changes:
+                self._compute_members(changes, errors, generation)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        self._full_due = bool(errors)
+        if errors:
+            metrics.SYNC_ERRORS.inc()
+            raise errors[0]
+        if full:
+            self._computed = time.monotonic()
+        self.last_sync = time.time()
+
+    def _compute_all(self, errors, generation):
+        """Everything from a view of the copy: BGP, the policy, the member index."""
+        view = self.cache.view()
+        metrics.COMPUTATIONS.labels("full").inc()
+        try:
+            self._sync_bgp(view)
+        except Exception as e:  # noqa: BLE001 - reported by sync(), after the policy sync
             errors.append(e)
         try:
             self.sync_policy(view, generation)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
-        self.stats = node_stats(view, self.keys, self.name)
-        if errors:
-            metrics.SYNC_ERRORS.inc()
-            raise errors[0]
-        self._computed = (cache_generation, time.monotonic())
-        self.last_sync = time.time()
+        self.index.load(view)
+        self.stats = self.index.stats()
+
+    def _compute_members(self, changes, errors, generation):
+        """Member records changed, nothing else: what they change, and only that."""
+        delta = self.index.apply(changes)
+        self.stats = self.index.stats()
+        metrics.COMPUTATIONS.labels("members").inc()
+        if delta.bgp:
+            try:
+                self._sync_bgp(self.cache.view())
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        if delta.policy:
+            self.sync_policy(self.cache.view(), generation)
+            return
+        with self._policy_lock:
+            done = self.firewall.apply_members(delta.add, delta.remove, generation)
+        if done is False:
+            self.sync_policy(self.cache.view(), generation)
+        elif done:
+            log.info("%s", done)
+            metrics.POLICY_WRITES.labels("member").inc()
+
+    def _sync_bgp(self, view):
+        state, _ = desired_bgp(view, self.keys, self.name, self.ip)
+        state.peers = self.keep_departed(state.peers, {n["ip"] for n in nodes(view, self.keys)})
+        state.passwords = self.bgp_passwords
+        if self.bird is not None:
+            self.bird.apply(render(state))
 
     def sync_policy(self, view=None, generation=None, fresh=()):
         """Compute the desired policy and put it in force. ``view``: the cache's (the loop),

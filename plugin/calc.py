@@ -454,3 +454,127 @@ def node_stats(view, keys, name):
             pools[pool][0] += 1
         endpoints += a["host"] == name and a["handle"].startswith("endpoint:")
     return {"pools": {k: tuple(v) for k, v in pools.items()}, "endpoints": endpoints}
+
+
+class MemberIndex:
+    """The member records the agent last computed from, indexed so that a change to a few of
+    them costs the work of those few, not of the cluster (Felix's calculation graph, in
+    small): a container started anywhere is one record, and becomes one address to add to
+    one network's set, nothing else.
+
+    ``load(view)`` indexes a view in full (with each full computation); ``apply(changes)`` takes {member key: value, or None
+    when deleted} and returns a MemberDelta. What a member change can touch, and how it is
+    told here:
+      - the sets: its address joins or leaves its network's set (``add``/``remove``);
+      - BGP: an address outside its host's blocks (borrowed, or an --ip that moved) is a /32
+        its host may announce (announced_by_node): ``bgp`` asks for BGP to be computed again;
+      - published ports: a port of this node is in force only while its endpoint holds the
+        address: an address some port names asks for the policy in full (``policy``).
+    Everything else about members (which pools are in force, the rules) is decided by other
+    records, whose changes make the agent compute in full."""
+
+    def __init__(self, keys, name):
+        self.keys, self.name = keys, name
+        self.records = {}       # member key -> (pool, ip, record), malformed ones left out
+        self.enforced = set()   # the pools in force (their members are set entries)
+        self.port_ips = set()   # the addresses this node's port records name
+        self.blocks = {}        # host -> [(first, last)] of the blocks it owns
+        self.capacity = {}      # pool -> addresses it has (figures)
+        self.allocated = {}     # pool -> addresses allocated in it (figures)
+        self.endpoints = 0      # this node's endpoints (figures)
+
+    def load(self, view):
+        self.enforced = {p["cidr"] for p in pools_in_force(view, self.keys)}
+        self.port_ips = set()
+        for _, value, _ in view.get_prefix(self.keys.ports(self.name)):
+            try:
+                record = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("ip"), str):
+                self.port_ips.add(record["ip"])
+        self.blocks = {}
+        for key, _, _ in view.get_prefix(self.keys.all_affinities()):
+            cidr = canonical_cidr(key_cidr(key.rsplit("/", 1)[1]))
+            if cidr:
+                net = IPNetwork(cidr)
+                self.blocks.setdefault(self.keys.host_of(key), []).append((net.first, net.last))
+        self.capacity = {cidr: max(IPNetwork(cidr).size - 2, 1) for cidr in
+                         (canonical_cidr(p.get("cidr")) if isinstance(p, dict) else None
+                          for p in _records(view, self.keys.pools())) if cidr}
+        self.allocated, self.endpoints = {p: 0 for p in self.capacity}, 0
+        root = self.keys.all_members()
+        self.records = {}
+        memo = getattr(view, "memo", {}).get("allocations", {})
+        for key, value, rev in view.get_prefix(root):
+            hit = memo.get(key)
+            parsed = hit[2] if hit is not None and hit[0] == rev and hit[1] == value else _member(root, key, value)
+            if parsed is not None:
+                self.records[key] = parsed
+                self._count(parsed, 1)
+
+    def stats(self):
+        """What node_stats computes from a view, from the index."""
+        return {"pools": {p: (self.allocated[p], c) for p, c in self.capacity.items()},
+                "endpoints": self.endpoints}
+
+    def apply(self, changes):
+        delta = MemberDelta()
+        root = self.keys.all_members()
+        for key, value in changes.items():
+            old = self.records.pop(key, None)
+            new = _member(root, key, value) if value is not None else None
+            if new is not None:
+                self.records[key] = new
+            for parsed, sign in ((old, -1), (new, 1)):
+                if parsed is None:
+                    continue
+                self._count(parsed, sign)
+                pool, ip, record = parsed
+                if ip in self.port_ips:
+                    delta.policy = True
+                if self._borrowed(parsed):
+                    delta.bgp = True
+            before, after = self._entry(old), self._entry(new)
+            if before != after:
+                if before:
+                    delta.remove.setdefault(before[0], set()).add(before[1])
+                if after:
+                    delta.add.setdefault(after[0], set()).add(after[1])
+        return delta     # (keys are canonical, one per pool and address: no entry is both)
+
+    def _entry(self, parsed):
+        """(pool, address) when ``parsed`` makes an entry of its network's set, else None."""
+        if parsed is None:
+            return None
+        pool, ip, record = parsed
+        if pool not in self.enforced or record["handle"].startswith(("gateway:", "reserved:")):
+            return None
+        return pool, ip
+
+    def _borrowed(self, parsed):
+        pool, ip, record = parsed
+        if not record["handle"].startswith(("endpoint:", "pending:")):
+            return False
+        value = ip_int(ip)
+        return not any(first <= value <= last for first, last in self.blocks.get(record["host"], ()))
+
+    def _count(self, parsed, sign):
+        pool, _, record = parsed
+        if pool in self.allocated:
+            self.allocated[pool] += sign
+        if record["host"] == self.name and record["handle"].startswith("endpoint:"):
+            self.endpoints += sign
+
+
+class MemberDelta:
+    """What changed member records change: set entries to ``add`` / ``remove`` ({pool: {ip}}),
+    whether BGP must be computed again (``bgp``), whether the policy must be computed in full
+    (``policy``: then the entries are not to be used)."""
+
+    def __init__(self):
+        self.add, self.remove = {}, {}
+        self.bgp = self.policy = False
+
+    def __bool__(self):
+        return bool(self.bgp or self.policy or any(self.add.values()) or any(self.remove.values()))

@@ -22,6 +22,8 @@ import time
 
 log = logging.getLogger("l3net.datastore")
 
+MOST_CHANGES = 256      # more keys changed than this since the last computation: compute all
+
 
 class View:
     """A frozen copy of the cache answering ``get`` / ``get_prefix`` like a store (what the
@@ -83,6 +85,7 @@ class Cache:
         self.reloads = 0
         self.events = 0
         self.memo = {}              # the calculation's parsed records (View.memo)
+        self._dirty = None          # keys changed since changes() was last asked; None: all (a load)
 
     def view(self):
         """The current copy (loading it first if needed). Raises when etcd cannot be read."""
@@ -94,6 +97,27 @@ class Cache:
             if self._items is None:
                 return View({})
             return self._current()
+
+    def changes(self, most=None):
+        """{key: value, or None if deleted} of what changed in the copy since the last call
+        (loading it first if needed; raises when etcd cannot be read), or None when
+        everything must be taken as new: a load (the first, or after a lost watch), or more
+        than ``most`` (MOST_CHANGES) keys changed: computing all then costs less. A caller
+        that cannot finish with the changes must compute in full next time."""
+        with self._lock:
+            current = self._items is not None and (self._reload_at is None or time.monotonic() < self._reload_at)
+        if not current:
+            self.load()
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            if dirty is None or len(dirty) > (most or MOST_CHANGES) or self._items is None:
+                return None
+            return {k: self._items[k][0] if k in self._items else None for k in dirty}
+
+    def get(self, key):
+        """(value, revision) of one key of the copy ((None, 0): absent, or no copy)."""
+        with self._lock:
+            return (self._items or {}).get(key, (None, 0))
 
     def _current(self):
         """The View of this generation, made once (the agent asks every second; copying the
@@ -113,6 +137,7 @@ class Cache:
             epoch = self._epoch
             cancel, self._cancel = self._cancel, None
             self._items = items
+            self._dirty = None
             self._reload_at = None
             self._seen = {p: revision for p in self.prefixes}
             self.generation += 1
@@ -167,6 +192,8 @@ class Cache:
                     if prefix is None or revision <= before.get(prefix, 0):
                         continue        # not ours, or already in the load
                     self._seen[prefix] = max(self._seen.get(prefix, 0), revision)
+                    if self._dirty is not None:
+                        self._dirty.add(key)
                     if value is None:
                         self._items.pop(key, None)
                     else:

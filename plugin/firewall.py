@@ -12,10 +12,12 @@ container is added to its network's set at once, so its first packet passes); a 
 them from interleaving.
 """
 
+import bisect
 import logging
 import os
 import threading
 import time
+from dataclasses import replace
 
 from . import policy as P
 from .errors import L3netError, run_tool
@@ -314,6 +316,53 @@ class Firewall:
             self.applied, self._rules = desired, rules
             self._destroy_stale()
             return what
+
+    def apply_members(self, add, remove, generation=None):
+        """Add and remove set entries ({pool: {address}}) in the state in force: what a member
+        record's change makes of it (calc.MemberIndex), without computing or comparing the
+        whole state: one ``ipset`` entry per change, over netlink. Entries of pools not in
+        force are not the agent's to touch (the next full computation decides). A member a
+        local container added after ``generation`` is not removed (the copy the removal came
+        from may predate its record). Returns a short description, or None (nothing to do);
+        False when there is no state in force to change (apply() it in full)."""
+        with self._lock:
+            if self.applied is None:
+                return False
+            # (a copy: the state in force may be the caller's object)
+            self.applied = replace(self.applied, members=dict(self.applied.members))
+            members = self.applied.members
+            young = {(p, a) for g, p, a in self._local if generation is None or g > generation}
+            lines, added, removed = [], 0, 0
+            for pool, addresses in sorted(remove.items()):
+                if pool not in members:
+                    continue
+                entries = members[pool] = list(members[pool])
+                for address in sorted(addresses):
+                    i = bisect.bisect_left(entries, address)
+                    if i == len(entries) or entries[i] != address or (pool, address) in young:
+                        continue
+                    del entries[i]
+                    lines.append(f"del {P.set_name(pool)} {address} -exist")
+                    removed += 1
+            for pool, addresses in sorted(add.items()):
+                if pool not in members:
+                    continue
+                entries = members[pool] = list(members[pool])
+                for address in sorted(addresses):
+                    i = bisect.bisect_left(entries, address)
+                    if i < len(entries) and entries[i] == address:
+                        continue
+                    entries.insert(i, address)
+                    lines.append(f"add {P.set_name(pool)} {address} -exist")
+                    added += 1
+            if not lines:
+                return None
+            try:
+                ipset_changes("\n".join(lines) + "\n")
+            except Exception:
+                self.applied = None         # unknown now: the next apply() writes everything
+                raise
+            return f"policy updated (+{added}/-{removed} members)"
 
     def _apply_full(self, desired, rules):
         ipset_restore(P.render_ipsets(desired))

@@ -32,6 +32,9 @@ LATENCY = Histogram("l3net_api_call_seconds", "Time to answer a call from docker
                     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                     registry=REGISTRY)
 SYNC_ERRORS = Counter("l3net_agent_sync_errors", "Agent syncs that failed.", registry=REGISTRY)
+COMPUTATIONS = Counter("l3net_agent_computations", "Agent computations: full (everything from the "
+                       "copy of etcd) or members (only what changed member records change).", ["kind"],
+                       registry=REGISTRY)
 POLICY_WRITES = Counter("l3net_policy_writes", "Policy written to the kernel, by kind.", ["kind"],
                         registry=REGISTRY)
 

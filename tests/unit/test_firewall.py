@@ -76,6 +76,18 @@ for hook in ("-A PREROUTING -j L3NET-PREROUTING", "-A OUTPUT -j L3NET-OUTPUT", "
 assert members("10.20.0.0/16") == ["10.20.0.1", "10.20.0.65"]
 assert fw.apply(STATE) is None and fw.drift() is None
 
+# member records changed (the agent's MemberIndex delta): one entry each, the state in force
+# follows (no drift), the caller's state is left alone
+assert fw.apply_members({"10.20.0.0/16": {"10.20.0.9"}, "10.99.0.0/24": {"10.99.0.1"}},
+                        {"10.20.0.0/16": {"10.20.0.65", "10.20.0.77"}}) == "policy updated (+1/-1 members)"
+assert members("10.20.0.0/16") == ["10.20.0.1", "10.20.0.9"] and fw.drift() is None
+assert STATE.members["10.20.0.0/16"] == ["10.20.0.1", "10.20.0.65"]
+assert fw.apply_members({"10.20.0.0/16": {"10.20.0.9"}}, {}) is None
+gen = fw.generation()
+fw.add_member("10.20.0.0/16", "10.20.0.65")          # a local container, after the copy was taken
+assert fw.apply_members({}, {"10.20.0.0/16": {"10.20.0.9", "10.20.0.65"}}, gen) == "policy updated (+0/-1 members)"
+assert members("10.20.0.0/16") == ["10.20.0.1", "10.20.0.65"] and fw.drift() is None
+
 # a local container: in its set at once, kept by a sync that read etcd before it existed
 gen = fw.generation()
 fw.add_member("10.30.0.0/16", "10.30.0.9")
