@@ -171,6 +171,68 @@ def _netlink(ops):
 IPSET_ERR_EXIST = 4103     # "element does not exist" (ipset's IPSET_ERR_EXIST)
 
 
+def nft_generation():
+    """The generation of this network namespace's nf_tables rule set, or None (not known:
+    netlink failed). The kernel bumps it with every change to any nf_tables table
+    (iptables-nft, ip6tables-nft and nft all write there): while it stays the same, no rule
+    changed, and the drift check need not read the rules (one netlink request instead of
+    running iptables-save and ip6tables-save every few seconds)."""
+    try:
+        from pyroute2.netlink import NLM_F_REQUEST
+        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket, nft_gen_msg
+
+        nft = getattr(_local, "nft", None)
+        if nft is None:
+            nft = _local.nft = NFTSocket()
+        ids = [m.get_attr("NFTA_GEN_ID") for m in nft.request_get(nft_gen_msg(), NFT_MSG_GETGEN,
+                                                                    msg_flags=NLM_F_REQUEST)]
+        return ids[0] if ids and isinstance(ids[0], int) else None
+    except Exception as e:  # noqa: BLE001 - then the rules are read
+        _local.nft = None
+        log.debug("nf_tables generation over netlink failed: %s", e)
+        return None
+
+
+def ipset_sizes():
+    """{our set name: number of entries}, over netlink (what ``ipset list -t`` prints, without
+    running it); the tool when netlink fails."""
+    try:
+        from pyroute2.ipset import IPSet
+        from pyroute2.netlink.nfnetlink.ipset import IPSET_FLAG_LIST_HEADER
+
+        ips = getattr(_local, "ipset", None)
+        if ips is None:
+            ips = _local.ipset = IPSet()
+        sizes = {}
+        for msg in ips.list(flags=IPSET_FLAG_LIST_HEADER):
+            name, data = msg.get_attr("IPSET_ATTR_SETNAME"), msg.get_attr("IPSET_ATTR_DATA")
+            count = data.get_attr("IPSET_ATTR_ELEMENTS") if data is not None else None
+            if isinstance(name, str) and name.startswith(P.SET_PREFIX):
+                if not isinstance(count, int):
+                    raise ValueError(f"no entry count for {name}")
+                sizes[name] = count
+        return sizes
+    except Exception as e:  # noqa: BLE001 - use the tool instead
+        _local.ipset = None
+        log.debug("ipset sizes over netlink failed (%s); using the ipset tool", e)
+        return set_sizes(_run(["ipset", "list", "-t"]))
+
+
+def writes_to_nf_tables():
+    """Whether our iptables tools write to nf_tables (iptables-nft), so that nft_generation()
+    tells their changes; asked of ``iptables -V`` once per backend."""
+    tool = IPTABLES["iptables"]
+    if tool not in _nft_tools:
+        try:
+            _nft_tools[tool] = "nf_tables" in _run([tool, "-V"])
+        except L3netError:
+            _nft_tools[tool] = False
+    return _nft_tools[tool]
+
+
+_nft_tools = {}
+
+
 def ipset_add(name, address, exists=False):
     """Add ``address`` to set ``name``, creating the set first unless it ``exists``."""
     ops = [] if exists else [("create", name, None)]
@@ -286,6 +348,7 @@ class Firewall:
         self._generation = 0       # bumped by every local add_member
         self._local = []           # (generation, pool, address) added since the last sync read
         self._stale = set()        # sets to destroy (the kernel frees a set's last reference late)
+        self._checked_generation = None  # nft_generation() when the rules last checked out unchanged
 
     # -- the agent's side ---------------------------------------------------
     def generation(self):
@@ -429,15 +492,21 @@ class Firewall:
             if moved:
                 self.applied = None
                 return moved
-            if our_rules(_run(["iptables-save"])) != self._snapshot:
-                reason = "iptables rules changed"
-            elif ipv6_enabled() and (self._snapshot6 is None or our_rules(saved_rules(6), 6) != self._snapshot6):
-                reason = "ip6tables rules changed" if self._snapshot6 is not None else "ip6tables rules missing"
-            else:
-                sizes = set_sizes(_run(["ipset", "list", "-t"]))
+            # Unchanged nf_tables generation since a check found nothing: no rule can have
+            # changed (ours or anyone's), only the sets are left to check.
+            generation = nft_generation() if writes_to_nf_tables() else None
+            reason = None
+            if generation is None or generation != self._checked_generation:
+                if our_rules(_run(["iptables-save"])) != self._snapshot:
+                    reason = "iptables rules changed"
+                elif ipv6_enabled() and (self._snapshot6 is None or our_rules(saved_rules(6), 6) != self._snapshot6):
+                    reason = "ip6tables rules changed" if self._snapshot6 is not None else "ip6tables rules missing"
+            if reason is None:
+                sizes = ipset_sizes()
                 want = {n: len(e) for n, (_, e) in P.sets(self.applied).items()}
                 bad = sorted(n for n in want if sizes.get(n) != want[n])
                 if not bad:
+                    self._checked_generation = generation      # (read before the rules were)
                     return None
                 reason = f"ipset {bad[0]} changed"
             self.applied = None       # the next apply() writes everything again

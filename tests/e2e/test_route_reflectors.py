@@ -4,10 +4,13 @@ marked route reflector, the full mesh turned off.
 Checked at the receivers: an ordinary host has BGP sessions with the two reflectors only, yet
 it routes straight to the host that has the container (the reflector is never the next hop);
 with one reflector killed (plugin and BIRD, as in a crash) no route is lost, and an address
-announced after the loss still arrives through the other reflector.
+announced after the loss still arrives through the other reflector. A reflector taken over by
+an attacker (its BIRD made to announce another host's container, and an address nobody holds,
+as its own) pulls no traffic: the clients receive the routes and filter them out.
 """
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -114,3 +117,48 @@ def test_two_reflectors_replace_the_mesh_and_losing_one_loses_no_route(bed):
         h3.docker("rm", "-f", name, check=False)
     for name in (c4, c4b):
         h4.docker("rm", "-f", name, check=False)
+
+
+def reflection(bed):
+    """Both reflectors marked, the mesh off, host 3 peering with them (idempotent: this test
+    may run alone)."""
+    r1, r2, h3, _ = bed.hosts
+    ctl(bed, "bgp", "node", r1.name, "--route-reflector")
+    ctl(bed, "bgp", "node", r2.name, "--route-reflector")
+    ctl(bed, "bgp", "config", "--no-mesh")
+    wait_for(lambda: sessions(h3) == {r1.ip: True, r2.ip: True}, 40, "host 3 peering with the two reflectors")
+
+
+def test_a_rogue_reflector_cannot_pull_traffic_to_itself(bed):
+    r1, r2, h3, h4 = bed.hosts
+    reflection(bed)
+    c3, ip3 = run(h3)
+    c4, ip4 = run(h4)
+    wait_for(lambda: pings(h3, c3, ip4), 30, "host 4's container from host 3 through reflection")
+    unheld = "10.41.251.9"                  # in the pool, held by nobody
+    # The attacker, root on reflector 2, makes its BIRD originate both as its own: exported to
+    # its clients with itself as next hop (what a reflector's own routes carry).
+    conf = os.path.join(r2.dir, "state", "bird.conf")
+    with open(conf) as f:
+        text = f.read()
+    head = "protocol static l3net_blocks {\n  ipv4;\n"
+    assert head in text
+    with open(conf, "w") as f:
+        f.write(text.replace(head, f"{head}  route {ip4}/32 blackhole;\n  route {unheld}/32 blackhole;\n"))
+    birdc = ("birdc", "-s", "/run/l3net/bird.ctl")
+    assert "Reconfigur" in r2.sh(*birdc, "configure").stdout
+    # Sent: reflector 2 exports both to host 3 (proof the attack reached the wire) ...
+    proto = "l3_" + h3.ip.replace(".", "_")
+    wait_for(lambda: all(f"{p}/32" in r2.sh(*birdc, "show", "route", "export", proto, check=False).stdout
+                         for p in (ip4, unheld)), 30, "reflector 2 announcing the hijack to host 3")
+    # ... received and filtered out there: no route through reflector 2, traffic still straight
+    # to host 4, and no route at all to the address nobody holds.
+    rogue = "l3_" + r2.ip.replace(".", "_")
+    wait_for(lambda: all(f"{p}/32" in h3.sh(*birdc, "show", "route", "filtered", "protocol", rogue,
+                                            check=False).stdout for p in (ip4, unheld)), 30,
+             "host 3 receiving the hijack and filtering it out")
+    assert route_via(h3, ip4) == h4.ip, h3.sh("ip", "route", "get", ip4).stdout
+    assert unheld not in h3.sh("ip", "route", "show", "proto", "bird").stdout
+    assert pings(h3, c3, ip4)
+    h3.docker("rm", "-f", c3, check=False)
+    h4.docker("rm", "-f", c4, check=False)

@@ -76,6 +76,17 @@ for hook in ("-A PREROUTING -j L3NET-PREROUTING", "-A OUTPUT -j L3NET-OUTPUT", "
 assert members("10.20.0.0/16") == ["10.20.0.1", "10.20.0.65"]
 assert fw.apply(STATE) is None and fw.drift() is None
 
+# an idle drift check reads no rules while nf_tables' generation stands still, sets over netlink
+import plugin.firewall as F
+assert F.ipset_sizes() == F.set_sizes(sh("ipset", "list", "-t")) and F.ipset_sizes()
+if F.writes_to_nf_tables():
+    assert isinstance(F.nft_generation(), int)
+    calls, real = [], F._run
+    F._run = lambda args, stdin=None: calls.append(args[0]) or real(args, stdin)
+    assert fw.drift() is None
+    assert calls == [], calls
+    F._run = real
+
 # member records changed (the agent's MemberIndex delta): one entry each, the state in force
 # follows (no drift), the caller's state is left alone
 assert fw.apply_members({"10.20.0.0/16": {"10.20.0.9"}, "10.99.0.0/24": {"10.99.0.1"}},
