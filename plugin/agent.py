@@ -146,6 +146,7 @@ class Agent:
         self._computed = -RESYNC        # when everything was last computed (monotonic)
         self._full_due = True           # the last sync failed: compute everything at the next
         self._applied_revision = {}     # {prefix: revision} of the policy the driver put in force
+        self._status_written = (None, 0.0)  # (status without its times, when): write_status
 
     def _reload_spread(self, items):
         """Seconds over which the cluster's agents spread their loads after a lost watch:
@@ -189,6 +190,11 @@ class Agent:
         if answered and self.etcd_down_since is not None:
             log.info("etcd answers again after %.0f s", time.time() - self.etcd_down_since)
             self.etcd_down_since = None
+        if changes:
+            # this host's endpoint and network records are the sweeper's, not the
+            # calculation's: a local docker run must not cost a full computation
+            inert = (self.keys.endpoints(self.name), self.keys.networks(self.name))
+            changes = {k: v for k, v in changes.items() if not k.startswith(inert)}
         members = self.keys.all_members()
         full = changes is None or self._full_due or time.monotonic() - self._computed >= RESYNC or \
             (self.bird is not None and self.bird.pid() is None) or \
@@ -349,13 +355,17 @@ class Agent:
                 # record): one sync for the burst, not one each, off the CPU dockerd needs.
                 self._stop.wait(DEBOUNCE)
 
+    STATUS_EVERY = 5.0      # seconds: the status file's freshness (cli.STALE is 10 s)
+
     def write_status(self):
-        """This node's view for `l3netctl status` (a small JSON file, replaced atomically)."""
+        """This node's view for `l3netctl status` (a small JSON file, replaced atomically):
+        when it says something new, and every STATUS_EVERY seconds so that its last_sync
+        stays fresh (not at every tick: an idle node would spend most of its CPU on it)."""
         if not self.status_path:
             return
         applied = getattr(self.firewall, "applied", None)
-        status = {"node": self.name, "ip": self.ip, "pid": os.getpid(), "written": time.time(),
-                  "last_sync": self.last_sync, "last_error": str(self.last_error) if self.last_error else None,
+        status = {"node": self.name, "ip": self.ip, "pid": os.getpid(),
+                  "last_error": str(self.last_error) if self.last_error else None,
                   "etcd_down_since": self.etcd_down_since,
                   "watch": self.cache.following, "datastore_reloads": self.cache.reloads,
                   "datastore_events": self.cache.events, **self.stats,
@@ -363,6 +373,11 @@ class Agent:
                       "networks": len(applied.pools), "policies": len(applied.rules),
                       "host_rules": len(applied.host_rules),
                       "members": sum(len(m) for m in applied.members.values())}}
+        now = time.monotonic()
+        if status == self._status_written[0] and now - self._status_written[1] < self.STATUS_EVERY:
+            return
+        self._status_written = (status, now)
+        status = dict(status, written=time.time(), last_sync=self.last_sync)
         try:
             tmp = self.status_path + ".tmp"
             with open(tmp, "w") as f:

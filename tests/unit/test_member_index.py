@@ -168,6 +168,11 @@ def test_the_agent_applies_a_member_change_as_one_entry(monkeypatch):
     assert agent.stats["pools"]["10.20.0.0/24"][0] == 1
     agent.sync()                                         # nothing new: nothing done
     assert len(firewall.calls) == 1
+    # this host's endpoint and network records (the sweeper's): nothing to compute
+    store.put(KEYS.endpoint("h1", "e1"), json.dumps({"id": "e1"}))
+    store.put(KEYS.network("h1", "n1"), json.dumps({"id": "n1"}))
+    agent.sync()
+    assert len(firewall.calls) == 1 and not bgp
     # anything but members (a policy rule): everything computed again
     monkeypatch.undo()
     store.put(KEYS.policy_rule("r1"), json.dumps({"id": "r1", "from": "10.20.0.0/24", "to": "10.30.0.0/24"}))
