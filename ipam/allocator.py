@@ -29,7 +29,8 @@ log = logging.getLogger("l3net.ipam")
 
 MAX_ATTEMPTS = 64
 GATEWAY_TYPE = "com.docker.network.gateway"
-# What Docker shows as the network's gateway. Containers really route via 169.254.1.1 (Join);
+# What Docker shows as the network's gateway. Containers really route via 169.254.1.x, the
+# network's own on its host (driver.Join);
 # answering a gateway here keeps dockerd from spending a pool address on one.
 POOL_GATEWAY = "169.254.1.1/32"
 

@@ -9,7 +9,9 @@ Side effects only; no decisions. The shape, for a container with address 10.20.0
 
 The container has no on-link neighbours: it ARPs for 169.254.1.1, the host side answers with
 its own MAC (proxy ARP: the host has a route to that address elsewhere), so every packet goes
-to the host, which routes it. No bridge, no encapsulation.
+to the host, which routes it. No bridge, no encapsulation. (169.254.1.1 is the gateway of a
+host's first network; each further network has its own, 169.254.1.2 and so on, so that a
+container on several networks has one on-link gateway route per interface: see driver.py.)
 
 l3net is IPv4-only, and the host side of a veth is an ordinary interface: left alone, it would
 get an IPv6 link-local address and accept router advertisements, so one crafted RA from a
@@ -134,11 +136,13 @@ def random_mac():
     return ":".join(f"{x:02x}" for x in b)
 
 
-def create_veth(host_if, temp_if, mac):
-    """Create the pair, both sides down, container side with ``mac``. Returns the host index."""
+def create_veth(host_if, temp_if, mac, mtu=None):
+    """Create the pair, both sides down, container side with ``mac``, both with ``mtu`` (the
+    kernel's default when None). Returns the host index."""
+    extra = {"mtu": mtu} if mtu else {}
     try:
-        _ipr().link("add", ifname=host_if, kind="veth",
-                    peer={"ifname": temp_if, "address": mac})
+        _ipr().link("add", ifname=host_if, kind="veth", **extra,
+                    peer={"ifname": temp_if, "address": mac, **extra})
     except NetlinkError as e:
         if e.code == errno.EEXIST:
             raise LinkExists(f"interface {host_if} or {temp_if} already exists") from None
@@ -256,6 +260,19 @@ def uplinks(own_ip, others):
     return sorted(n for n in names if n != "lo")
 
 
+def uplink_mtu():
+    """The MTU of the interface this host's default route leaves by (None without one): what
+    a container network's MTU must not exceed."""
+    ipr = _ipr()
+    for route in ipr.get_default_routes(family=socket.AF_INET, table=254):
+        oif = route.get_attr("RTA_OIF")
+        if oif:
+            links = ipr.get_links(oif)
+            if links:
+                return links[0].get_attr("IFLA_MTU")
+    return None
+
+
 def host_facts():
     """What this node publishes for the others to protect (agent.Registry): its IPv4
     addresses (loopback aside) and the networks they are on."""
@@ -326,12 +343,12 @@ class Datapath:
     link_exists = staticmethod(link_exists)
     forget_flows = staticmethod(forget_flows)
 
-    def create(self, endpoint_id, address, mac=None):
+    def create(self, endpoint_id, address, mac=None, mtu=None):
         """Create the veth for an endpoint and route ``address`` to it. Rolls back on failure.
         Returns the container side's MAC."""
         host_if, temp_if = host_ifname(endpoint_id), temp_ifname(endpoint_id)
         mac = mac or random_mac()
-        idx = create_veth(host_if, temp_if, mac)
+        idx = create_veth(host_if, temp_if, mac, mtu)
         try:
             setup_host_veth(host_if, idx, address, self.owner, mac)
         except Exception:
@@ -345,6 +362,7 @@ class Datapath:
         self.owner = owner
 
     veth_facts = staticmethod(veth_facts)
+    uplink_mtu = staticmethod(uplink_mtu)
     delete_route = staticmethod(delete_route)
     delete_veth = staticmethod(delete_veth)
 

@@ -11,9 +11,10 @@ step removes what was created (dockerd then releases the address).
 
 import json
 import logging
+import threading
 import time
 
-from netaddr import IPNetwork
+from netaddr import IPAddress, IPNetwork
 
 from ipam import pools as P
 
@@ -27,11 +28,18 @@ from .store import StoreError, get_json
 log = logging.getLogger("l3net.driver")
 
 GATEWAY = "169.254.1.1"
+# Each network on a host has its own gateway address, 169.254.1.1 for the first: a container on
+# several l3net networks gets an on-link route to each network's gateway through that network's
+# interface, and two identical "169.254.1.1/32 dev ethN" routes would clash ("file exists").
+# The host side of every veth answers ARP for any of them (proxy ARP), so they cost nothing.
+GATEWAYS = 1024                               # networks per host: 169.254.1.1 ... 169.254.5.0
 ADDRESS_SPACE = "l3net"
 GENERIC = "com.docker.network.generic"
 INTERNAL = "com.docker.network.internal"      # docker network create --internal
-# -o options l3net understands on `docker network create` (none yet besides Docker's own).
-NETWORK_OPTIONS = {}
+MTU = "com.docker.network.driver.mtu"        # Docker's standard driver option (-o, driver_opts)
+MTU_RANGE = (576, 9216)
+# -o options l3net understands on `docker network create`.
+NETWORK_OPTIONS = {MTU: "the MTU of the containers' interfaces on the network"}
 
 
 class Driver:
@@ -55,6 +63,7 @@ class Driver:
         self.ports = PortClaims(store, keys, host)
         from .retry import Retrier
         self.releases = Retrier("l3net-releases", cap=10.0)
+        self._creating = threading.Lock()     # one gateway address per network (create_network)
 
     # -- records ----------------------------------------------------------
     def _cached(self, cache, key, record_id):
@@ -86,8 +95,9 @@ class Driver:
             raise L3netError("invalid network options")
         unknown = sorted(set(generic) - set(NETWORK_OPTIONS))
         if unknown:
-            raise L3netError(f"unknown option(s) {', '.join(unknown)}: l3net takes no -o options; "
-                             "pool settings go in --ipam-opt")
+            raise L3netError(f"unknown option(s) {', '.join(unknown)}: l3net takes -o "
+                             f"{', '.join(NETWORK_OPTIONS)}; pool settings go in --ipam-opt")
+        mtu = self._mtu(generic.get(MTU))
         if not ipv4_data:
             raise L3netError("no IPv4 pool given")
         pools, aux = [], []
@@ -110,16 +120,55 @@ class Driver:
         self.datapath.prepare_host()
         if self.sync_policy is not None:
             self.sync_policy()
-        record = {
-            "id": network_id,
-            "pools": pools,
-            "aux": sorted(a for _, a in aux),   # --aux-address reservations
-            "internal": internal,
-            "created": time.time(),
-        }
-        self.store.put(self.keys.network(self.host, network_id), json.dumps(record, sort_keys=True))
+        with self._creating:
+            record = {
+                "id": network_id,
+                "pools": pools,
+                "aux": sorted(a for _, a in aux),   # --aux-address reservations
+                "internal": internal,
+                "gateway": self._free_gateway(network_id),
+                "created": time.time(),
+            }
+            if mtu:
+                record["mtu"] = mtu
+            self.store.put(self.keys.network(self.host, network_id), json.dumps(record, sort_keys=True))
         self._networks[network_id] = record
-        log.info("network %s created with pools %s", network_id[:12], ",".join(pools))
+        log.info("network %s created with pools %s (gateway %s)", network_id[:12], ",".join(pools),
+                 record["gateway"])
+
+    def _mtu(self, value):
+        """-o com.docker.network.driver.mtu=N: an integer in MTU_RANGE, no more than the
+        uplink carries (a bigger packet would leave the host fragmented, or not at all)."""
+        if value in (None, ""):
+            return None
+        low, high = MTU_RANGE
+        if not isinstance(value, (str, int)) or not str(value).isdigit() or not low <= int(value) <= high:
+            raise L3netError(f"invalid {MTU} {str(value)[:20]!r}: expected a number from {low} to {high}")
+        uplink = self.datapath.uplink_mtu()
+        if uplink and int(value) > uplink:
+            raise L3netError(f"{MTU}={int(value)} is more than this host's uplink carries ({uplink}): "
+                             f"use {uplink} or less")
+        return int(value)
+
+    def _free_gateway(self, network_id):
+        """The lowest gateway address no other network of this host has (the one it already
+        has, for a CreateNetwork dockerd sends again). Records without one (older l3net) use
+        169.254.1.1."""
+        taken = set()
+        for _, value, _ in self.store.get_prefix(self.keys.networks(self.host)):
+            try:
+                other = json.loads(value)
+                gateway = gateway_of(other)
+                if other["id"] == network_id:
+                    return gateway
+            except (ValueError, KeyError, TypeError):
+                continue            # not ours to judge here (the sweeper logs bad records)
+            taken.add(gateway)
+        first = IPAddress(GATEWAY)
+        for n in range(GATEWAYS):
+            if str(first + n) not in taken:
+                return str(first + n)
+        raise L3netError(f"this host has {GATEWAYS} l3net networks already: remove some first")
 
     @staticmethod
     def _aux_addresses(value):
@@ -152,7 +201,7 @@ class Driver:
         if existing is None or existing.get("deleting"):
             self.ipam.check_can_take(IPNetwork(pool), address, f"endpoint:{endpoint_id}")
             try:
-                created_mac = self.datapath.create(endpoint_id, str(address), mac)
+                created_mac = self.datapath.create(endpoint_id, str(address), mac, mtu=mtu_of(network))
                 existing = None
             except LinkExists:
                 # Its veth is there: a re-sent call (maybe to a restarted plugin), or a
@@ -160,7 +209,7 @@ class Driver:
                 existing = self.endpoint(endpoint_id)
                 if existing is None or existing.get("deleting"):
                     self.datapath.delete(endpoint_id)
-                    created_mac = self.datapath.create(endpoint_id, str(address), mac)
+                    created_mac = self.datapath.create(endpoint_id, str(address), mac, mtu=mtu_of(network))
                     existing = None
         if existing is not None:
             if existing["address"] != str(address):
@@ -233,16 +282,20 @@ class Driver:
             raise L3netError(f"endpoint {endpoint_id[:12]} belongs to another network")
         network = self.network(network_id)
         pools = network["pools"] if network else [record["pool"]]
+        gateway = gateway_of(network or {})
         return {
             "InterfaceName": {"SrcName": record["temp_ifname"], "DstPrefix": "eth"},
             # The gateway is outside the container's /32: dockerd needs an on-link route to it
-            # first (RouteType 1), then adds "default via 169.254.1.1".
-            "Gateway": GATEWAY,
+            # first (RouteType 1), then adds "default via <gateway>" if this network is the
+            # container's gateway network (dockerd picks one; it moves the default route to
+            # another when that one is disconnected).
+            "Gateway": gateway,
             # The network's pools via this interface too: a container on several networks
-            # (say bridge first, then this one) must reach its peers here with this address,
-            # not through another network's default route, where isolation would drop it.
-            "StaticRoutes": [{"Destination": f"{GATEWAY}/32", "RouteType": 1}] +
-                            [{"Destination": p, "RouteType": 0, "NextHop": GATEWAY} for p in pools],
+            # must reach each network's peers through its interface there, with its address
+            # there (the kernel picks the source address of the route's device), not through
+            # the default route, where isolation would drop it.
+            "StaticRoutes": [{"Destination": f"{gateway}/32", "RouteType": 1}] +
+                            [{"Destination": p, "RouteType": 0, "NextHop": gateway} for p in pools],
             "DisableGatewayService": True,
         }
 
@@ -321,3 +374,26 @@ class Driver:
 
     def networks(self):
         return [json.loads(v) for _, v, _ in self.store.get_prefix(self.keys.networks(self.host))]
+
+
+
+LINK_LOCAL = IPNetwork("169.254.0.0/16")
+
+
+def gateway_of(network):
+    """The containers' gateway on a network record: its own, or 169.254.1.1 for a record from
+    an older l3net or one whose field is not a plain link-local address (a bad record must not
+    send a container's traffic anywhere else)."""
+    value = network.get("gateway")
+    try:
+        address = V.ipv4(value, "gateway")
+    except L3netError:
+        return GATEWAY
+    return str(address) if address in LINK_LOCAL and str(address) == value else GATEWAY
+
+
+def mtu_of(network):
+    """The MTU of a network record's containers (None: the kernel's default); a bad value in
+    the record (an operator's edit) counts as none."""
+    value = network.get("mtu")
+    return value if isinstance(value, int) and MTU_RANGE[0] <= value <= MTU_RANGE[1] else None

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 LOGDIR=/var/log/l3net
 ETCD_DATA=/var/lib/l3net/etcd
 PACKAGES=(docker.io etcd-server etcd-client bird2 iptables ipset busybox-static iproute2 iperf3
-          iputils-ping python3 python3-venv procps debootstrap conntrack)
+          iputils-ping python3 python3-venv procps debootstrap conntrack docker-compose)
 
 say() { echo "setup: $*"; }
 die() { echo "setup: $*" >&2; exit 1; }

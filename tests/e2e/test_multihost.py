@@ -256,3 +256,73 @@ def test_dockerd_restart_with_the_legacy_plugin_up(bed, containers):
     assert ip_of(h3, name) == ip == "10.40.251.7"
     wait_for(lambda: pings(h3, name, peer_ip), 30, "its network back")
     wait_for(lambda: pings(h1, containers(h1)[0], ip), 30, "reachable from host 1 again")
+
+
+def test_a_container_on_two_networks_reaches_both_across_hosts(bed, containers):
+    """A container on host 1 on web and back reaches web's and back's members on host 2 (each
+    from its own address there: the other network's isolation would drop anything else);
+    disconnecting web leaves back intact."""
+    h1, h2, _ = bed.hosts
+    for host in (h1, h2):
+        host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", "10.44.0.0/24", "back")
+    try:
+        name, web_ip = containers(h1)
+        h1.docker("network", "connect", "back", name)
+        _, web_peer = containers(h2)
+        back_peer = f"bp-{uuid.uuid4().hex[:6]}"
+        h2.docker("run", "-d", "--name", back_peer, "--net", "back", "l3net-test/busybox", "sleep", "600")
+        back_peer_ip = json.loads(h2.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}",
+                                            back_peer).stdout)["back"]["IPAddress"]
+        wait_for(lambda: pings(h1, name, web_peer) and pings(h1, name, back_peer_ip), 20,
+                 "host 1's container on two networks to reach both peers on host 2")
+        h1.docker("network", "disconnect", "web", name)
+        wait_for(lambda: pings(h1, name, back_peer_ip), 10, "back after leaving web")
+        assert not pings(h1, name, web_peer), "web is left: its members are out of reach"
+        h1.docker("network", "connect", "web", name)
+        wait_for(lambda: pings(h1, name, web_peer) and pings(h1, name, back_peer_ip), 20, "both again")
+        assert web_ip
+    finally:
+        for host in (h1, h2):
+            ids = host.docker("ps", "-aq", "--filter", "network=back").stdout.split()
+            if ids:
+                host.docker("rm", "-f", *ids, check=False)
+            host.docker("network", "rm", "back", check=False)
+
+
+def veth_count(host):
+    return sum(line.split(": ")[1].startswith("l3h") for line in host.sh("ip", "-o", "link").stdout.splitlines())
+
+
+def test_compose_projects_on_two_hosts_share_a_network(bed):
+    """The Compose example up on host 1, a second project (its web service only) on host 2 on
+    the same subnets: one network; down on both leaves no record, veth or route."""
+    from tests.e2e.test_compose import HTTP_GET, compose
+    from tests.testbed import TEST_IMAGE
+    h1, h2, _ = bed.hosts
+    env = {"L3NET_DRIVER": "l3net", "IMAGE": TEST_IMAGE, "FRONT_SUBNET": "10.45.0.0/24",
+           "BACK_SUBNET": "10.45.1.0/24", "DB_ADDRESS": "10.45.1.10"}
+    projects = [(h1, f"one{uuid.uuid4().hex[:4]}", ()), (h2, f"two{uuid.uuid4().hex[:4]}", ("web",))]
+    links = {h.name: veth_count(h) for h in (h1, h2)}
+
+    def web_of(host, project):
+        ids = host.docker("ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+                          "--filter", "label=com.docker.compose.service=web").stdout.split()
+        ip = json.loads(host.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", ids[0]).stdout)
+        return ids[0], ip[f"{project}_front"]["IPAddress"]
+    try:
+        for host, project, services in projects:
+            compose(project, "up", "-d", *services, env={**env, "DOCKER_HOST": host.docker_host})
+        (web1, ip1), (web2, ip2) = web_of(h1, projects[0][1]), web_of(h2, projects[1][1])
+        for host, c, ip in ((h1, web1, ip2), (h2, web2, ip1)):
+            wait_for(lambda: "web-ok" in host.docker("exec", c, "sh", "-c", HTTP_GET.format(ip),
+                                                    check=False).stdout, 20, f"{c} -> web at {ip}")
+    finally:
+        for host, project, _ in projects:
+            compose(project, "down", "--timeout", "0", env={**env, "DOCKER_HOST": host.docker_host}, check=False)
+    for host in (h1, h2):
+        wait_for(lambda: veth_count(host) == links[host.name], 10, f"{host.name}'s veths removed")
+        wait_for(lambda: "10.45." not in routes(host), 10, f"{host.name}'s routes to the example's pools gone")
+    ctl = [f"{BIN}/l3netctl", "--etcd-endpoints", bed.etcd_url, "--etcd-prefix", bed.prefix]
+    import subprocess
+    pools = subprocess.run([*ctl, "pool", "list", "--json"], capture_output=True, text=True, timeout=30)
+    assert "10.45." not in pools.stdout, "the example's pools forgotten once no network uses them"

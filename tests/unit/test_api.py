@@ -28,7 +28,13 @@ class FakeDatapath:
     host_ifname = staticmethod(lambda eid: "l3h" + eid[:11])
     temp_ifname = staticmethod(lambda eid: "l3t" + eid[:11])
 
-    def create(self, endpoint_id, address, mac=None):
+    uplink = 1500
+
+    def uplink_mtu(self):
+        return self.uplink
+
+    def create(self, endpoint_id, address, mac=None, mtu=None):
+        self.mtu = mtu
         if self.fail_create:
             raise RuntimeError("netlink exploded")
         if self.host_ifname(endpoint_id) in self.links:
@@ -79,7 +85,7 @@ def node(tmp_path):
     class Node:
         pass
     n = Node()
-    n.store, n.dp, n.client = store, dp, app.test_client()
+    n.store, n.dp, n.client, n.driver = store, dp, app.test_client(), driver
 
     def call(method, body=None, raw=None):
         data = raw if raw is not None else (b"" if body is None else json.dumps(body))
@@ -455,3 +461,80 @@ def test_create_endpoint_takes_only_an_address_this_host_requested(node):
     assert list(node.dp.links) == [node.dp.host_ifname(EP)], "no veth (no /32 route taken over) for the refused one"
     ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP,       # re-sent
                                                   "Interface": {"Address": a}, "Options": {}}))
+
+
+def create_network(node, network_id, subnet):
+    pool = ok(node.call("IpamDriver.RequestPool", {"AddressSpace": "l3net", "Pool": subnet,
+                                                    "SubPool": "", "Options": {}, "V6": False}))
+    ok(node.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": network_id, "Options": {}, "IPv6Data": [],
+        "IPv4Data": [{"AddressSpace": "l3net", "Pool": subnet, "Gateway": "169.254.1.1/32"}]}))
+    return pool["PoolID"]
+
+
+def join(node, network_id, endpoint_id, pool_id):
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": ""}))["Address"]
+    ok(node.call("NetworkDriver.CreateEndpoint", {"NetworkID": network_id, "EndpointID": endpoint_id,
+                                                  "Interface": {"Address": addr}}))
+    return ok(node.call("NetworkDriver.Join", {"NetworkID": network_id, "EndpointID": endpoint_id,
+                                               "SandboxKey": "/var/run/docker/netns/x"}))
+
+
+def test_each_network_of_a_host_has_its_own_gateway(node):
+    """A container on two networks gets one on-link gateway route per interface: with one
+    gateway address for all, the second would clash with the first ("file exists")."""
+    n1, n2, n3 = "1" * 64, "2" * 64, "3" * 64
+    p1, p2 = create_network(node, n1, "10.20.0.0/24"), create_network(node, n2, "10.30.0.0/24")
+    first, second = join(node, n1, "d" * 64, p1), join(node, n2, "e" * 64, p2)
+    assert first["Gateway"] == "169.254.1.1" and second["Gateway"] == "169.254.1.2"
+    assert second["StaticRoutes"] == [{"Destination": "169.254.1.2/32", "RouteType": 1},
+                                      {"Destination": "10.30.0.0/24", "RouteType": 0,
+                                       "NextHop": "169.254.1.2"}]
+    # a re-sent CreateNetwork keeps its gateway; a removed network's gateway is reused
+    create_network(node, n2, "10.30.0.0/24")
+    assert join(node, n2, "f" * 64, p2)["Gateway"] == "169.254.1.2"
+    ok(node.call("NetworkDriver.DeleteNetwork", {"NetworkID": n1}))
+    p3 = create_network(node, n3, "10.40.0.0/24")
+    assert join(node, n3, "0" * 64, p3)["Gateway"] == "169.254.1.1"
+
+
+@pytest.mark.parametrize("bad", [None, "10.0.0.1", "169.254.1", "169.254.1.2/24", 7, "junk"])
+def test_a_bad_gateway_in_a_network_record_falls_back_to_the_default(node, bad):
+    pool_id = setup_network(node)
+    key = Keys("/l3net").network("h1", NET)
+    record = json.loads(node.store.get(key)[0])
+    node.store.put(key, json.dumps(dict(record, gateway=bad)))
+    node.driver._networks.clear()          # as a restarted plugin reads it
+    assert join(node, NET, EP, pool_id)["Gateway"] == "169.254.1.1"
+
+
+def create_with_options(node, generic, subnet="10.20.0.0/24"):
+    ok(node.call("IpamDriver.RequestPool", {"AddressSpace": "l3net", "Pool": subnet, "Options": {}}))
+    return node.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": NET, "Options": {"com.docker.network.generic": generic}, "IPv6Data": [],
+        "IPv4Data": [{"AddressSpace": "l3net", "Pool": subnet, "Gateway": "169.254.1.1/32"}]})
+
+
+def test_mtu_option_sets_the_interfaces_mtu(node):
+    ok(create_with_options(node, {"com.docker.network.driver.mtu": "1400"}))
+    pool_id = ok(node.call("IpamDriver.RequestPool", {"AddressSpace": "l3net", "Pool": "10.20.0.0/24",
+                                                       "Options": {}}))["PoolID"]
+    join(node, NET, EP, pool_id)
+    assert node.dp.mtu == 1400
+
+
+@pytest.mark.parametrize("value, why", [
+    ("abc", "expected a number from 576 to 9216"), ("575", "expected a number"),
+    ("9217", "expected a number"), ("-1", "expected a number"), ("9000", "uplink carries (1500)"),
+    ({"x": 1}, "expected a number")])
+def test_bad_mtu_refused_and_nothing_written(node, value, why):
+    before = node.snapshot()
+    status, body = create_with_options(node, {"com.docker.network.driver.mtu": value})
+    assert status == 500 and why in body["Err"], body
+    assert not [k for k in node.snapshot() if "/networks/" in k] and len(node.snapshot()) >= len(before)
+
+
+def test_unknown_network_option_names_the_ones_l3net_takes(node):
+    status, body = create_with_options(node, {"com.docker.network.bridge.name": "br0"})
+    assert status == 500 and "com.docker.network.bridge.name" in body["Err"]
+    assert "com.docker.network.driver.mtu" in body["Err"]

@@ -47,6 +47,21 @@ def test_create_and_delete_veth_in_this_namespace():
 
 
 @root
+def test_veth_with_an_mtu_has_it_on_both_ends():
+    dp = D.Datapath()
+    eid = "d" * 64
+    dp.create(eid, "10.254.254.253", mtu=1400)
+    try:
+        for name in (D.host_ifname(eid), D.temp_ifname(eid)):
+            with open(f"/sys/class/net/{name}/mtu") as f:
+                assert int(f.read()) == 1400, name
+    finally:
+        dp.delete(eid)
+    uplink = D.uplink_mtu()
+    assert uplink is None or 576 <= uplink <= 65536
+
+
+@root
 def test_reaper_retries_a_failing_follow_up():
     reaper = D.Reaper()
     calls = []

@@ -1,0 +1,75 @@
+"""Compose on l3net, with the real Compose client and the example in examples/compose/: up,
+service names, a fixed address, an internal network, the MTU driver option, isolation
+between the project's networks, and down leaving nothing. (A second project on another host
+joining the same network: test_multihost.py.)"""
+
+import os
+import re
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from tests.conftest import ROOT, TEST_IMAGE, docker, wait_for
+from tests.e2e.test_docker import veths
+from tests.e2e.test_networks import interfaces, kernel_routes, keys_under, probe
+
+EXAMPLE = os.path.join(ROOT, "examples", "compose", "docker-compose.yml")
+FRONT, BACK, DB = "10.93.0.0/24", "10.93.1.0/24", "10.93.1.10"
+HTTP_GET = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {} 80"
+
+
+def compose_command():
+    """docker-compose (Debian's package) or the `docker compose` plugin, whichever is here."""
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+
+
+def compose(project, *args, env=None, check=True):
+    res = subprocess.run([*compose_command(), "-p", project, "-f", EXAMPLE, *args], capture_output=True,
+                         text=True, timeout=180, env={**os.environ, **(env or {})})
+    if check and res.returncode != 0:
+        raise AssertionError(f"compose {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def container_of(project, service):
+    ids = docker("ps", "-q", "--filter", f"label=com.docker.compose.project={project}",
+                 "--filter", f"label=com.docker.compose.service={service}").stdout.split()
+    assert len(ids) == 1, (service, ids)
+    return ids[0]
+
+
+def test_compose_project_up_reach_by_name_and_down_leaves_nothing(plugin):
+    project = f"l3c{uuid.uuid4().hex[:6]}"
+    env = {"L3NET_DRIVER": plugin.name, "IMAGE": TEST_IMAGE, "FRONT_SUBNET": FRONT,
+           "BACK_SUBNET": BACK, "DB_ADDRESS": DB}
+    before, links = keys_under(plugin), len(veths())
+    try:
+        compose(project, "up", "-d", env=env)
+        web, db, api = (container_of(project, s) for s in ("web", "db", "api"))
+
+        def ex(c, script):
+            return docker("exec", c, "sh", "-c", script, check=False).stdout
+        # api is on both networks: reaches web and db by service name (nc, not wget: the
+        # wget of Debian's static busybox, the test image, crashes)
+        assert "web-ok" in wait_for(lambda: ex(api, HTTP_GET.format("web")), 20, "api -> web by name")
+        assert "db-ok" in wait_for(lambda: ex(api, "nc -w 2 db 5432 </dev/null"), 20, "api -> db by name")
+        assert DB in interfaces(db), "db has its fixed ipv4_address"
+        # the networks: l3net's, internal back, front's MTU on the containers' interfaces
+        nets = {n: docker("network", "inspect", "-f", "{{.Driver}} {{.Internal}}", f"{project}_{n}").stdout.split()
+                for n in ("front", "back")}
+        assert nets == {"front": [plugin.name, "false"], "back": [plugin.name, "true"]}
+        assert re.search(r"mtu 1400\b", docker("exec", web, "ip", "link", "show", "eth0").stdout)
+        # web (front only) cannot reach db (back only): the networks are apart
+        assert probe(web, DB, "tcp", 5432) is None
+    finally:
+        compose(project, "down", "--timeout", "0", env=env, check=False)
+    assert docker("network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}").stdout.split() == []
+    wait_for(lambda: keys_under(plugin) == before, 15, "etcd as before the project")
+    wait_for(lambda: len(veths()) == links, 10, "the project's veths removed")
+    assert kernel_routes(FRONT, BACK) == []
