@@ -35,7 +35,10 @@ log = logging.getLogger("l3net.agent")
 LEASE_TTL = 30
 HEARTBEAT = 10
 DEBOUNCE = 0.1      # seconds to let a burst of etcd changes settle before a sync
-RESYNC = 30.0       # seconds between computations when nothing changed (a safety net)
+# Seconds between full computations when nothing changed: a safety net only (changes come by
+# watch, the kernel's state is checked every drift_every s). Not shorter: a full computation
+# costs in proportion to the cluster (every member record), and an idle node must not.
+RESYNC = 300.0
 # After a lost watch (etcd restarted), the agents of a cluster of RELOAD_SPREAD_FROM nodes or
 # more load their copies again spread over this much time per node, at most the max: 1,000
 # nodes reload over 10 s; a smaller cluster at once.
