@@ -20,6 +20,7 @@ from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from plugin import infra
 from plugin.errors import L3netError
+from plugin.validate import MAX_TAGS
 from plugin.keys import key_cidr
 
 from . import blocks as B
@@ -270,21 +271,53 @@ class Ipam:
 
     def set_internal(self, cidr, internal):
         """A network created with(out) ``--internal`` on pool ``cidr`` (CreateNetwork, after its
-        RequestPool). Being internal is the pool's, cluster-wide, like outgoing NAT: the pool's
-        only network decides; a pool other networks (or an operator) already use must match."""
+        RequestPool). Being internal is the pool's, cluster-wide, like outgoing NAT."""
+        return self._pool_decides(
+            cidr, "internal", internal, lambda record: bool(record.get("internal", False)),
+            lambda now: f"pool {cidr} is {'' if now else 'not '}internal (its other networks, or "
+                        f"l3netctl pool add, decided): create this network "
+                        f"{'with' if now else 'without'} --internal, or use another subnet")
+
+    def set_tags(self, cidr, tags):
+        """A network created with ``-o l3net.tags=...`` on pool ``cidr`` (CreateNetwork, after
+        its RequestPool). Tags are the pool's, cluster-wide; a network joining a pool may also
+        name none (``tags`` None): it takes the pool's as they are."""
+        if tags is None:
+            return None
+        return self._pool_decides(
+            cidr, "tags", tags, lambda record: sorted(record.get("tags") or []),
+            lambda now: f"pool {cidr} carries tags {','.join(now) or '(none)'} (its other networks, or "
+                        f"l3netctl tag, decided): create this network with -o l3net.tags={','.join(now)} "
+                        "or without the option, or change the pool's tags with l3netctl tag add/remove")
+
+    def _pool_decides(self, cidr, field, wanted, current, refusal):
+        """A property of the pool a network asks for at CreateNetwork: the pool's only network
+        decides it; a pool other networks (or an operator) already use must have it already,
+        else the network is refused with ``refusal(what the pool has)``."""
         def mark(record):
             if record is None:
                 raise L3netError(f"pool {cidr} is not known to l3net")
-            current = bool(record.get("internal", False))
-            if current == internal:
+            now = current(record)
+            if now == wanted:
                 return record
             if sum(record["refs"].values()) <= 1 and not record.get("pinned"):
-                record["internal"] = internal
+                record[field] = wanted
                 return record
-            raise L3netError(f"pool {cidr} is {'' if current else 'not '}internal (its other networks, or "
-                             f"l3netctl pool add, decided): create this network "
-                             f"{'with' if current else 'without'} --internal, or use another subnet")
+            raise L3netError(refusal(now))
         return self._update_pool(P.parse_cidr(cidr), mark)
+
+    def change_tags(self, cidr, add=(), remove=()):
+        """``l3netctl tag add/remove``: the pool's tags plus ``add`` minus ``remove``. Returns
+        the pool's tags after."""
+        def change(record):
+            if record is None:
+                raise L3netError(f"pool {cidr} is not known to l3net")
+            tags = sorted((set(record.get("tags") or []) | set(add)) - set(remove))
+            if len(tags) > MAX_TAGS:
+                raise L3netError(f"a network carries at most {MAX_TAGS} tags")
+            record["tags"] = tags
+            return record
+        return self._update_pool(P.parse_cidr(cidr), change)["tags"]
 
     def add_pool(self, cidr, block_prefix=None, nat_outgoing=True, internal=False):
         """An operator's pool (``l3netctl pool add``): stays when no network uses it."""

@@ -25,6 +25,8 @@ from ipam.blocks import ip_int
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer
 from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
                     pool_conflict, protected, unicast_ip)
+from . import validate
+from .errors import L3netError
 from .keys import key_cidr
 from .policy import PolicyState
 
@@ -343,7 +345,30 @@ def _valid_rule(rule, pools, host_rule=False):
         node, to = rule.get("node"), rule.get("to")
         return ports is not None and (node is None or bool(NODE.fullmatch(str(node)))) and \
             (to is None or (node is None and canonical_cidr(to) is not None and not to.endswith("/0")))
-    return rule.get("from") in pools and rule.get("to") in pools
+    return _valid_side(rule.get("from"), pools) and _valid_side(rule.get("to"), pools)
+
+
+def _valid_side(side, pools):
+    """A policy side: a pool in force, or ``tag:X`` with a well-formed tag."""
+    if side in pools:
+        return True
+    try:
+        return validate.tag_side(side) is not None
+    except L3netError:
+        return False
+
+
+def pool_tags(pool):
+    """A pool record's tags: the well-formed ones (a bad entry written behind l3netctl's back
+    opens nothing, and the others stay)."""
+    tags = pool.get("tags") or []
+    if not isinstance(tags, list):
+        warn("ignoring the tags of pool %s: not a list", pool.get("cidr"))
+        return []
+    good = [t for t in tags if isinstance(t, str) and validate.TAG.fullmatch(t)]
+    if len(good) != len(tags):
+        warn("ignoring malformed tags of pool %s: %.200r", pool.get("cidr"), sorted(set(map(str, tags)) - set(good)))
+    return sorted(set(good))
 
 
 def _port_number(value):
@@ -429,7 +454,15 @@ def desired_policy(store, keys, name):
         else:
             warn("ignoring published port %.200r: malformed, or its endpoint no longer holds "
                         "the address", record)
-    return PolicyState(node=name, pools=sorted(members),
+    tags = {}
+    for p in pools:
+        for tag in pool_tags(p):
+            tags.setdefault(tag, []).append(p["cidr"])
+    for rule in rules:                  # a tag no network carries (yet): an empty set
+        for side in (rule["from"], rule["to"]):
+            if side.startswith(validate.TAG_SIDE):
+                tags.setdefault(side[len(validate.TAG_SIDE):], [])
+    return PolicyState(node=name, pools=sorted(members), tags={t: sorted(v) for t, v in tags.items()},
                        nat_pools=sorted(p["cidr"] for p in pools
                                         if p.get("nat_outgoing", True) and not p.get("internal")),
                        members={k: sorted(v) for k, v in members.items()}, rules=rules,

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import Config, bird_socket, etcd_options, make_store, node_name
+from . import validate as V
 from .errors import L3netError
 from .keys import Keys
 
@@ -252,6 +253,7 @@ def pool():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def pool_list(obj, as_json):
+    from .calc import pool_tags
     ipam = obj.ipam()
     rows = []
     for p in ipam.pools():
@@ -259,9 +261,12 @@ def pool_list(obj, as_json):
         used = sum(len(b["allocations"]) for b in blocks)
         rows.append({"cidr": p["cidr"], "block_size": p["block_prefix"],
                      "nat_outgoing": p["nat_outgoing"], "internal": bool(p.get("internal")),
+                     "tags": pool_tags(p),
                      "auto": p["auto"], "hosts": ",".join(sorted(p["refs"])), "blocks": len(blocks),
                      "used": used})
-    emit(rows, ["CIDR", "Block size", "NAT outgoing", "Internal", "Auto", "Hosts", "Blocks", "Used"], as_json)
+    if not as_json:
+        rows = [dict(r, tags=",".join(r["tags"])) for r in rows]
+    emit(rows, ["CIDR", "Block size", "NAT outgoing", "Internal", "Tags", "Auto", "Hosts", "Blocks", "Used"], as_json)
 
 
 @pool.command("add")
@@ -724,6 +729,12 @@ def resolve_network(obj, name):
     return cidr
 
 
+def resolve_side(obj, name):
+    """A policy side: ``tag:X`` (any network carrying tag X, now or later), or a network."""
+    tag = V.tag_side(name)
+    return V.TAG_SIDE + tag if tag is not None else resolve_network(obj, name)
+
+
 def new_id():
     return uuid.uuid4().hex[:8]
 
@@ -734,14 +745,15 @@ def policy():
 
 
 @policy.command("allow")
-@click.option("--from", "src", required=True, help="Network (Docker name or subnet) that may connect.")
-@click.option("--to", "dst", required=True, help="Network it may connect to.")
+@click.option("--from", "src", required=True,
+              help="Network (Docker name or subnet) that may connect, or tag:X (every network tagged X).")
+@click.option("--to", "dst", required=True, help="Network it may connect to, or tag:X.")
 @click.option("--proto", type=click.Choice(PROTOS), help="Only this protocol (default: all).")
 @click.option("--port", "port", help="Only this port or range N-M (tcp/udp).")
 @click.pass_obj
 def policy_allow(obj, src, dst, proto, port):
     """Let --from reach --to; prints the new rule's id last."""
-    rule = {"id": new_id(), "from": resolve_network(obj, src), "to": resolve_network(obj, dst),
+    rule = {"id": new_id(), "from": resolve_side(obj, src), "to": resolve_side(obj, dst),
             "proto": proto, "ports": port_range(port, proto), "created": round(time.time(), 3)}
     obj.store.put(obj.keys.policy_rule(rule["id"]), json.dumps(rule, sort_keys=True))
     click.echo(f"allowed {rule['from']} -> {rule['to']} {proto or 'all'} {rule['ports'] or ''}".rstrip())
@@ -768,6 +780,59 @@ def _remove_rule(obj, key_of, rule_id):
         raise L3netError(f"no rule {rule_id!r}")
     obj.store.delete(key_of(rule_id))
     click.echo(f"removed {rule_id}")
+
+
+@cli.group()
+def tag():
+    """Tags on networks: a policy side tag:X covers every network carrying X, now and later."""
+
+
+@tag.command("add")
+@click.argument("network")
+@click.argument("tags", nargs=-1, required=True)
+@click.pass_obj
+def tag_add(obj, network, tags):
+    """Tag NETWORK (Docker name or subnet) with TAGS: every host puts the policies naming
+    them in force for it within seconds."""
+    _change_tags(obj, network, add=V.tag_list(list(tags)))
+
+
+@tag.command("remove")
+@click.argument("network")
+@click.argument("tags", nargs=-1, required=True)
+@click.pass_obj
+def tag_remove(obj, network, tags):
+    """Take TAGS off NETWORK: what only they opened closes."""
+    _change_tags(obj, network, remove=V.tag_list(list(tags)))
+
+
+def _change_tags(obj, network, add=(), remove=()):
+    cidr = resolve_network(obj, network)
+    now = obj.ipam().change_tags(cidr, add=add, remove=remove)
+    click.echo(f"{cidr}: tags {','.join(now) or '(none)'}")
+
+
+@tag.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def tag_list(obj, as_json):
+    """Each tag, the networks (pools) carrying it and the policies naming it."""
+    from .calc import pool_tags
+    carriers, naming = {}, {}
+    for p in obj.ipam().pools():
+        for t in pool_tags(p):
+            carriers.setdefault(t, []).append(p["cidr"])
+    for rule in obj.records(obj.keys.policy_rules()):
+        for side in (rule.get("from"), rule.get("to")):
+            if isinstance(side, str) and side.startswith(V.TAG_SIDE):
+                naming.setdefault(side[len(V.TAG_SIDE):], set()).add(rule.get("id"))
+    rows = [{"tag": t, "networks": sorted(carriers.get(t, [])), "policies": sorted(naming.get(t, []))}
+            for t in sorted(set(carriers) | set(naming))]
+    if as_json:
+        emit(rows, [], True)
+    else:
+        emit([dict(r, networks=", ".join(r["networks"]) or "(none yet)", policies=", ".join(r["policies"]))
+              for r in rows], ["Tag", "Networks", "Policies"], False)
 
 
 @cli.group()

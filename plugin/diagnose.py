@@ -6,7 +6,8 @@ or anything outside. The checks, in the order a packet meets them:
   1. both ends known: SRC allocated in a pool (and on which host), DST classified;
   2. the route: DST's host registered (its BGP announces its blocks), and, when this host is
      SRC's, the kernel's route to DST (``ip route get``), with the BGP sessions;
-  3. the policy: same network, a policy from SRC's network to DST's (protocol, port), a host
+  3. the policy: same network, a policy from SRC's network (or a tag it carries) to DST's
+     (protocol, port; or one naming a tag the networks lack, which would), a host
      rule for a cluster node (any of its addresses), a host rule with ``--to`` for a protected
      destination (link-local and cloud metadata, etcd, BGP peers, the operator's ranges),
      outgoing NAT for the outside. A pool the agents refuse (it lies over infrastructure) is
@@ -100,18 +101,29 @@ def diagnose(src, dst, facts, proto=None, port=None):
         if dst_pool == src_pool:
             steps.append(Step(True, "same network: allowed"))
             return "REACHABLE", steps
-        opening = [r for r in facts.rules if r.get("from") == src_pool and r.get("to") == dst_pool]
+        opening = [r for r in facts.rules if _names(r.get("from"), src_pool, facts.pools)
+                   and _names(r.get("to"), dst_pool, facts.pools)]
         allowed = [r for r in opening if _rule_allows(r, proto, port)]
         if allowed:
-            steps.append(Step(True, f"policy {allowed[0]['id']} allows {src_pool} -> {dst_pool} "
-                                    f"{describe(allowed[0])}"))
+            steps.append(Step(True, f"policy {allowed[0]['id']} allows {_side(allowed[0]['from'], src_pool)} -> "
+                                    f"{_side(allowed[0]['to'], dst_pool)} {describe(allowed[0])}"))
             return "REACHABLE", steps
         if opening:
             steps.append(Step(False, f"policies from {src_pool} to {dst_pool} open only "
-                                     f"{', '.join(describe(r) for r in opening)}, not {what}"))
+                                     f"{', '.join(describe(r) + _via_tags(r) for r in opening)}, not {what}"))
             return "NOT REACHABLE", steps
+        naming_tags = [r for r in facts.rules if _tag_of(r.get("from")) or _tag_of(r.get("to"))]
+        would = [r for r in naming_tags if _names(r.get("from"), src_pool, facts.pools, any_tag=True)
+                 and _names(r.get("to"), dst_pool, facts.pools, any_tag=True) and _rule_allows(r, proto, port)]
+        hint = ""
+        if would:
+            r = would[0]
+            missing = [f"{pool} lacks tag {_tag_of(side)}" for side, pool in ((r["from"], src_pool), (r["to"], dst_pool))
+                       if _tag_of(side) and _tag_of(side) not in _tags(facts.pools, pool)]
+            hint = (f"; policy {r['id']} ({r['from']} -> {r['to']} {describe(r)}) would allow it, but "
+                    f"{' and '.join(missing)} (l3netctl tag add ...)")
         steps.append(Step(False, f"policy denies: different networks, and no policy from {src_pool} to "
-                                 f"{dst_pool} (l3netctl policy allow --from {src_pool} --to {dst_pool} ...)"))
+                                 f"{dst_pool}{hint or f' (l3netctl policy allow --from {src_pool} --to {dst_pool} ...)'}"))
         return "NOT REACHABLE", steps
 
     if node_of_dst is not None:
@@ -153,6 +165,34 @@ def diagnose(src, dst, facts, proto=None, port=None):
     steps.append(Step(False, f"outgoing NAT off for {src_pool}: the outside sees {src} and must have a "
                              "route back to the pool"))
     return "REACHABLE IF ROUTED BACK", steps
+
+
+def _tag_of(side):
+    return side[4:] if isinstance(side, str) and side.startswith("tag:") else None
+
+
+def _tags(pools, pool):
+    tags = (pools.get(pool) or {}).get("tags") or []
+    return tags if isinstance(tags, list) else []
+
+
+def _names(side, pool, pools, any_tag=False):
+    """Whether a rule side (a network, or ``tag:X``) takes in ``pool``; ``any_tag``: would,
+    were the pool tagged."""
+    tag = _tag_of(side)
+    if tag is None:
+        return side == pool
+    return any_tag or tag in _tags(pools, pool)
+
+
+def _side(side, pool):
+    tag = _tag_of(side)
+    return pool if tag is None else f"{pool} (tag {tag})"
+
+
+def _via_tags(rule):
+    tags = [t for t in (_tag_of(rule.get("from")), _tag_of(rule.get("to"))) if t]
+    return f" (policy {rule['id']}, tag {', '.join(tags)})" if tags else ""
 
 
 def _covers(cidr, address):

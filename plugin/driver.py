@@ -38,8 +38,10 @@ GENERIC = "com.docker.network.generic"
 INTERNAL = "com.docker.network.internal"      # docker network create --internal
 MTU = "com.docker.network.driver.mtu"        # Docker's standard driver option (-o, driver_opts)
 MTU_RANGE = (576, 9216)
+TAGS = "l3net.tags"                           # -o l3net.tags=frontend,needs-db (the pool's tags)
 # -o options l3net understands on `docker network create`.
-NETWORK_OPTIONS = {MTU: "the MTU of the containers' interfaces on the network"}
+NETWORK_OPTIONS = {MTU: "the MTU of the containers' interfaces on the network",
+                   TAGS: "the network's tags, for policies that name a tag"}
 
 
 class Driver:
@@ -98,6 +100,7 @@ class Driver:
             raise L3netError(f"unknown option(s) {', '.join(unknown)}: l3net takes -o "
                              f"{', '.join(NETWORK_OPTIONS)}; pool settings go in --ipam-opt")
         mtu = self._mtu(generic.get(MTU))
+        tags = V.tag_list(generic[TAGS]) if TAGS in generic else None
         if not ipv4_data:
             raise L3netError("no IPv4 pool given")
         pools, aux = [], []
@@ -115,6 +118,7 @@ class Driver:
         internal = str(options.get(INTERNAL, "")).lower() == "true"
         for cidr in pools:
             self.ipam.set_internal(cidr, internal)
+            self.ipam.set_tags(cidr, tags)
         for cidr, address in aux:
             self.ipam.reserve_for_network(cidr, address)
         self.datapath.prepare_host()

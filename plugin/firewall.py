@@ -469,7 +469,7 @@ class Firewall:
         """Destroy sets no rule uses any more. Right after the rule that used a set is gone,
         nf_tables may still hold it for a moment ("in use by a kernel component"): such a set
         stays on the list and is tried again at the next sync."""
-        for name in sorted(self._stale):
+        for name in sorted(self._stale, key=_tag_sets_first):
             if name in P.sets(self.applied or P.PolicyState()):
                 self._stale.discard(name)       # wanted again
                 continue
@@ -554,10 +554,15 @@ def _table(saved, table):
     return "" if start < 0 else saved[start:saved.find("COMMIT", start)]
 
 
+def _tag_sets_first(name):
+    return not name.startswith(P.SET_PREFIX + "tag-"), name
+
+
 def destroy_sets():
-    """Destroy l3net's ipsets (none may still be referenced by a rule). Returns what went."""
+    """Destroy l3net's ipsets (none may still be referenced by a rule). Returns what went.
+    The tag sets first: they hold the network sets, which cannot go while they do."""
     removed = []
-    for name in sorted(set_sizes(_run(["ipset", "list", "-t"]))):
+    for name in sorted(set_sizes(_run(["ipset", "list", "-t"])), key=_tag_sets_first):
         _run(["ipset", "destroy", name])
         removed.append(f"ipset {name}")
     return removed

@@ -5,7 +5,9 @@ in it on every host, kept in one ipset per network, so the number of rules depen
 policies and nodes, never on containers.
 
   * members of a network reach each other; a policy opens ``--from`` network to ``--to``
-    network for a protocol and port range; everything else towards a container is dropped
+    network for a protocol and port range (either side may be a *tag* instead: every network
+    carrying it, through one ``list:set`` per tag holding those networks' sets, so the rule
+    count depends on neither members nor tagged networks); everything else towards a container is dropped
     (other networks, other hosts, the outside), except replies to connections the container
     opened (conntrack). The container's own host is not filtered (it has root over the
     container anyway, and health checks and debugging from the host keep working);
@@ -43,6 +45,7 @@ import re
 from dataclasses import dataclass, field
 
 from .datapath import HOST_PREFIX
+from .validate import TAG_SIDE
 
 FORWARD = "L3NET-FORWARD"
 TO_CONTAINER = "L3NET-TO-CONTAINER"
@@ -60,6 +63,7 @@ NAT_SET = "l3n-nat-pools"
 SET_PREFIX = "l3n-"
 UPLINK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")     # what iptables -i accepts (no + wildcard)
 IFACES = f"{HOST_PREFIX}+"
+TAG_SET_SIZE = 4096          # networks per tag (a list:set's limit; its default would be 8)
 # (table, built-in chain, our chain): the jumps that hook our chains in, first in their chain.
 HOOKS = [("filter", "FORWARD", FORWARD), ("filter", "INPUT", INPUT),
          ("nat", "POSTROUTING", POSTROUTING), ("nat", "PREROUTING", DNAT), ("nat", "OUTPUT", DNAT),
@@ -87,6 +91,7 @@ class PolicyState:
     uplinks: list = field(default_factory=list)        # interfaces towards the other nodes
     internal: list = field(default_factory=list)       # pools of --internal networks
     ports: list = field(default_factory=list)          # {"proto","host_ip","host_port","ip","port"}
+    tags: dict = field(default_factory=dict)           # tag -> [pool CIDR carrying it]
 
 
 def set_name(cidr):
@@ -94,14 +99,27 @@ def set_name(cidr):
     return SET_PREFIX + hashlib.sha1(str(cidr).encode()).hexdigest()[:12]
 
 
+def tag_set_name(tag):
+    """The ``list:set`` of the sets of the networks carrying ``tag``."""
+    return SET_PREFIX + "tag-" + hashlib.sha1(tag.encode()).hexdigest()[:12]
+
+
+def side_set(side):
+    """The set a rule side matches: a network's members, or (``tag:X``) the tag's networks'."""
+    return tag_set_name(side[len(TAG_SIDE):]) if side.startswith(TAG_SIDE) else set_name(side)
+
+
 def sets(state):
-    """Every ipset the state needs: {name: (type, sorted entries)}."""
+    """Every ipset the state needs: {name: (type, sorted entries)}. The tag sets come last:
+    they hold the network sets, which must exist first."""
     out = {HOSTS_SET: ("hash:ip", sorted(set(state.nodes.values()) | set(state.host_addresses))),
            PROTECTED_SET: ("hash:net", sorted(set(state.protected))),
            POOLS_SET: ("hash:net", sorted(set(state.pools))),
            NAT_SET: ("hash:net", sorted(set(state.nat_pools)))}
     for pool in state.pools:
         out[set_name(pool)] = ("hash:ip", sorted(set(state.members.get(pool, []))))
+    for tag in sorted(state.tags):
+        out[tag_set_name(tag)] = ("list:set", sorted({set_name(p) for p in state.tags[tag] if p in state.pools}))
     return out
 
 
@@ -124,8 +142,9 @@ def _comment(text):
 def _rebuild(name, kind, entries):
     """A set rebuilt in a temporary twin, then swapped in: a set in use is never half full."""
     tmp = name + "-t"
-    lines = [f"create {name} {kind} family inet -exist",
-             f"create {tmp} {kind} family inet -exist",
+    options = f"size {TAG_SET_SIZE}" if kind == "list:set" else "family inet"
+    lines = [f"create {name} {kind} {options} -exist",
+             f"create {tmp} {kind} {options} -exist",
              f"flush {tmp}"]
     lines += [f"add {tmp} {e}" for e in entries]
     return lines + [f"swap {tmp} {name}", f"destroy {tmp}"]
@@ -175,8 +194,8 @@ def render_iptables(state):
         f.append(f"-A {TO_CONTAINER} -m set --match-set {s} src -m set --match-set {s} dst"
                  f"{_comment('same network ' + pool)} -j ACCEPT")
     for rule in sorted(state.rules, key=lambda r: r["id"]):
-        f.append(f"-A {TO_CONTAINER}{_ports(rule)} -m set --match-set {set_name(rule['from'])} src"
-                 f" -m set --match-set {set_name(rule['to'])} dst{_comment('policy ' + rule['id'])}"
+        f.append(f"-A {TO_CONTAINER}{_ports(rule)} -m set --match-set {side_set(rule['from'])} src"
+                 f" -m set --match-set {side_set(rule['to'])} dst{_comment('policy ' + rule['id'])}"
                  " -j ACCEPT")
     f.append(f"-A {TO_CONTAINER}{_comment('default: isolated')} -j DROP")
     # from a container: not to cluster hosts (but host services opened), not to the protected

@@ -90,3 +90,37 @@ def hostname(value):
         raise L3netError(f"invalid hostname {value!r}: letters, digits, '.', '-', '_' "
                          "(max 63), starting with a letter or digit")
     return value
+
+
+TAG = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+TAG_SIDE = "tag:"           # a policy side naming a tag: "tag:needs-db"
+MAX_TAGS = 32               # per network
+
+
+def tag(value):
+    """A tag: a plain label (lowercase letters, digits and inner hyphens, at most 63), so it
+    fits an etcd record, a rule comment and a command line as it is."""
+    if not isinstance(value, str) or not TAG.fullmatch(value):
+        shown = value if isinstance(value, str) and len(value) <= 70 else type(value).__name__
+        raise L3netError(f"invalid tag {shown!r}: a tag is a plain label of lowercase letters, "
+                         "digits and inner hyphens (at most 63 characters), such as needs-db")
+    return value
+
+
+def tag_list(values):
+    """Tags from a list or a comma-separated string ("frontend,needs-db") -> sorted, unique."""
+    if isinstance(values, str):
+        values = [v.strip() for v in values.split(",")] if values.strip() else []
+    if not isinstance(values, (list, tuple)):
+        raise L3netError("tags must be a list or a comma-separated string")
+    out = sorted({tag(v) for v in values})
+    if len(out) > MAX_TAGS:
+        raise L3netError(f"{len(out)} tags: a network carries at most {MAX_TAGS}")
+    return out
+
+
+def tag_side(value):
+    """The tag a policy side names ("tag:needs-db" -> "needs-db"), or None for a network."""
+    if isinstance(value, str) and value.startswith(TAG_SIDE):
+        return tag(value[len(TAG_SIDE):])
+    return None

@@ -53,7 +53,8 @@ def up():
     show(f"ip route get {remote} on {h1.name}", h1.sh("ip", "route", "get", remote).stdout)
     show(f"BGP sessions of {h1.name} (birdc show protocols)",
          h1.sh("birdc", "-s", "/run/l3net/bird.ctl", "show", "protocols").stdout)
-    policy_demo(bed, containers[0])
+    db_ip, ctl = policy_demo(bed, containers[0])
+    tags_demo(bed, db_ip, ctl)
     print(f"\nthe cluster keeps running; try: nsenter -t {h1.anchor.pid} -m -n docker ps")
     print("tear it down with: make demo-down")
 
@@ -91,6 +92,33 @@ def policy_demo(bed, web):
          subprocess.run([*ctl, "policy", "list"], capture_output=True, text=True, timeout=60).stdout)
     show(f"what {h2.name} enforces for its containers (iptables -S L3NET-TO-CONTAINER)",
          h2.sh("iptables", "-S", "L3NET-TO-CONTAINER").stdout)
+    return db_ip, ctl
+
+
+def tags_demo(bed, db_ip, ctl):
+    """A third application, api, tagged needs-db when created: one policy naming the tag opens
+    db to every application that carries it, now and later."""
+    h3 = bed.hosts[2]
+    for host in bed.hosts:
+        host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                    "--subnet", "10.60.0.0/16", "-o", "l3net.tags=needs-db", "api")
+    h3.docker("run", "-d", "--name", "api-3", "--net", "api", "l3net-test/busybox", "sleep", "1d")
+
+    def attempt():
+        tcp = h3.docker("exec", "api-3", "sh", "-c", f"echo | nc -w 2 {db_ip} 5432", check=False)
+        return f"  api-3 -> db-2 {db_ip} tcp/5432: {tcp.stdout.strip() or 'no answer (dropped)'}"
+    before = attempt()
+    allow = subprocess.run([*ctl, "policy", "allow", "--from", "tag:needs-db", "--to", "10.50.0.0/16",
+                            "--proto", "tcp", "--port", "5432"], capture_output=True, text=True, timeout=60)
+    wait_until(lambda: "hello" in h3.docker("exec", "api-3", "sh", "-c", f"echo | nc -w 1 {db_ip} 5432",
+                                            check=False).stdout, 10, "the tag's policy in force")
+    show("tags: api was created with -o l3net.tags=needs-db",
+         f"before a policy names the tag:\n{before}\n"
+         f"$ l3netctl policy allow --from tag:needs-db --to 10.50.0.0/16 --proto tcp --port 5432\n"
+         f"{allow.stdout.rstrip()}\nafter it:\n{attempt()}\n"
+         "(l3netctl tag add NETWORK needs-db opens db to another application; tag remove closes it)")
+    show("tags (l3netctl tag list)",
+         subprocess.run([*ctl, "tag", "list"], capture_output=True, text=True, timeout=60).stdout)
 
 
 def down():

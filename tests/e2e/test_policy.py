@@ -32,6 +32,7 @@ SUBNETS = {"web": "10.81.0.0/24", "db": "10.82.0.0/24", "ops": "10.83.0.0/24"}
 NONAT = "10.84.0.0/24"
 NONAT2 = "10.86.0.0/24"
 INTERNAL = "10.87.0.0/24"
+LATE = "10.88.0.0/24"
 OUTSIDE = f"{NET}.254"                 # "the internet": on the underlay, no route to any pool
 OUTSIDE_NS = "l3polx"
 KINDS = [("icmp", 0), ("tcp", 5432), ("tcp", 80), ("udp", 5353)]
@@ -123,8 +124,9 @@ def bed(docker_ready):
         b.ctl("pool", "add", NONAT, "--no-nat-outgoing")
         for host in testbed.hosts:
             for net, subnet in [*SUBNETS.items(), ("nonat", NONAT)]:
+                tags = ["-o", "l3net.tags=needs-db"] if net == "web" else []    # (no policy names it yet)
                 host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
-                            "--subnet", subnet, net)
+                            "--subnet", subnet, *tags, net)
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(lambda a: b.start(a[0], a[1], f"{a[1]}{a[2]}"),
                           [(h, net, i) for net in SUBNETS for i, h in enumerate(testbed.hosts, 1)]))
@@ -488,6 +490,77 @@ def test_drift_is_repaired(bed):
             assert bed.containers["db2"].reaches(web1.ip) is None, "isolation back too"
     finally:
         h1.sh("iptables", "-D", "FORWARD", "-o", "l3h+", "-j", "ACCEPT", check=False)
+
+
+def test_a_container_on_two_networks_keeps_its_way_out(bed):
+    """A container on web and ops reaches the outside (NAT) through its default route, and
+    again once the network that held the default route (web) is disconnected; it then reaches
+    ops' members, not web's."""
+    h1 = bed.h1
+    c = bed.start(h1, "web", serve=False)
+    try:
+        h1.docker("network", "connect", "ops", c.name)
+        assert c.reaches(OUTSIDE, "tcp", 8080) == f"ok {h1.ip}"
+        h1.docker("network", "disconnect", "web", c.name)
+        wait_for(lambda: c.reaches(OUTSIDE, "tcp", 8080) == f"ok {h1.ip}", 5, "the outside after leaving web")
+        ops2, web2 = bed.containers["ops2"], bed.containers["web2"]
+        assert c.probe([[ops2.ip, "tcp", 5432], [web2.ip, "tcp", 5432]])[1] is None
+        wait_for(lambda: c.reaches(ops2.ip) is not None, 5, "ops2 from its address on ops")
+    finally:
+        bed.remove(c)
+
+
+def test_a_policy_naming_a_tag_follows_the_tags(bed):
+    """web carries needs-db since its creation (-o l3net.tags), ops (the untagged application)
+    does not. A policy tag:needs-db -> db tcp/5432 opens web -> db on both hosts, not ops,
+    not ICMP; tagging ops opens it within 2 s, untagging web closes web's; diagnose names the
+    tag; a tagged network created later is covered without touching the policy; removing the
+    policy closes everything."""
+    h1, h2 = bed.h1, bed.h2
+    ops1, web1, db1, db2 = (bed.containers[n] for n in ("ops1", "web1", "db1", "db2"))
+    tags = {r["tag"]: r["networks"] for r in json.loads(bed.ctl("tag", "list", "--json").stdout)}
+    assert tags == {"needs-db": [SUBNETS["web"]]}
+    rule = bed.allow("policy", "allow", "--from", "tag:needs-db", "--to", "db", "--proto", "tcp", "--port", "5432")
+    late = None
+    try:
+        assert [r["from"] for r in json.loads(bed.ctl("policy", "list", "--json").stdout)] == ["tag:needs-db"]
+        assert_matrix(bed, {("web", "db", ("tcp", 5432))}, what="tag:needs-db -> db tcp/5432")
+        start = time.monotonic()
+        bed.ctl("tag", "add", "ops", "needs-db")
+        wait_for(lambda: ops1.reaches(db2.ip) is not None, 2, "ops1 -> db2 once ops is tagged")
+        print(f"tag add in force on the other host after {time.monotonic() - start:.2f}s (including the CLI)")
+        assert_matrix(bed, {("web", "db", ("tcp", 5432)), ("ops", "db", ("tcp", 5432))}, what="ops tagged too")
+        bed.ctl("tag", "remove", "web", "needs-db")
+        assert_matrix(bed, {("ops", "db", ("tcp", 5432))}, within=3, what="web untagged")
+        out = bed.ctl("diagnose", web1.ip, db2.ip, "--proto", "tcp", "--port", "5432", check=False).stdout
+        assert f"policy {rule}" in out and f"{SUBNETS['web']} lacks tag needs-db" in out, out
+        out = bed.ctl("diagnose", ops1.ip, db2.ip, "--proto", "tcp", "--port", "5432", check=False).stdout
+        assert f"policy {rule} allows {SUBNETS['ops']} (tag needs-db)" in out, out
+        # a network tagged at its creation, after the policy: covered at once
+        for host in (h1, h2):
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", LATE,
+                        "-o", "l3net.tags=needs-db,batch", "late")
+        late = bed.start(h2, "late", serve=False)
+        wait_for(lambda: late.reaches(db1.ip) is not None and late.reaches(db2.ip) is not None, 2,
+                 "the late network's container -> db on both hosts")
+        assert late.probe([[db1.ip, "icmp", 0], [db1.ip, "tcp", 80]]) == [None, None]
+        # a later network on the same subnet with other tags: refused, clearly
+        res = h1.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", LATE,
+                        "-o", "l3net.tags=other", "late-other", check=False)
+        assert res.returncode != 0 and "carries tags batch,needs-db" in res.stderr, res.stderr
+        bed.ctl("policy", "remove", rule)
+        rule = None
+        assert_matrix(bed, within=3, what="the tag's policy removed")
+        assert late.probe([[db1.ip, "tcp", 5432]]) == [None]
+    finally:
+        if rule:
+            bed.ctl("policy", "remove", rule)
+        bed.ctl("tag", "add", "web", "needs-db")
+        bed.ctl("tag", "remove", "ops", "needs-db")
+        if late is not None:
+            bed.remove(late)
+        for host in (h1, h2):
+            host.docker("network", "rm", "late", check=False)
 
 
 def test_diagnose_explains_what_the_packets_do(bed):

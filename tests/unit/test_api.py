@@ -538,3 +538,18 @@ def test_unknown_network_option_names_the_ones_l3net_takes(node):
     status, body = create_with_options(node, {"com.docker.network.bridge.name": "br0"})
     assert status == 500 and "com.docker.network.bridge.name" in body["Err"]
     assert "com.docker.network.driver.mtu" in body["Err"]
+
+
+def test_tags_option_tags_the_pool(node):
+    ok(create_with_options(node, {"l3net.tags": "needs-db,frontend"}))
+    record = json.loads(node.store.get(Keys("/l3net").pool("10.20.0.0/24"))[0])
+    assert record["tags"] == ["frontend", "needs-db"]
+
+
+@pytest.mark.parametrize("value", ["Needs-DB", "a b", "ok,,x", "x" * 64, "tag:x"])
+def test_a_bad_tag_is_refused_and_nothing_written(node, value):
+    status, body = create_with_options(node, {"l3net.tags": value})
+    assert status == 500 and "tag" in body["Err"], body
+    assert not [k for k in node.snapshot() if "/networks/" in k]
+    record = json.loads(node.store.get(Keys("/l3net").pool("10.20.0.0/24"))[0])
+    assert "tags" not in record

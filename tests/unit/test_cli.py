@@ -248,3 +248,30 @@ def test_bad_protection_input_changes_nothing(ctl, etcd, prefix, args):
     assert result.exit_code != 0
     assert store.get_prefix(prefix + "/") == before
     store.close()
+
+
+def test_tags_on_networks_and_policies_naming_them(ctl):
+    ctl("pool", "add", "10.50.0.0/24")
+    ctl("pool", "add", "10.51.0.0/24")
+    assert "10.50.0.0/24: tags needs-db,web" in ctl("tag", "add", "10.50.0.0/24", "web", "needs-db").output
+    rule = ctl("policy", "allow", "--from", "tag:needs-db", "--to", "10.51.0.0/24", "--proto", "tcp",
+               "--port", "5432").output.split()[-1]
+    ctl("policy", "allow", "--from", "10.51.0.0/24", "--to", "tag:nobody-yet")
+    assert [(r["from"], r["to"]) for r in json.loads(ctl("policy", "list", "--json").output)
+            if r["id"] == rule] == [("tag:needs-db", "10.51.0.0/24")]
+    rows = {r["tag"]: r for r in json.loads(ctl("tag", "list", "--json").output)}
+    assert rows["needs-db"]["networks"] == ["10.50.0.0/24"] and rows["needs-db"]["policies"] == [rule]
+    assert rows["web"]["policies"] == [] and rows["nobody-yet"]["networks"] == []
+    pools = {p["cidr"]: p for p in json.loads(ctl("pool", "list", "--json").output)}
+    assert pools["10.50.0.0/24"]["tags"] == ["needs-db", "web"] and pools["10.51.0.0/24"]["tags"] == []
+    assert "(none yet)" in ctl("tag", "list").output
+    assert "10.50.0.0/24: tags web" in ctl("tag", "remove", "10.50.0.0/24", "needs-db").output
+    # bad input: refused, nothing changed
+    before = (ctl("tag", "list", "--json").output, ctl("policy", "list", "--json").output)
+    for args in (("tag", "add", "10.50.0.0/24", "Needs-DB"), ("tag", "add", "10.50.0.0/24", "a b"),
+                 ("tag", "add", "10.99.0.0/24", "x"), ("policy", "allow", "--from", "tag:BAD", "--to", "10.51.0.0/24"),
+                 ("policy", "allow", "--from", "tag:", "--to", "10.51.0.0/24")):
+        result = ctl(*args, ok=False)
+        said = result.output + str(result.exception)
+        assert result.exit_code != 0 and ("invalid tag" in said or "not an l3net pool" in said), said
+    assert (ctl("tag", "list", "--json").output, ctl("policy", "list", "--json").output) == before

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugin.policy import PolicyState, render_ip6tables, render_ipsets, render_iptables, set_name
+from plugin.policy import (PolicyState, render_ip6tables, render_ipsets, render_iptables, render_set_changes, set_name,
+                           tag_set_name)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 STATE = PolicyState(
@@ -20,7 +21,10 @@ STATE = PolicyState(
     members={"10.20.0.0/16": ["10.20.0.1", "10.20.0.65"], "10.30.0.0/16": ["10.30.0.7"]},
     rules=[{"id": "p1", "from": "10.20.0.0/16", "to": "10.30.0.0/16", "proto": "tcp", "ports": "5432"},
            {"id": "p2", "from": "10.40.0.0/24", "to": "10.30.0.0/16", "proto": "udp", "ports": "8000-8080"},
-           {"id": "p3", "from": "10.40.0.0/24", "to": "10.20.0.0/16", "proto": "icmp", "ports": None}],
+           {"id": "p3", "from": "10.40.0.0/24", "to": "10.20.0.0/16", "proto": "icmp", "ports": None},
+           {"id": "p4", "from": "tag:needs-db", "to": "10.30.0.0/16", "proto": "tcp", "ports": "5432"},
+           {"id": "p5", "from": "10.20.0.0/16", "to": "tag:nobody", "proto": None, "ports": None}],
+    tags={"needs-db": ["10.20.0.0/16", "10.40.0.0/24"], "nobody": []},
     host_rules=[{"id": "h1", "proto": "tcp", "ports": "53", "node": None},
                 {"id": "h2", "proto": "tcp", "ports": "8080-8081", "node": "h2"},
                 {"id": "h3", "proto": "udp", "ports": "9", "node": "h1"},
@@ -48,8 +52,16 @@ def test_rule_count_does_not_grow_with_containers():
     many = PolicyState(**{**STATE.__dict__,
                           "members": {"10.20.0.0/16": [f"10.20.{i // 250}.{i % 250 + 1}" for i in range(500)]}})
     assert render_iptables(many) == render_iptables(STATE)
-    # members, hosts' addresses, protected ranges, pools, nat pools
-    assert render_ipsets(many).count("add l3n-") == 500 + 4 + 3 + 3 + 2
+    # members, hosts' addresses, protected ranges, pools, nat pools, tagged networks
+    assert render_ipsets(many).count("add l3n-") == 500 + 4 + 3 + 3 + 2 + 2
+
+
+def test_rule_count_does_not_grow_with_tagged_networks():
+    pools = [f"10.{i}.0.0/24" for i in range(50, 90)]
+    many = PolicyState(**{**STATE.__dict__, "pools": STATE.pools + pools,
+                          "tags": {**STATE.tags, "needs-db": STATE.tags["needs-db"] + pools}})
+    rules = [line for line in render_iptables(many).splitlines() if "policy p4" in line]
+    assert len(rules) == 1 and f"--match-set {tag_set_name('needs-db')} src" in rules[0]
 
 
 def accepted_by_kernel_tools(state):
@@ -83,7 +95,8 @@ ports = st.one_of(st.none(), st.integers(1, 65535).map(str),
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(pools=st.lists(cidr, min_size=1, max_size=4, unique=True), data=st.data())
 def test_random_policy_sets_are_accepted(pools, data):
-    rules = [{"id": f"r{i}", "from": data.draw(st.sampled_from(pools)), "to": data.draw(st.sampled_from(pools)),
+    sides = pools + ["tag:a", "tag:b-2"]
+    rules = [{"id": f"r{i}", "from": data.draw(st.sampled_from(sides)), "to": data.draw(st.sampled_from(sides)),
               "proto": data.draw(st.sampled_from(["tcp", "udp", "icmp", None])), "ports": data.draw(ports)}
              for i in range(data.draw(st.integers(0, 5)))]
     host_rules = [{"id": f"h{i}", "proto": data.draw(st.sampled_from(["tcp", "udp"])), "ports": data.draw(ports),
@@ -95,13 +108,31 @@ def test_random_policy_sets_are_accepted(pools, data):
                         members={pools[0]: ["10.0.0.1"]}, nodes={"n1": "192.0.2.1"},
                         host_addresses=["192.0.2.1", "172.17.0.1"],
                         protected=["169.254.0.0/16"] + data.draw(st.lists(cidr, max_size=3, unique=True)),
-                        internal=data.draw(st.lists(st.sampled_from(pools), unique=True)))
+                        internal=data.draw(st.lists(st.sampled_from(pools), unique=True)),
+                        tags={"a": data.draw(st.lists(st.sampled_from(pools), unique=True)), "b-2": []})
     ok, err = accepted_by_kernel_tools(state)
     assert ok, err
 
 
 def test_set_names_fit_ipset_limit():
     assert len(set_name("255.255.255.0/24")) <= 31
+    assert len(tag_set_name("x" * 63) + "-t") <= 31
+
+
+def test_tagging_a_network_is_one_set_entry():
+    """Tagging adds the network's set to the tag's list:set, untagging deletes it: no rule
+    changes, and a new tag's set is built whole."""
+    from dataclasses import replace
+    tagged = replace(STATE, tags={**STATE.tags, "needs-db": STATE.tags["needs-db"] + ["10.30.0.0/16"]})
+    before, stale = render_set_changes(STATE, tagged)
+    assert before == f"add {tag_set_name('needs-db')} {set_name('10.30.0.0/16')} -exist\n" and not stale
+    assert render_iptables(tagged) == render_iptables(STATE)
+    untagged = replace(STATE, tags={"nobody": []})
+    before, stale = render_set_changes(STATE, untagged)
+    assert stale == [tag_set_name("needs-db")]
+    fresh = replace(STATE, tags={**STATE.tags, "new": ["10.30.0.0/16"]})
+    before, _ = render_set_changes(STATE, fresh)
+    assert f"create {tag_set_name('new')} list:set size 4096 -exist" in before
 
 
 def test_desired_policy_from_etcd_data():
