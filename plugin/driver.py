@@ -83,10 +83,32 @@ class Driver:
         return self._cached(self._endpoints, self.keys.endpoint(self.host, endpoint_id), endpoint_id)
 
     def resume(self):
-        """After a restart: finish deletions a previous process had accepted but not done."""
+        """After a restart: finish deletions a previous process had accepted but not done, and
+        give networks of an older l3net their own gateways."""
         for endpoint_id in self.journal.pending():
             log.info("finishing deletion of endpoint %s", endpoint_id[:12])
             self._delete_later(endpoint_id)
+        self._give_networks_gateways()
+
+    def _give_networks_gateways(self):
+        """Networks an older l3net recorded have no gateway of their own (all used 169.254.1.1):
+        each gets one, the oldest keeping 169.254.1.1, so that a container can join several.
+        Harmless for running containers: their routes keep the old address, which the host side
+        of every veth still answers (proxy ARP answers for any of them)."""
+        with self._creating:
+            records = []
+            for key, value, rev in self.store.get_prefix(self.keys.networks(self.host)):
+                try:
+                    record = json.loads(value)
+                    if isinstance(record, dict) and "gateway" not in record and isinstance(record.get("id"), str):
+                        records.append((record.get("created") or 0, key, record, rev))
+                except (ValueError, TypeError):
+                    continue
+            for _, key, record, rev in sorted(records, key=lambda r: (r[0], r[1])):
+                record["gateway"] = self._free_gateway(record["id"], ignore_own=True)
+                if self.store.txn({key: rev}, put={key: json.dumps(record, sort_keys=True)}):
+                    self._networks.pop(record["id"], None)
+                    log.info("network %s: gateway %s", record["id"][:12], record["gateway"])
 
     # -- networks ---------------------------------------------------------
     def create_network(self, network_id, ipv4_data, ipv6_data, options):
@@ -154,17 +176,21 @@ class Driver:
                              f"use {uplink} or less")
         return int(value)
 
-    def _free_gateway(self, network_id):
+    def _free_gateway(self, network_id, ignore_own=False):
         """The lowest gateway address no other network of this host has (the one it already
         has, for a CreateNetwork dockerd sends again). Records without one (older l3net) use
-        169.254.1.1."""
+        169.254.1.1. ``ignore_own``: not its own record's (it has none: resume gives it one)."""
         taken = set()
         for _, value, _ in self.store.get_prefix(self.keys.networks(self.host)):
             try:
                 other = json.loads(value)
-                gateway = gateway_of(other)
                 if other["id"] == network_id:
-                    return gateway
+                    if ignore_own:
+                        continue
+                    return gateway_of(other)
+                if "gateway" not in other and ignore_own:
+                    continue            # not given one yet either: it comes later in the order
+                gateway = gateway_of(other)
             except (ValueError, KeyError, TypeError):
                 continue            # not ours to judge here (the sweeper logs bad records)
             taken.add(gateway)

@@ -553,3 +553,19 @@ def test_a_bad_tag_is_refused_and_nothing_written(node, value):
     assert not [k for k in node.snapshot() if "/networks/" in k]
     record = json.loads(node.store.get(Keys("/l3net").pool("10.20.0.0/24"))[0])
     assert "tags" not in record
+
+
+def test_networks_of_an_older_l3net_get_their_own_gateways_on_resume(node):
+    """Records without a gateway (all used 169.254.1.1): the oldest keeps it, the others get
+    their own, so that a container can join several of them."""
+    keys = Keys("/l3net")
+    for i, created in enumerate((30.0, 10.0, 20.0)):
+        node.store.put(keys.network("h1", str(i) * 64), json.dumps(
+            {"id": str(i) * 64, "pools": [f"10.{20 + i}.0.0/24"], "aux": [], "internal": False, "created": created}))
+    node.store.put(keys.network("h1", "bad"), "not json")
+    node.driver.resume()
+    def gateways():
+        return {i: json.loads(node.store.get(keys.network("h1", str(i) * 64))[0])["gateway"] for i in range(3)}
+    assert gateways() == {1: "169.254.1.1", 2: "169.254.1.2", 0: "169.254.1.3"}
+    node.driver.resume()                                  # nothing more to do
+    assert gateways() == {1: "169.254.1.1", 2: "169.254.1.2", 0: "169.254.1.3"}
