@@ -195,13 +195,16 @@ class Ipam:
 
         def join(record):
             if record is None:
-                record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto)
+                record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto, opts["encap"])
             elif opts.get("block_explicit", True) and opts["block_prefix"] != record["block_prefix"]:
                 raise L3netError(f"pool {cidr} already exists with block-size "
                                  f"{record['block_prefix']}, not {opts['block_prefix']}")
             elif opts["nat_outgoing"] is not None and opts["nat_outgoing"] != record["nat_outgoing"]:
                 raise L3netError(f"pool {cidr} already exists with nat-outgoing="
                                  f"{str(record['nat_outgoing']).lower()}")
+            elif opts["encap"] is not None and opts["encap"] != P.encap_of(record):
+                raise L3netError(f"pool {cidr} already exists with encap={P.encap_of(record)}: create this "
+                                 f"network with --ipam-opt encap={P.encap_of(record)} or without the option")
             P.add_claim(record, self.host, claim)
             return record
         record = self._update_pool(cidr, join)
@@ -226,7 +229,8 @@ class Ipam:
             if cidr is None:
                 raise L3netError(f"no free /{self.default_prefix} left in the default range "
                                  f"{self.default_range}; pass --subnet")
-            record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto=True)
+            record = P.new_pool_record(cidr, opts["block_prefix"], opts["nat_outgoing"], auto=True,
+                                       encap=opts["encap"])
             claim = P.new_claim()
             P.add_claim(record, self.host, claim)
             key = self.keys.pool(cidr)
@@ -319,13 +323,13 @@ class Ipam:
             return record
         return self._update_pool(P.parse_cidr(cidr), change)["tags"]
 
-    def add_pool(self, cidr, block_prefix=None, nat_outgoing=True, internal=False):
+    def add_pool(self, cidr, block_prefix=None, nat_outgoing=True, internal=False, encap="never"):
         """An operator's pool (``l3netctl pool add``): stays when no network uses it."""
         cidr = P.parse_cidr(cidr)
         if not P.MIN_POOL_PREFIX <= cidr.prefixlen <= P.MAX_POOL_PREFIX:
             raise L3netError(f"pool {cidr}: prefix length must be between "
                              f"/{P.MIN_POOL_PREFIX} and /{P.MAX_POOL_PREFIX}")
-        options = {"nat-outgoing": str(bool(nat_outgoing)).lower()}
+        options = {"nat-outgoing": str(bool(nat_outgoing)).lower(), "encap": encap}
         if block_prefix is not None:
             options["block-size"] = str(block_prefix)
         opts = P.parse_pool_options(options)
@@ -333,7 +337,8 @@ class Ipam:
         if clash is not None:
             raise L3netError(f"pool {cidr} overlaps pool {clash}")
         self.check_not_infrastructure(cidr)
-        record = P.new_pool_record(cidr, opts["block_prefix"] or self.block_prefix, opts["nat_outgoing"])
+        record = P.new_pool_record(cidr, opts["block_prefix"] or self.block_prefix, opts["nat_outgoing"],
+                                   encap=opts["encap"])
         record["pinned"] = True
         if internal:
             record["internal"] = True

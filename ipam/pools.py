@@ -28,7 +28,10 @@ MAX_BLOCK_PREFIX = 32
 POOL_OPTIONS = {
     "block-size": "prefix length of the blocks hosts claim, e.g. 26",
     "nat-outgoing": "true|false: masquerade traffic leaving the pools",
+    "encap": "never|cross-subnet|always: VXLAN between hosts (cross-subnet: only towards hosts "
+             "outside this host's own subnet)",
 }
+ENCAP_MODES = ("never", "cross-subnet", "always")
 
 
 def parse_cidr(text, what="subnet"):
@@ -83,7 +86,7 @@ def parse_pool_options(options):
     if unknown:
         known = ", ".join(f"{k} ({v})" for k, v in POOL_OPTIONS.items())
         raise L3netError(f"unknown --ipam-opt {', '.join(unknown)}; l3net knows: {known}")
-    result = {"block_prefix": None, "nat_outgoing": None}
+    result = {"block_prefix": None, "nat_outgoing": None, "encap": None}
     if "block-size" in options:
         text = str(options["block-size"]).lstrip("/")
         if not text.isdigit() or not MIN_BLOCK_PREFIX <= int(text) <= MAX_BLOCK_PREFIX:
@@ -96,11 +99,23 @@ def parse_pool_options(options):
         if value not in ("true", "false", "1", "0", "yes", "no"):
             raise L3netError(f"invalid nat-outgoing {options['nat-outgoing']!r}: expected true or false")
         result["nat_outgoing"] = value in ("true", "1", "yes")
+    if "encap" in options:
+        value = str(options["encap"]).lower()
+        if value not in ENCAP_MODES:
+            raise L3netError(f"invalid encap {str(options['encap'])[:40]!r}: expected {', '.join(ENCAP_MODES)}")
+        result["encap"] = value
     return result
 
 
-def new_pool_record(cidr, block_prefix, nat_outgoing=True, auto=False):
-    return {
+def encap_of(record):
+    """A pool record's encapsulation mode ("never" when absent or not one of the modes: a bad
+    record must not send traffic into a tunnel)."""
+    value = record.get("encap", "never") if isinstance(record, dict) else "never"
+    return value if value in ENCAP_MODES else "never"
+
+
+def new_pool_record(cidr, block_prefix, nat_outgoing=True, auto=False, encap=None):
+    record = {
         "cidr": str(cidr),
         "block_prefix": int(block_prefix),
         "nat_outgoing": True if nat_outgoing is None else bool(nat_outgoing),
@@ -108,6 +123,9 @@ def new_pool_record(cidr, block_prefix, nat_outgoing=True, auto=False):
         "refs": {},
         "created": time.time(),
     }
+    if encap and encap != "never":
+        record["encap"] = encap
+    return record
 
 
 def add_claim(record, host, claim, now=None):

@@ -24,7 +24,7 @@ import time
 
 from . import metrics
 from .bgp import render
-from .calc import MemberIndex, desired_bgp, desired_policy, node_asn, nodes, warn
+from .calc import MemberIndex, desired_bgp, desired_policy, desired_tunnel, node_asn, nodes, warn
 from .datastore import Cache
 from .errors import L3netError
 from .firewall import NoFirewall
@@ -124,13 +124,14 @@ class Agent:
     for drift every ``drift_every`` seconds."""
 
     def __init__(self, store, keys, name, ip, bird=None, firewall=None, interval=1.0, drift_every=2.0,
-                 status_path=None, facts=None, uplinks=None, bgp_passwords=None):
+                 status_path=None, facts=None, uplinks=None, bgp_passwords=None, tunnel=None):
         self.store, self.keys, self.name, self.ip = store, keys, name, ip
         self.bgp_passwords = bgp_passwords or {}
         self.uplinks_of = uplinks             # (own ip, [other nodes' ips]) -> [interface names]
         self._uplinks = (None, 0.0, [])       # (node ips asked about, when, answer)
         self.registry = Registry(store, keys, name, ip, facts=facts)
         self.bird = bird
+        self.tunnel = tunnel                  # tunnel.Tunnel: the VXLAN device of encapsulated pools
         self.firewall = firewall or NoFirewall()
         self.interval, self.drift_every = interval, drift_every
         self._stop = threading.Event()
@@ -259,6 +260,10 @@ class Agent:
         state.passwords = self.bgp_passwords
         if self.bird is not None:
             self.bird.apply(render(state))
+        if self.tunnel is not None:
+            done = self.tunnel.apply(desired_tunnel(view, self.keys, self.name, self.ip))
+            if done:
+                log.info("%s", done)
 
     def sync_policy(self, view=None, generation=None, fresh=()):
         """Compute the desired policy and put it in force. ``view``: the cache's (the loop),
@@ -333,6 +338,12 @@ class Agent:
         if now - self._last_drift_check < self.drift_every:
             return
         self._last_drift_check = now
+        if self.tunnel is not None and self.tunnel.applied is not None and \
+                not self.tunnel.device_ok(self.tunnel.applied):
+            log.warning("drift: the VXLAN device is %s; writing the tunnel again",
+                        "gone" if self.tunnel.applied else "there unwanted")
+            self.tunnel.applied = None
+            self._sync_bgp(self.cache.view())
         reason = self.firewall.drift()
         if reason:
             log.warning("drift: %s; writing the policy again", reason)

@@ -59,6 +59,7 @@ class BgpState:
 
 
 GR_TIME = 30        # s peers keep a restarting node's routes (the registry lease is 30 s too)
+TUNNEL_DEVICE = "l3vxlan"   # encap.DEVICE
 GR_WAIT = 10        # s a restarted BIRD waits for its sessions before writing the kernel
 RECEIVE_LIMIT = 100000  # routes one session may send us; beyond, new ones are dropped (action block)
 
@@ -173,7 +174,8 @@ def render(state):
         "  scan time 10;",
         "  graceful restart on;",
         "  ipv4 {",
-        "    import filter { if l3net_pool() && net.len = 32 then accept; reject; };",
+        "    # (not the tunnel's routes: those lead to other nodes' containers)",
+        f"    import filter {{ if ifname = \"{TUNNEL_DEVICE}\" then reject; if l3net_pool() && net.len = 32 then accept; reject; }};",
         "    export filter {",
         "      if proto = \"l3net_blocks\" then accept;",
         "      if source = RTS_BGP && l3net_pool() then accept;",

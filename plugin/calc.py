@@ -21,11 +21,13 @@ from dataclasses import replace
 from netaddr import IPAddress, IPNetwork
 
 from ipam.blocks import ip_int
+from ipam.pools import encap_of
 
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer
 from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
                     pool_conflict, protected, unicast_ip)
 from . import validate
+from .encap import desired_tunnels
 from .errors import L3netError
 from .keys import key_cidr
 from .policy import PolicyState
@@ -275,6 +277,18 @@ def announced_by_node(store, keys):
     return out
 
 
+def desired_tunnel(store, keys, name, ip):
+    """The VXLAN routes of this node (encap.desired_tunnels), from the view: the pools in force,
+    the registered nodes, every node's blocks (affinities) and every allocation."""
+    blocks = {}
+    for key, _, _ in store.get_prefix(keys.all_affinities()):
+        cidr = canonical_cidr(key_cidr(key.rsplit("/", 1)[1]))
+        if cidr:
+            blocks.setdefault(keys.host_of(key), []).append(cidr)
+    return desired_tunnels(pools_in_force(store, keys), nodes(store, keys), name, ip, blocks,
+                           allocations(store, keys))
+
+
 def allocations(store, keys):
     """[(pool, address, {"host", "handle", "time"})] of every allocation, from the member
     records (ipam/blocks.members: one per address, written with its block). A record with a
@@ -471,6 +485,7 @@ def desired_policy(store, keys, name):
                                              | set(known_node_addresses(store, keys))),
                        protected=protected(registered, peers, protected_by_operator(store, keys)),
                        internal=sorted(p["cidr"] for p in pools if p.get("internal")),
+                       encap=any(encap_of(p) != "never" for p in pools),
                        ports=sorted(ports, key=lambda p: (p["proto"], p["host_port"])))
 
 

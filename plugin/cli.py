@@ -223,6 +223,7 @@ def diagnose(obj, src, dst, proto, port, hostname):
         pass
     from .calc import RESERVED_NETS as hard                        # as the agents judge pools
     from .calc import bgp_peer_ips, known_node_addresses, protected_by_operator
+    from .encap import own_subnet
     from .infra import pool_conflict, protected
     registered, peers = nodes(obj.store, obj.keys), bgp_peer_ips(obj.store, obj.keys)
     known = known_node_addresses(obj.store, obj.keys)
@@ -234,7 +235,8 @@ def diagnose(obj, src, dst, proto, port, hostname):
                   addresses={**{"(a node away, not removed)": known},
                              **{n["name"]: n["addresses"] for n in registered}},
                   protected=protected(registered, peers, protected_by_operator(obj.store, obj.keys)),
-                  refused={c: pool_conflict(c, hard) for c in pools if pool_conflict(c, hard)})
+                  refused={c: pool_conflict(c, hard) for c in pools if pool_conflict(c, hard)},
+                  subnets={n["name"]: own_subnet(n, n["ip"]) for n in registered})
     verdict, steps = run_diagnosis(s_ip, d_ip, facts, proto, port)
     click.echo(f"{src} ({s_ip}) -> {dst} ({d_ip}) {proto or ''}{'/' + str(port) if port else ''}".rstrip())
     for step in steps:
@@ -253,6 +255,8 @@ def pool():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def pool_list(obj, as_json):
+    from ipam.pools import encap_of
+
     from .calc import pool_tags
     ipam = obj.ipam()
     rows = []
@@ -261,12 +265,13 @@ def pool_list(obj, as_json):
         used = sum(len(b["allocations"]) for b in blocks)
         rows.append({"cidr": p["cidr"], "block_size": p["block_prefix"],
                      "nat_outgoing": p["nat_outgoing"], "internal": bool(p.get("internal")),
-                     "tags": pool_tags(p),
+                     "tags": pool_tags(p), "encap": encap_of(p),
                      "auto": p["auto"], "hosts": ",".join(sorted(p["refs"])), "blocks": len(blocks),
                      "used": used})
     if not as_json:
         rows = [dict(r, tags=",".join(r["tags"])) for r in rows]
-    emit(rows, ["CIDR", "Block size", "NAT outgoing", "Internal", "Tags", "Auto", "Hosts", "Blocks", "Used"], as_json)
+    emit(rows, ["CIDR", "Block size", "NAT outgoing", "Internal", "Encap", "Tags", "Auto", "Hosts", "Blocks", "Used"],
+         as_json)
 
 
 @pool.command("add")
@@ -275,13 +280,17 @@ def pool_list(obj, as_json):
 @click.option("--no-nat-outgoing", is_flag=True, help="Do not masquerade traffic leaving the pools.")
 @click.option("--internal", is_flag=True,
               help="Nothing leaves the cluster's pools (for networks created with --internal).")
+@click.option("--encap", type=click.Choice(("never", "cross-subnet", "always")), default="never", show_default=True,
+              help="VXLAN between hosts: never (pure routing), cross-subnet (only towards hosts outside "
+                   "a host's own subnet), always.")
 @click.pass_obj
-def pool_add(obj, cidr, block_size, no_nat_outgoing, internal):
+def pool_add(obj, cidr, block_size, no_nat_outgoing, internal, encap):
     """Define a pool ahead of its networks (it stays when they are gone)."""
-    record = obj.ipam().add_pool(cidr, block_size, nat_outgoing=not no_nat_outgoing, internal=internal)
+    record = obj.ipam().add_pool(cidr, block_size, nat_outgoing=not no_nat_outgoing, internal=internal,
+                                 encap=encap)
     click.echo(f"pool {record['cidr']} added (block size /{record['block_prefix']}, "
                f"nat-outgoing {str(record['nat_outgoing']).lower()}"
-               f"{', internal' if record.get('internal') else ''})")
+               f"{', internal' if record.get('internal') else ''}, encap {record.get('encap', 'never')})")
 
 
 @pool.group("ranges", invoke_without_command=True)

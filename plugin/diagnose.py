@@ -32,6 +32,7 @@ class Facts:
     addresses: dict = field(default_factory=dict)   # node name -> every address it published
     protected: list = field(default_factory=list)   # CIDRs containers may not reach (infra.protected)
     refused: dict = field(default_factory=dict)     # pool cidr -> why the agents do not enforce it
+    subnets: dict = field(default_factory=dict)     # node name -> the subnet of its address (encap)
 
 
 @dataclass
@@ -84,6 +85,13 @@ def diagnose(src, dst, facts, proto=None, port=None):
                                          "down or gone), so nobody announces its containers"))
                 return "NOT REACHABLE", steps
             steps.append(Step(True, f"host {dst_host} is registered at {facts.nodes[dst_host]}"))
+            crossing = _crossing(facts, src_host, dst_host, dst_pool)
+            if crossing:
+                ok, what = crossing
+                steps.append(Step(ok, what))
+                if not ok and not (facts.here == src_host and facts.route_to_dst and
+                                   f"via {facts.nodes[dst_host]} " in facts.route_to_dst + " "):
+                    return "NOT REACHABLE", steps
             if facts.here == src_host and facts.route_to_dst is not None:
                 via = facts.nodes[dst_host]
                 if f"via {via} " in facts.route_to_dst + " ":
@@ -165,6 +173,24 @@ def diagnose(src, dst, facts, proto=None, port=None):
     steps.append(Step(False, f"outgoing NAT off for {src_pool}: the outside sees {src} and must have a "
                              "route back to the pool"))
     return "REACHABLE IF ROUTED BACK", steps
+
+
+def _crossing(facts, src_host, dst_host, pool):
+    """(ok, what) when the two hosts are in different subnets (None otherwise): a pool
+    encapsulated towards the other subnet goes through the VXLAN tunnel; one that is not needs
+    routes across the router between them, which BGP between the nodes does not give."""
+    from ipam.pools import encap_of
+    a, b = facts.subnets.get(src_host), facts.subnets.get(dst_host)
+    if not a or not b or a == b:
+        return None
+    mode = encap_of(facts.pools.get(pool) or {})
+    if mode != "never":
+        return True, f"hosts {src_host} ({a}) and {dst_host} ({b}) are in different subnets: pool {pool} " \
+                     f"(encap={mode}) goes through the VXLAN tunnel"
+    return False, f"hosts {src_host} ({a}) and {dst_host} ({b}) are in different subnets and pool {pool} is " \
+                  "not encapsulated (encap=never): its routes must cross the router between them, which " \
+                  "needs a router that learns the pools by BGP (l3netctl bgp peer add); or use a pool with " \
+                  "--ipam-opt encap=cross-subnet"
 
 
 def _tag_of(side):

@@ -132,9 +132,12 @@ class Driver:
                 raise L3netError(f"the {self.name} network driver needs its own IPAM: create the "
                                  f"network with --ipam-driver {self.name}")
             cidr = P.parse_cidr(pool, "pool")
-            if self.store.get(self.keys.pool(cidr))[0] is None:
+            value = self.store.get(self.keys.pool(cidr))[0]
+            if value is None:
                 raise L3netError(f"pool {cidr} is not known to l3net; create the network with "
                                  f"--ipam-driver {self.name}")
+            if P.encap_of(json.loads(value)) != "never":
+                mtu = self._mtu_through_tunnel(mtu, cidr)
             pools.append(str(cidr))
             aux += [(cidr, a) for a in self._aux_addresses(data.get("AuxAddresses"))]
         internal = str(options.get(INTERNAL, "")).lower() == "true"
@@ -175,6 +178,18 @@ class Driver:
             raise L3netError(f"{MTU}={int(value)} is more than this host's uplink carries ({uplink}): "
                              f"use {uplink} or less")
         return int(value)
+
+    def _mtu_through_tunnel(self, mtu, cidr):
+        """An encapsulated pool's MTU: the uplink's less the VXLAN overhead by default, and no
+        more than that when asked for (a bigger packet would not fit the tunnel)."""
+        from .encap import OVERHEAD
+        uplink = self.datapath.uplink_mtu() or 1500
+        if mtu is None:
+            return uplink - OVERHEAD
+        if mtu > uplink - OVERHEAD:
+            raise L3netError(f"{MTU}={mtu} does not fit pool {cidr}'s VXLAN tunnel: at most {uplink - OVERHEAD} "
+                             f"(this host's uplink carries {uplink}, the encapsulation takes {OVERHEAD})")
+        return mtu
 
     def _free_gateway(self, network_id, ignore_own=False):
         """The lowest gateway address no other network of this host has (the one it already

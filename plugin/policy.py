@@ -63,6 +63,7 @@ NAT_SET = "l3n-nat-pools"
 SET_PREFIX = "l3n-"
 UPLINK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")     # what iptables -i accepts (no + wildcard)
 IFACES = f"{HOST_PREFIX}+"
+VXLAN_PORT = 4789           # encap.PORT
 TAG_SET_SIZE = 4096          # networks per tag (a list:set's limit; its default would be 8)
 # (table, built-in chain, our chain): the jumps that hook our chains in, first in their chain.
 HOOKS = [("filter", "FORWARD", FORWARD), ("filter", "INPUT", INPUT),
@@ -92,6 +93,7 @@ class PolicyState:
     internal: list = field(default_factory=list)       # pools of --internal networks
     ports: list = field(default_factory=list)          # {"proto","host_ip","host_port","ip","port"}
     tags: dict = field(default_factory=dict)           # tag -> [pool CIDR carrying it]
+    encap: bool = False                                # a pool is encapsulated (VXLAN between nodes)
 
 
 def set_name(cidr):
@@ -244,6 +246,11 @@ def render_iptables(state):
     n.append("COMMIT")
     r = ["*raw", f":{PREROUTING} - [0:0]",
          f"-A {PREROUTING} -i {IFACES} -m rpfilter --invert{_comment('anti-spoofing')} -j DROP"]
+    if state.encap:
+        # VXLAN only from the cluster's nodes: anyone else on the underlay could put packets
+        # into a container network (the device takes any sender with the right VNI)
+        r.append(f"-A {PREROUTING} -p udp --dport {VXLAN_PORT} -m set ! --match-set {HOSTS_SET} src"
+                 f"{_comment('vxlan from a non-node')} -j DROP")
     # Pool sources from other nodes arrive on the uplinks: passed at the cost of one interface
     # match. From anywhere else (Docker's bridge, another interface) a pool source is dropped
     # unless the routes say it lives there.

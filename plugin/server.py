@@ -37,6 +37,7 @@ def build(cfg):
     from .firewall import Firewall, choose_backend
     from .journal import Journal
     from .keys import Keys
+    from .tunnel import Tunnel
 
     store = make_store(cfg)
     keys = Keys(cfg.etcd_prefix)
@@ -53,7 +54,7 @@ def build(cfg):
     agent = Agent(store, keys, cfg.hostname, cfg.host_ip, bird, firewall,
                   status_path=os.path.join(cfg.state_dir, "status.json"),
                   facts=node_facts_of(cfg.etcd_endpoints), uplinks=uplinks,
-                  bgp_passwords=cfg.bgp_passwords)
+                  bgp_passwords=cfg.bgp_passwords, tunnel=Tunnel())
     owner = f"l3net {cfg.etcd_prefix} {cfg.hostname}"        # the mark on this node's veths
     driver = Driver(store, keys, ipam, Datapath(owner), Journal(cfg.state_dir), cfg.hostname,
                     cfg.driver_name, firewall=firewall, sync_policy=agent.sync_policy)
@@ -137,6 +138,10 @@ def remove_everything(state_dir):
     try:
         if Bird(state_dir, run_dir=RUN_DIR).stop():
             click.echo("stopped BIRD (peers withdraw this node's routes)")
+        from .datapath import _ipr
+        from .tunnel import Tunnel
+        if Tunnel._remove(_ipr()):
+            click.echo("removed the VXLAN device")
     except (OSError, L3netError) as e:
         click.echo(f"l3net-plugin: BIRD: {e}", err=True)
         status = 1

@@ -569,3 +569,19 @@ def test_networks_of_an_older_l3net_get_their_own_gateways_on_resume(node):
     assert gateways() == {1: "169.254.1.1", 2: "169.254.1.2", 0: "169.254.1.3"}
     node.driver.resume()                                  # nothing more to do
     assert gateways() == {1: "169.254.1.1", 2: "169.254.1.2", 0: "169.254.1.3"}
+
+
+def test_an_encapsulated_pool_fits_its_tunnel(node):
+    """The uplink's MTU less the VXLAN overhead by default; more than that is refused."""
+    def create(generic, network_id):
+        ok(node.call("IpamDriver.RequestPool", {"AddressSpace": "l3net", "Pool": "10.120.0.0/24",
+                                                 "Options": {"encap": "cross-subnet"}}))
+        return node.call("NetworkDriver.CreateNetwork", {
+            "NetworkID": network_id, "Options": {"com.docker.network.generic": generic}, "IPv6Data": [],
+            "IPv4Data": [{"AddressSpace": "l3net", "Pool": "10.120.0.0/24", "Gateway": "169.254.1.1/32"}]})
+    ok(create({}, NET))
+    assert json.loads(node.store.get(Keys("/l3net").network("h1", NET))[0])["mtu"] == 1450
+    status, body = create({"com.docker.network.driver.mtu": "1460"}, "9" * 64)
+    assert status == 500 and "does not fit pool 10.120.0.0/24's VXLAN tunnel: at most 1450" in body["Err"]
+    ok(create({"com.docker.network.driver.mtu": "1400"}, "8" * 64))
+    assert json.loads(node.store.get(Keys("/l3net").network("h1", "8" * 64))[0])["mtu"] == 1400
