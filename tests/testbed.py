@@ -88,7 +88,9 @@ class Host:
         self.bed = bed
         self.index = index
         self.name = f"{bed.tag}{index}"
-        self.ip = f"{bed.net}.{10 + index}"
+        self.remote = index in bed.remote          # on the second segment, behind the router
+        self.net = bed.remote_net if self.remote else bed.net
+        self.ip = f"{self.net}.{10 + index}"
         self.dir = os.path.join(bed.dir, self.name)
         self.anchor = None
         self.dockerd = None
@@ -114,14 +116,20 @@ class Host:
         os.makedirs(self.dir, exist_ok=True)
         run("ip", "netns", "add", self.name)
         run("ip", "link", "add", f"vb-{self.name}", "type", "veth", "peer", "name", f"ve-{self.name}")
-        run("ip", "link", "set", f"vb-{self.name}", "master", self.bed.bridge, "up")
+        run("ip", "link", "set", f"vb-{self.name}", "master",
+            self.bed.remote_bridge if self.remote else self.bed.bridge, "up")
         run("ip", "link", "set", f"ve-{self.name}", "netns", self.name)
         ns = ["ip", "-n", self.name]
         run(*ns, "link", "set", f"ve-{self.name}", "name", "eth0")
         run(*ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
         run(*ns, "link", "set", "eth0", "up")
         run(*ns, "link", "set", "lo", "up")
-        run(*ns, "route", "add", "default", "via", f"{self.bed.net}.1")
+        if self.remote:
+            run(*ns, "route", "add", "default", "via", f"{self.bed.remote_net}.254")
+        else:
+            run(*ns, "route", "add", "default", "via", f"{self.bed.net}.1")
+            if self.bed.remote:
+                run(*ns, "route", "add", f"{self.bed.remote_net}.0/24", "via", f"{self.bed.net}.254")
         self.anchor = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "-m", "--propagation", "private",
              "sh", "-c", "mount -t tmpfs tmpfs /run && mkdir -p /run/docker/plugins /run/l3net "
@@ -232,7 +240,7 @@ class Testbed:
     __test__ = False   # not a test class, whatever pytest thinks of the name
 
     def __init__(self, n=3, workdir=None, prefix="/l3bed", tag="l3bed", net=NET, etcd_port=23790,
-                 legacy_plugin=True, etcd_members=1, dockerd=True):
+                 legacy_plugin=True, etcd_members=1, dockerd=True, remote=(), remote_net=None):
         self.dir = workdir or tempfile.mkdtemp(prefix=f"{tag}-")
         self.legacy_plugin = legacy_plugin     # False: the test installs a managed plugin itself
         self.dockerd = dockerd                 # False: no dockerd (and no test image) on the hosts:
@@ -240,6 +248,11 @@ class Testbed:
         self.prefix = prefix
         self.tag, self.net, self.etcd_port = tag, net, etcd_port
         self.bridge = f"{tag}0"
+        # remote: the hosts on a second L2 segment ``remote_net``.0/24 (bridge <tag>b), joined to
+        # the first by a router namespace <tag>r (.254 on both) that forwards and knows nothing
+        # else: no pool routes, no BGP. The root namespace reaches it through the router.
+        self.remote, self.remote_net = set(remote), remote_net
+        self.remote_bridge, self.router = f"{tag}b", f"{tag}r"
         self.hosts = [Host(self, i) for i in range(1, n + 1)]
         self.etcd = None
         self.etcd_url = None
@@ -262,6 +275,8 @@ class Testbed:
         run("ip", "link", "set", self.bridge, "up")
         # dockerd's FORWARD policy is DROP and br_netfilter sends bridged frames through it.
         run("iptables", "-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")
+        if self.remote:
+            self._router_up()
         port = self.etcd_port
         if self.etcd_members > 1:
             self._etcd_cluster()
@@ -275,6 +290,21 @@ class Testbed:
                                check=False, timeout=5).returncode == 0, 30, "etcd")
         with ThreadPoolExecutor(len(self.hosts)) as pool:
             list(pool.map(lambda h: h.up(), self.hosts))
+
+    def _router_up(self):
+        run("ip", "link", "add", self.remote_bridge, "type", "bridge")
+        run("ip", "link", "set", self.remote_bridge, "up")
+        run("iptables", "-I", "FORWARD", "-i", self.remote_bridge, "-o", self.remote_bridge, "-j", "ACCEPT")
+        run("ip", "netns", "add", self.router)
+        ns = ["ip", "-n", self.router]
+        for leg, bridge, net in (("a", self.bridge, self.net), ("b", self.remote_bridge, self.remote_net)):
+            run("ip", "link", "add", f"vr-{self.tag}{leg}", "type", "veth", "peer", "name", f"r{leg}")
+            run("ip", "link", "set", f"vr-{self.tag}{leg}", "master", bridge, "up")
+            run("ip", "link", "set", f"r{leg}", "netns", self.router)
+            run(*ns, "addr", "add", f"{net}.254/24", "dev", f"r{leg}")
+            run(*ns, "link", "set", f"r{leg}", "up")
+        run("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        run("ip", "route", "replace", f"{self.remote_net}.0/24", "via", f"{self.net}.254")
 
     # -- a three-member etcd ----------------------------------------------
     def _etcd_cluster(self):
@@ -332,6 +362,14 @@ class Testbed:
         run("iptables", "-D", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT",
             check=False)
         run("ip", "link", "del", self.bridge, check=False)
+        if self.remote:
+            run("iptables", "-D", "FORWARD", "-i", self.remote_bridge, "-o", self.remote_bridge, "-j", "ACCEPT",
+                check=False)
+            run("ip", "route", "del", f"{self.remote_net}.0/24", check=False)
+            run("ip", "netns", "del", self.router, check=False)
+            for leg in "ab":
+                run("ip", "link", "del", f"vr-{self.tag}{leg}", check=False)
+            run("ip", "link", "del", self.remote_bridge, check=False)
         for host in self.hosts:
             run("ip", "netns", "del", host.name, check=False)
             run("ip", "link", "del", f"vb-{host.name}", check=False)
