@@ -15,6 +15,9 @@ Paths, all between host 1 and host 2 of a 2-host test bed (tests/testbed.py):
   (e0) (e1) without the rules that close the attacker's doors of issue 10 (pool sources only
                     from their veth, the uplinks, or where the routes say they live; the
                     protected-destination drop): (e1)/(e0) is what those rules cost, in one run
+  (f) l3net VXLAN   containers on an l3net network whose pool is encapsulated (encap=always:
+                    the two hosts share a segment, so cross-subnet would route them; the tunnel
+                    costs the same either way, the router between subnets is not l3net's)
 Tools run in the right namespace with nsenter: the host's iperf3 and ping. (e) goes through
 l3net's policy (conntrack, ipset membership, anti-spoofing), like every l3net container.
 Also measured: how long a new container's route takes to reach the other host, how long a
@@ -39,7 +42,10 @@ from tests.testbed import Testbed, run, wait_until  # noqa: E402
 RUNS = int(os.environ.get("L3NET_BENCH_RUNS", "7"))
 # L3NET_BENCH_ONLY=l3net: only the l3net paths (e), (e1), (e0), for a tighter look at the
 # cost of the issue-10 rules with more rounds in the same time.
+# L3NET_BENCH_ONLY=vxlan: only (c), (e) and (f), the encapsulation's cost.
 ONLY_L3NET = os.environ.get("L3NET_BENCH_ONLY") == "l3net"
+ONLY_VXLAN = os.environ.get("L3NET_BENCH_ONLY") == "vxlan"
+VXLAN = "(f) l3net VXLAN (encap)"
 SECONDS = int(os.environ.get("L3NET_BENCH_SECONDS", "5"))
 
 
@@ -325,6 +331,8 @@ def main():
                         "--subnet", "10.41.0.0/16", "l3bench")
             host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
                         "--subnet", "10.42.0.0/16", "l3bench2")
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                        "--subnet", "10.43.0.0/16", "--ipam-opt", "encap=always", "l3benchvx")
         h1.docker("run", "-d", "--name", "l3a", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
         h2.docker("run", "-d", "--name", "l3b", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
         a, b = container_endpoint(h1, "l3a", "l3bench"), container_endpoint(h2, "l3b", "l3bench")
@@ -332,12 +340,23 @@ def main():
         paths["(e) l3net"] = (a, b)
         paths[PAUSED] = (a, Endpoint(b.prefix, b.ip))
         paths[WITHOUT] = (a, Endpoint(b.prefix, b.ip))
+        h1.docker("run", "-d", "--name", "l3vxa", "--net", "l3benchvx", "l3net-test/busybox", "sleep", "3600")
+        h2.docker("run", "-d", "--name", "l3vxb", "--net", "l3benchvx", "l3net-test/busybox", "sleep", "3600")
+        va, vb = container_endpoint(h1, "l3vxa", "l3benchvx"), container_endpoint(h2, "l3vxb", "l3benchvx")
+        wait_until(lambda: va.run("ping", "-c1", "-W1", vb.ip, timeout=5).returncode == 0, 30, "l3net VXLAN path")
+        assert "l3vxlan" in h1.sh("ip", "route", "get", vb.ip).stdout, "the encapsulated path is not tunnelled"
+        paths[VXLAN] = (va, vb)
         if ONLY_L3NET:
             paths = {k: v for k, v in paths.items() if k.startswith("(e")}
+        if ONLY_VXLAN:
+            paths = {k: v for k, v in paths.items() if k.startswith(("(c)", "(e) ", "(f)"))}
         results = measure_all(paths, {PAUSED: lambda: without_newest_rules(bed, remove=False),
                                       WITHOUT: lambda: without_newest_rules(bed)})
-        propagation = route_propagation(h1, h2)
-        reachable, in_force = policy_timings(bed, a)
+        if ONLY_VXLAN:
+            propagation = reachable = in_force = 0.0
+        else:
+            propagation = route_propagation(h1, h2)
+            reachable, in_force = policy_timings(bed, a)
     finally:
         for ns in namespaces:
             run("ip", "netns", "del", ns, check=False)
@@ -350,6 +369,12 @@ def main():
     print(f"  {'path':36s} {'TCP Gbit/s':>10s} {'64B UDP kpps':>13s} {'RTT ms':>8s}   l3net/this: TCP  pps")
     for name, (tcp, pps, rtt) in results.items():
         print(f"  {name:36s} {tcp:10.2f} {pps:13.1f} {rtt:8.3f}   {l3[0] / tcp:15.2f}x {l3[1] / pps:4.2f}x")
+    if VXLAN in results and "(c) VXLAN overlay" in results:
+        vx, hand = results[VXLAN], results["(c) VXLAN overlay"]
+        print(f"  l3net VXLAN (f) / hand-built VXLAN (c): TCP {vx[0] / hand[0]:.2f}x, 64B pps {vx[1] / hand[1]:.2f}x; "
+              f"/ l3net routed (e): TCP {vx[0] / l3[0]:.2f}x, 64B pps {vx[1] / l3[1]:.2f}x")
+    if ONLY_VXLAN:
+        return 0
     l3_1, l3_0 = results[PAUSED], results[WITHOUT]
     print(f"  the issue-10 rules' cost, (e1)/(e0): TCP {l3_1[0] / l3_0[0]:.3f}x, 64B pps {l3_1[1] / l3_0[1]:.3f}x "
           f"(goal >= 0.99x): {'OK' if l3_1[0] >= 0.99 * l3_0[0] and l3_1[1] >= 0.99 * l3_0[1] else 'MISSED'}")
