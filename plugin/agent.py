@@ -26,6 +26,7 @@ from . import metrics
 from .bgp import render
 from .calc import MemberIndex, desired_bgp, desired_policy, desired_tunnel, node_asn, nodes, warn
 from .datastore import Cache
+from .encap import vtep_mac
 from .errors import L3netError
 from .firewall import NoFirewall
 from .store import StoreError
@@ -83,7 +84,7 @@ class Registry:
         except Exception as e:  # noqa: BLE001 - the last facts gathered still hold
             warn("could not list this host's addresses (publishing the last known): %s", e)
         facts = self._facts
-        record = {"name": self.name, "ip": self.ip, "as": asn,
+        record = {"name": self.name, "ip": self.ip, "as": asn, "vtep_mac": vtep_mac(self.ip),
                   **{k: facts[k] for k in ("addresses", "networks", "etcd") if k in facts}}
         if renewed or record != self._record or not present:
             # Written only when it changes (or with a new lease): liveness is the lease's, and

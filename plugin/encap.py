@@ -7,12 +7,13 @@ node's own subnet, pure routing within it), ``always``. Tunnel routes need no BG
 each node holds (its affinities) and the addresses it borrowed from other nodes' blocks are in
 etcd, so every node computes them; a node in another subnet may have no BGP session at all.
 
-No multicast, no flooding, no learning: every other node's VTEP is known from its address.
-Its MAC is derived from it (``vtep_mac``), so nothing more needs publishing; the tunnel routes
-go ``via <node address> dev l3vxlan onlink``, with a permanent neighbour entry (that address
--> its VTEP MAC) and a forwarding entry (that MAC -> that address on the underlay).
+No multicast, no flooding, no learning: every other node's VTEP is its address, and its MAC
+(``vtep_mac``, derived from the address) is in its registry record; the tunnel routes go
+``via <node address> dev l3vxlan onlink``, with a permanent neighbour entry (that address ->
+its VTEP MAC) and a forwarding entry (that MAC -> that address on the underlay).
 """
 
+import re
 from dataclasses import dataclass, field
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
@@ -89,5 +90,16 @@ def desired_tunnels(pools, nodes, name, ip, blocks, members):
             continue                     # its host's own block: the block's route covers it
         if tunnelled(modes[pool], subnet, address[host]):
             state.routes[f"{addr}/32"] = address[host]
-    state.peers = {node_ip: vtep_mac(node_ip) for node_ip in set(state.routes.values())}
+    published = {n["ip"]: n.get("vtep_mac") for n in nodes}
+    state.peers = {node_ip: _mac(published.get(node_ip)) or vtep_mac(node_ip) for node_ip in set(state.routes.values())}
     return state
+
+
+MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def _mac(value):
+    """A published VTEP MAC, if it is one (unicast); else None (the derived one is used)."""
+    if isinstance(value, str) and MAC.fullmatch(value) and not int(value[:2], 16) & 1:
+        return value
+    return None

@@ -15,9 +15,10 @@ Paths, all between host 1 and host 2 of a 2-host test bed (tests/testbed.py):
   (e0) (e1) without the rules that close the attacker's doors of issue 10 (pool sources only
                     from their veth, the uplinks, or where the routes say they live; the
                     protected-destination drop): (e1)/(e0) is what those rules cost, in one run
-  (f) l3net VXLAN   containers on an l3net network whose pool is encapsulated (encap=always:
-                    the two hosts share a segment, so cross-subnet would route them; the tunnel
-                    costs the same either way, the router between subnets is not l3net's)
+  (c2) vxlan, across the router: (c) between host 1 and host 3, which is on another L2
+                    segment behind a router namespace (tests/testbed.py ``remote``)
+  (f) l3net VXLAN   containers of host 1 and host 3 on an l3net network whose pool is
+                    encap=cross-subnet: through the tunnel and the router
 Tools run in the right namespace with nsenter: the host's iperf3 and ping. (e) goes through
 l3net's policy (conntrack, ipset membership, anti-spoofing), like every l3net container.
 Also measured: how long a new container's route takes to reach the other host, how long a
@@ -45,7 +46,8 @@ RUNS = int(os.environ.get("L3NET_BENCH_RUNS", "7"))
 # L3NET_BENCH_ONLY=vxlan: only (c), (e) and (f), the encapsulation's cost.
 ONLY_L3NET = os.environ.get("L3NET_BENCH_ONLY") == "l3net"
 ONLY_VXLAN = os.environ.get("L3NET_BENCH_ONLY") == "vxlan"
-VXLAN = "(f) l3net VXLAN (encap)"
+VXLAN = "(f) l3net cross-subnet VXLAN"
+ACROSS = "(c2) VXLAN overlay across the router"
 SECONDS = int(os.environ.get("L3NET_BENCH_SECONDS", "5"))
 
 
@@ -194,19 +196,21 @@ def veth_ns(host, ns, address, gw_routes):
     return Endpoint(["ip", "netns", "exec", ns], address)
 
 
-def vxlan_ns(host, peer, ns, address):
-    """A namespace on a bridge with a VXLAN device towards ``peer``: a flannel-style overlay."""
+def vxlan_ns(host, peer, ns, address, vni=42):
+    """A namespace on a bridge with a VXLAN device towards ``peer``: a flannel-style overlay
+    (device vx<vni>, bridge brvx<vni>)."""
+    dev, bridge = f"vx{vni}", f"brvx{vni}"
     hv, n = wired_ns(host, ns)
     run(*n, "link", "set", "eth0", "mtu", "1450")
     run(*n, "addr", "add", f"{address}/24", "dev", "eth0")
     run(*n, "link", "set", "eth0", "up")
-    host.sh("ip", "link", "add", "brvx", "type", "bridge")
-    host.sh("ip", "link", "add", "vx42", "type", "vxlan", "id", "42", "local", host.ip,
+    host.sh("ip", "link", "add", bridge, "type", "bridge")
+    host.sh("ip", "link", "add", dev, "type", "vxlan", "id", str(vni), "local", host.ip,
             "remote", peer.ip, "dstport", "4789")
-    for dev in ("vx42", hv):
-        host.sh("ip", "link", "set", dev, "master", "brvx", "up")
-    host.sh("ip", "link", "set", "brvx", "up")
-    host.sh("iptables", "-I", "FORWARD", "-i", "brvx", "-j", "ACCEPT")
+    for link in (dev, hv):
+        host.sh("ip", "link", "set", link, "master", bridge, "up")
+    host.sh("ip", "link", "set", bridge, "up")
+    host.sh("iptables", "-I", "FORWARD", "-i", bridge, "-j", "ACCEPT")
     return Endpoint(["ip", "netns", "exec", ns], address)
 
 
@@ -274,7 +278,7 @@ def connects(client, ip, port):
 def policy_timings(bed, a, rounds=5):
     """(new container reachable after docker run, policy in force after l3netctl): medians.
     ``a`` is the l3net container on host 1; the targets run on host 2."""
-    h1, h2 = bed.hosts
+    h1, h2 = bed.hosts[:2]
     reachable = []
     for i in range(rounds):
         ip, name = f"10.41.210.{10 + i}", f"new-{uuid.uuid4().hex[:6]}"
@@ -302,12 +306,13 @@ WITHOUT = "(e0) (e1) without issue-10 rules"
 
 
 def main():
-    bed = Testbed(2, prefix=f"/l3bench-{uuid.uuid4().hex[:6]}")
-    namespaces = ["rt1", "rt2", "rd1", "rd2", "vx1", "vx2"]
+    # host 3 sits on a second segment behind a router: the cross-subnet paths (c2) and (f)
+    bed = Testbed(3, prefix=f"/l3bench-{uuid.uuid4().hex[:6]}", remote={3}, remote_net="198.18.31")
+    namespaces = ["rt1", "rt2", "rd1", "rd2", "vx1", "vx2", "vy1", "vy3"]
     paths = {}
     try:
         bed.up()
-        h1, h2 = bed.hosts
+        h1, h2, h3 = bed.hosts
         paths["(a) underlay host-host"] = (Endpoint(h1.nsenter()[:3] + ["-n"], h1.ip),
                                            Endpoint(h2.nsenter()[:3] + ["-n"], h2.ip))
         paths["(b) hand-built routed veth"] = (
@@ -320,19 +325,20 @@ def main():
         docker_dns_nat("rd2")
         paths["(c) VXLAN overlay"] = (vxlan_ns(h1, h2, "vx1", "10.96.0.1"),
                                       vxlan_ns(h2, h1, "vx2", "10.96.0.2"))
+        paths[ACROSS] = (vxlan_ns(h1, h3, "vy1", "10.95.0.1", vni=43), vxlan_ns(h3, h1, "vy3", "10.95.0.3", vni=43))
         h2.docker("run", "-d", "--name", "natsrv", "-p", "5202:5202", "-p", "5202:5202/udp",
                   "l3net-test/busybox", "sleep", "3600")
         h1.docker("run", "-d", "--name", "natcli", "l3net-test/busybox", "sleep", "3600")
         srv = container_endpoint(h2, "natsrv", "bridge")
         paths["(d) docker bridge + -p (NAT)"] = (container_endpoint(h1, "natcli", "bridge"),
                                                  Endpoint(srv.prefix, h2.ip, port=5202))
-        for host in bed.hosts:
+        for host in bed.hosts[:2]:
             host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
                         "--subnet", "10.41.0.0/16", "l3bench")
             host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
                         "--subnet", "10.42.0.0/16", "l3bench2")
             host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
-                        "--subnet", "10.43.0.0/16", "--ipam-opt", "encap=always", "l3benchvx")
+                        "--subnet", "10.43.0.0/16", "--ipam-opt", "encap=cross-subnet", "l3benchvx")
         h1.docker("run", "-d", "--name", "l3a", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
         h2.docker("run", "-d", "--name", "l3b", "--net", "l3bench", "l3net-test/busybox", "sleep", "3600")
         a, b = container_endpoint(h1, "l3a", "l3bench"), container_endpoint(h2, "l3b", "l3bench")
@@ -341,15 +347,17 @@ def main():
         paths[PAUSED] = (a, Endpoint(b.prefix, b.ip))
         paths[WITHOUT] = (a, Endpoint(b.prefix, b.ip))
         h1.docker("run", "-d", "--name", "l3vxa", "--net", "l3benchvx", "l3net-test/busybox", "sleep", "3600")
-        h2.docker("run", "-d", "--name", "l3vxb", "--net", "l3benchvx", "l3net-test/busybox", "sleep", "3600")
-        va, vb = container_endpoint(h1, "l3vxa", "l3benchvx"), container_endpoint(h2, "l3vxb", "l3benchvx")
+        h3.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net",
+                  "--subnet", "10.43.0.0/16", "--ipam-opt", "encap=cross-subnet", "l3benchvx")
+        h3.docker("run", "-d", "--name", "l3vxb", "--net", "l3benchvx", "l3net-test/busybox", "sleep", "3600")
+        va, vb = container_endpoint(h1, "l3vxa", "l3benchvx"), container_endpoint(h3, "l3vxb", "l3benchvx")
         wait_until(lambda: va.run("ping", "-c1", "-W1", vb.ip, timeout=5).returncode == 0, 30, "l3net VXLAN path")
         assert "l3vxlan" in h1.sh("ip", "route", "get", vb.ip).stdout, "the encapsulated path is not tunnelled"
         paths[VXLAN] = (va, vb)
         if ONLY_L3NET:
             paths = {k: v for k, v in paths.items() if k.startswith("(e")}
         if ONLY_VXLAN:
-            paths = {k: v for k, v in paths.items() if k.startswith(("(c)", "(e) ", "(f)"))}
+            paths = {k: v for k, v in paths.items() if k.startswith(("(c", "(e) ", "(f)"))}
         results = measure_all(paths, {PAUSED: lambda: without_newest_rules(bed, remove=False),
                                       WITHOUT: lambda: without_newest_rules(bed)})
         if ONLY_VXLAN:
@@ -369,10 +377,11 @@ def main():
     print(f"  {'path':36s} {'TCP Gbit/s':>10s} {'64B UDP kpps':>13s} {'RTT ms':>8s}   l3net/this: TCP  pps")
     for name, (tcp, pps, rtt) in results.items():
         print(f"  {name:36s} {tcp:10.2f} {pps:13.1f} {rtt:8.3f}   {l3[0] / tcp:15.2f}x {l3[1] / pps:4.2f}x")
-    if VXLAN in results and "(c) VXLAN overlay" in results:
-        vx, hand = results[VXLAN], results["(c) VXLAN overlay"]
-        print(f"  l3net VXLAN (f) / hand-built VXLAN (c): TCP {vx[0] / hand[0]:.2f}x, 64B pps {vx[1] / hand[1]:.2f}x; "
-              f"/ l3net routed (e): TCP {vx[0] / l3[0]:.2f}x, 64B pps {vx[1] / l3[1]:.2f}x")
+    if VXLAN in results and ACROSS in results:
+        vx, hand = results[VXLAN], results[ACROSS]
+        print(f"  l3net cross-subnet VXLAN (f) / hand-built VXLAN across the router (c2): TCP {vx[0] / hand[0]:.2f}x, "
+              f"64B pps {vx[1] / hand[1]:.2f}x; / l3net routed within a segment (e): TCP {vx[0] / l3[0]:.2f}x, "
+              f"64B pps {vx[1] / l3[1]:.2f}x")
     if ONLY_VXLAN:
         return 0
     l3_1, l3_0 = results[PAUSED], results[WITHOUT]

@@ -215,8 +215,13 @@ def test_mtu_and_a_full_size_transfer_through_the_tunnel(bed):
     x1, x3 = bed.c["x1"], bed.c["x3"]
     assert "mtu 1450" in x1.sh("ip link show eth0").stdout
     assert "mtu 1450" in bed.hosts[0].sh("ip", "link", "show", "l3vxlan").stdout
-    # 4 MB over TCP: full-size segments (MSS from the 1450 MTU) through the tunnel, counted at x3
-    server = subprocess.Popen([*x3.nsenter(), sys.executable, "-c",
+    assert transfer(x1, x3) > 1300, "full-size segments"
+
+
+def transfer(a, b, size=4194304):
+    """``size`` bytes over TCP from ``a`` to ``b`` (through the tunnel), counted at ``b``;
+    returns the connection's MSS."""
+    server = subprocess.Popen([*b.nsenter(), sys.executable, "-c",
                                "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
                                "s.bind(('0.0.0.0', 7000)); s.listen(); print('ready', flush=True)\n"
                                "c, _ = s.accept(); c.settimeout(10); n = 0\n"
@@ -224,17 +229,59 @@ def test_mtu_and_a_full_size_transfer_through_the_tunnel(bed):
                                "print(n, flush=True)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert server.stdout.readline().strip() == "ready"
-        client = subprocess.run([*x1.nsenter(), sys.executable, "-c",
-                                 f"import socket\ns = socket.create_connection(('{x3.ip}', 7000), timeout=10)\n"
+        client = subprocess.run([*a.nsenter(), sys.executable, "-c",
+                                 f"import socket\ns = socket.create_connection(('{b.ip}', 7000), timeout=10)\n"
                                  "print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))\n"
-                                 "s.sendall(b'x' * 4194304); s.close()"], capture_output=True, text=True, timeout=60)
+                                 f"s.sendall(b'x' * {size}); s.close()"], capture_output=True, text=True, timeout=60)
         assert client.returncode == 0, client.stderr
-        assert int(client.stdout.split()[0]) > 1300, f"MSS {client.stdout}: full-size segments"
-        assert server.communicate(timeout=30)[0].strip() == str(4194304)
+        assert server.communicate(timeout=30)[0].strip() == str(size)
+        return int(client.stdout.split()[0])
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(10)
+
+
+def test_the_mtu_option_on_an_encapsulated_network(bed):
+    """-o com.docker.network.driver.mtu below the tunnel's: honoured; above it: refused."""
+    h1, _, h3 = bed.hosts
+    res = h1.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", "10.153.0.0/24",
+                    "--ipam-opt", "encap=cross-subnet", "-o", "com.docker.network.driver.mtu=1460", "mbig", check=False)
+    assert res.returncode != 0 and "does not fit pool 10.153.0.0/24's VXLAN tunnel: at most 1450" in res.stderr, res.stderr
+    made = []
+    try:
+        for host, name in ((h1, "m1"), (h3, "m3")):
+            host.docker("network", "create", "-d", "l3net", "--ipam-driver", "l3net", "--subnet", "10.153.0.0/24",
+                        "--ipam-opt", "encap=cross-subnet", "-o", "com.docker.network.driver.mtu=1400", "mnet")
+            host.docker("run", "-d", "--name", name, "--net", "mnet", TEST_IMAGE, "sleep", "600")
+            made.append((host, name))
+        m1, m3 = Ctr(h1, "m1", "mnet"), Ctr(h3, "m3", "mnet")
+        assert "mtu 1400" in m1.sh("ip link show eth0").stdout and "mtu 1400" in m3.sh("ip link show eth0").stdout
+        wait_for(lambda: m1.sh(f"ping -c1 -W1 {m3.ip}").returncode == 0, 20, "m1 -> m3 through the tunnel")
+        assert transfer(m1, m3, 1048576) <= 1360, "the MSS follows the network's MTU"
+    finally:
+        for host, name in made:
+            host.docker("rm", "-f", name, check=False)
+        for host in (h1, h3):
+            host.docker("network", "rm", "mnet", check=False)
+
+
+def test_hosts_stay_closed_to_containers_through_the_tunnel(bed):
+    """x3 (host 3, other subnet) reaches no service of host 1; host 2 (a node) does."""
+    h1, h2, _ = bed.hosts
+    server = subprocess.Popen(["nsenter", "-t", str(h1.anchor.pid), "-n", sys.executable, PROBE, "serve", "7777", ""],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        probe = [sys.executable, PROBE, "probe", json.dumps([[h1.ip, "tcp", 7777]])]
+        from_h2 = subprocess.run(["nsenter", "-t", str(h2.anchor.pid), "-n", *probe], capture_output=True, text=True,
+                                 timeout=30).stdout
+        assert json.loads(from_h2) == [f"ok {h2.ip}"]
+        assert bed.c["x3"].probe(h1.ip, "tcp", 7777) is None
+        assert bed.c["x1"].probe(h1.ip, "tcp", 7777) is None
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
 
 
 def test_an_ip_moved_to_the_other_subnet_is_reachable(bed):

@@ -142,3 +142,18 @@ print("ok")
     res = subprocess.run(["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_a_node_publishes_its_vtep_mac_and_the_others_use_it():
+    from plugin.agent import Registry
+    store, keys = MemoryStore(), Keys("/t")
+    Registry(store, keys, "h3", "198.18.9.13").heartbeat(64512)
+    record = json.loads(store.get(keys.node("h3"))[0])
+    assert record["vtep_mac"] == vtep_mac("198.18.9.13") == "0e:4c:c6:12:09:0d"
+    nodes = [NODES[0], {**NODES[2], "vtep_mac": "0e:00:00:00:00:01"}]
+    state = desired_tunnels([pool("10.120.0.0/24", "always")], nodes, "h1", "198.18.0.11", BLOCKS, [])
+    assert state.peers == {"198.18.9.13": "0e:00:00:00:00:01"}
+    for bad in ("01:00:5e:00:00:01", "zz:00:00:00:00:01", 7, "0E:00:00:00:00:01\n"):
+        nodes[1]["vtep_mac"] = bad
+        state = desired_tunnels([pool("10.120.0.0/24", "always")], nodes, "h1", "198.18.0.11", BLOCKS, [])
+        assert state.peers == {"198.18.9.13": vtep_mac("198.18.9.13")}, bad
