@@ -473,15 +473,15 @@ def node_list(obj, as_json):
     registered = {n["name"]: n for n in nodes(obj.store, obj.keys)}
     rows = [{"name": n["name"], "address": n["ip"], "as": n.get("as"), "state": "up",
              "up_for": f"{now - n.get('since', n.get('last_seen', now)):.0f}s", "blocks": blocks.get(n["name"], 0),
-             "endpoints": endpoints.get(n["name"], 0)} for n in registered.values()]
+             "endpoints": endpoints.get(n["name"], 0), "vtep_mac": n.get("vtep_mac", "")} for n in registered.values()]
     # hosts that still hold blocks or endpoints but no longer register: dead, or gone for good
     rows += [{"name": h, "address": "", "as": "", "state": "gone (l3netctl node remove)",
-              "up_for": "", "blocks": blocks.get(h, 0), "endpoints": endpoints.get(h, 0)}
+              "up_for": "", "blocks": blocks.get(h, 0), "endpoints": endpoints.get(h, 0), "vtep_mac": ""}
              for h in sorted((set(blocks) | set(endpoints)) - set(registered))]
     for r in rows:
         r["role"] = "route reflector" if r["name"] in reflectors else "node"
     rows.sort(key=lambda r: r["name"])
-    emit(rows, ["Name", "Address", "AS", "Role", "State", "Up for", "Blocks", "Endpoints"], as_json)
+    emit(rows, ["Name", "Address", "AS", "Role", "State", "Up for", "Blocks", "Endpoints", "VTEP MAC"], as_json)
 
 
 @node.command("remove")

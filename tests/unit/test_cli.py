@@ -83,6 +83,7 @@ def test_node_remove_refuses_a_live_node_then_releases_everything(ctl, etcd, pre
     store.put(keys.endpoint("gone", "e" * 64), "{}")
     listed = {n["name"]: n for n in json.loads(ctl("node", "list", "--json").output)}
     assert (listed["gone"]["state"], listed["gone"]["blocks"], listed["gone"]["endpoints"]) == ("up", 1, 1)
+    assert listed["gone"]["vtep_mac"] == "0e:4c:c6:12:00:63"          # its VXLAN MAC, from its address
     store.delete(keys.node("gone"))                      # its lease expired: the node died
     listed = {n["name"]: n for n in json.loads(ctl("node", "list", "--json").output)}
     assert listed["gone"]["state"].startswith("gone") and listed["gone"]["blocks"] == 1
