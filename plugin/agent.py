@@ -339,10 +339,9 @@ class Agent:
         if now - self._last_drift_check < self.drift_every:
             return
         self._last_drift_check = now
-        if self.tunnel is not None and self.tunnel.applied is not None and \
-                not self.tunnel.device_ok(self.tunnel.applied):
-            log.warning("drift: the VXLAN device is %s; writing the tunnel again",
-                        "gone" if self.tunnel.applied else "there unwanted")
+        moved = self.tunnel.drift() if self.tunnel is not None else None
+        if moved:
+            log.warning("drift: %s; writing the tunnel again", moved)
             self.tunnel.applied = None
             self._sync_bgp(self.cache.view())
         reason = self.firewall.drift()

@@ -11,6 +11,7 @@ entries on the device. No multicast, no flooding.
 import errno
 import logging
 import socket
+import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -30,6 +31,7 @@ NUD_PERMANENT = 0x80
 class Tunnel:
     def __init__(self):
         self.applied = None         # the TunnelState in force (None: unknown)
+        self._routes_checked = float("-inf")
 
     def apply(self, state):
         """Make the device, its routes and entries what ``state`` says. Returns a short
@@ -68,8 +70,35 @@ class Tunnel:
 
     @staticmethod
     def device_ok(state):
-        """Whether the device is there exactly when ``state`` needs it (the drift check)."""
+        """Whether the device is there exactly when ``state`` needs it."""
         return (datapath._index(DEVICE) is not None) == bool(state)
+
+    ROUTES_EVERY = 30.0     # seconds between checks of the tunnel's routes and entries
+
+    def drift(self, now=None):
+        """What differs from the state last applied (a reason), or None: the device there
+        exactly when needed (an ioctl, at every check), and, while it is, every ROUTES_EVERY
+        seconds as many tunnel routes and neighbour entries on it as were written (a route
+        dump: its cost grows with the host's routes, so not every 2 s)."""
+        state = self.applied
+        if state is None:
+            return None
+        if not self.device_ok(state):
+            return f"{DEVICE} is {'gone' if state else 'there unwanted'}"
+        now = time.monotonic() if now is None else now
+        if not state or now - self._routes_checked < self.ROUTES_EVERY:
+            return None
+        self._routes_checked = now
+        ipr, idx = datapath._ipr(), datapath._index(DEVICE)
+        routes = sum(1 for r in ipr.get_routes(family=socket.AF_INET, oif=idx, proto=ROUTE_PROTO)
+                     if r.get_attr("RTA_OIF") == idx)
+        if routes != len(state.routes):
+            return f"{DEVICE} has {routes} tunnel routes, not {len(state.routes)}"
+        neigh = {n.get_attr("NDA_DST") for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=idx)
+                 if n["state"] == NUD_PERMANENT}
+        if not set(state.peers) <= neigh:
+            return f"{DEVICE} lacks neighbour entries"
+        return None
 
     def _device(self, ipr, local):
         """The device's index, created (or re-created, when its settings are not ours)."""

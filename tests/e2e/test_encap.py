@@ -293,3 +293,15 @@ def test_an_ip_moved_to_the_other_subnet_is_reachable(bed):
             wait_for(lambda: x2.sh("ping -c1 -W1 10.150.0.200").returncode == 0, 10, f"the moved ip on {host.name}")
         finally:
             host.docker("rm", "-f", "mover", check=False)
+
+
+def test_a_deleted_tunnel_device_is_put_back(bed):
+    """Someone deletes host 1's VXLAN device (its routes and entries go with it): the agent's
+    drift check writes it again within seconds, and x1 reaches x3 again."""
+    h1 = bed.hosts[0]
+    x1, x3 = bed.c["x1"], bed.c["x3"]
+    h1.sh("ip", "link", "del", "l3vxlan")
+    start = time.monotonic()
+    wait_for(lambda: "dev l3vxlan" in h1.sh("ip", "route", "get", x3.ip, check=False).stdout, 10, "the tunnel back")
+    wait_for(lambda: x1.probe(x3.ip) == f"ok {x1.ip}", 10, "x1 -> x3 again")
+    print(f"tunnel device back after {time.monotonic() - start:.1f}s")

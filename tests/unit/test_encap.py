@@ -130,6 +130,14 @@ routes = show("ip route show proto 76")
 assert "10.120.0.128/26 via 198.18.9.13 dev l3vxlan metric 16 onlink" in routes, routes
 assert "198.18.9.13 lladdr 0e:4c:c6:12:09:0d PERMANENT" in show("ip neigh show dev l3vxlan")
 assert "0e:4c:c6:12:09:0d dst 198.18.9.13 self permanent" in show("bridge fdb show dev l3vxlan")
+assert t.drift() is None
+subprocess.run("ip route del 10.120.0.7/32", shell=True, check=True)
+assert t.drift() is None, "routes checked every 30 s only"
+assert "1 tunnel routes, not 2" in t.drift(now=10 ** 9), t.drift(now=10 ** 9)
+t.applied = None; t.apply(state); assert t.drift(now=2 * 10 ** 9) is None
+subprocess.run("ip link del l3vxlan", shell=True, check=True)
+assert t.drift() == "l3vxlan is gone"
+t.applied = None; t.apply(state); assert t.drift() is None
 moved = TunnelState(local="198.18.0.11", routes={"10.120.0.128/26": "198.18.9.14"}, peers={"198.18.9.14": "0e:4c:c6:12:09:0e"})
 t.apply(moved)
 routes, neigh = show("ip route show proto 76"), show("ip neigh show dev l3vxlan") + show("bridge fdb show dev l3vxlan")
