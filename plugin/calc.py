@@ -27,7 +27,7 @@ from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer
 from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
                     pool_conflict, protected, unicast_ip)
 from . import validate
-from .encap import desired_tunnels
+from .encap import TunnelState, desired_tunnels
 from .errors import L3netError
 from .keys import key_cidr
 from .policy import PolicyState
@@ -280,13 +280,15 @@ def announced_by_node(store, keys):
 def desired_tunnel(store, keys, name, ip):
     """The VXLAN routes of this node (encap.desired_tunnels), from the view: the pools in force,
     the registered nodes, every node's blocks (affinities) and every allocation."""
+    pools = pools_in_force(store, keys)
+    if all(encap_of(p) == "never" for p in pools):
+        return TunnelState(local=ip)            # the common case: nothing more to read
     blocks = {}
     for key, _, _ in store.get_prefix(keys.all_affinities()):
         cidr = canonical_cidr(key_cidr(key.rsplit("/", 1)[1]))
         if cidr:
             blocks.setdefault(keys.host_of(key), []).append(cidr)
-    return desired_tunnels(pools_in_force(store, keys), nodes(store, keys), name, ip, blocks,
-                           allocations(store, keys))
+    return desired_tunnels(pools, nodes(store, keys), name, ip, blocks, allocations(store, keys))
 
 
 def allocations(store, keys):
