@@ -231,6 +231,10 @@ class Agent:
             self.sync_policy(view, generation)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
+        try:
+            self._sync_tunnel(view)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
         self.index.load(view)
         self.stats = self.index.stats()
 
@@ -240,10 +244,12 @@ class Agent:
         self.stats = self.index.stats()
         metrics.COMPUTATIONS.labels("members").inc()
         if delta.bgp:
-            try:
-                self._sync_bgp(self.cache.view())
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
+            view = self.cache.view()
+            for step in (self._sync_bgp, self._sync_tunnel):
+                try:
+                    step(view)
+                except Exception as e:  # noqa: BLE001
+                    errors.append(e)
         if delta.policy:
             self.sync_policy(self.cache.view(), generation)
             return
@@ -261,10 +267,20 @@ class Agent:
         state.passwords = self.bgp_passwords
         if self.bird is not None:
             self.bird.apply(render(state))
-        if self.tunnel is not None:
-            done = self.tunnel.apply(desired_tunnel(view, self.keys, self.name, self.ip))
-            if done:
-                log.info("%s", done)
+
+    def _sync_tunnel(self, view):
+        """The VXLAN device and its routes (encapsulated pools). After the policy: a device
+        that listens is created only once the filter that admits VXLAN from nodes alone is
+        in force."""
+        if self.tunnel is None:
+            return
+        state = desired_tunnel(view, self.keys, self.name, self.ip)
+        applied = getattr(self.firewall, "applied", None)
+        if state and not isinstance(self.firewall, NoFirewall) and not getattr(applied, "encap", False):
+            raise L3netError("the VXLAN device waits for the policy that filters it (not in force yet)")
+        done = self.tunnel.apply(state)
+        if done:
+            log.info("%s", done)
 
     def sync_policy(self, view=None, generation=None, fresh=()):
         """Compute the desired policy and put it in force. ``view``: the cache's (the loop),
@@ -339,11 +355,15 @@ class Agent:
         if now - self._last_drift_check < self.drift_every:
             return
         self._last_drift_check = now
-        moved = self.tunnel.drift() if self.tunnel is not None else None
-        if moved:
-            log.warning("drift: %s; writing the tunnel again", moved)
-            self.tunnel.applied = None
-            self._sync_bgp(self.cache.view())
+        try:
+            moved = self.tunnel.drift() if self.tunnel is not None else None
+            if moved:
+                log.warning("drift: %s; writing the tunnel again", moved)
+                self.tunnel.applied = None
+                self._sync_tunnel(self.cache.view())
+        except Exception as e:  # noqa: BLE001 - the firewall's check below must still run
+            log.warning("tunnel: %s", e)
+            self._full_due = True
         reason = self.firewall.drift()
         if reason:
             log.warning("drift: %s; writing the policy again", reason)
@@ -353,16 +373,18 @@ class Agent:
     def _loop(self):
         while not self._stop.is_set():
             self._wake.clear()
-            try:
-                self.sync()
-                self.check_drift()
+            error = None
+            for step in (self.sync, self.check_drift):
+                try:
+                    step()          # (the drift check runs even when a sync failed)
+                except Exception as e:  # noqa: BLE001 - log, retry at the next tick
+                    error = error or e
+            if error is None:
                 if self.last_error:
                     log.info("agent back in sync")
-                self.last_error = None
-            except Exception as e:  # noqa: BLE001 - log, retry at the next tick
-                if str(e) != str(self.last_error):
-                    log.warning("agent sync failed: %s", e)
-                self.last_error = e
+            elif str(error) != str(self.last_error):
+                log.warning("agent sync failed: %s", error)
+            self.last_error = error
             self.write_status()
             if self._wake.wait(self.interval):
                 # One docker run is several writes within milliseconds (address, endpoint

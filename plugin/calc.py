@@ -366,6 +366,8 @@ def _valid_rule(rule, pools, host_rule=False):
 
 def _valid_side(side, pools):
     """A policy side: a pool in force, or ``tag:X`` with a well-formed tag."""
+    if not isinstance(side, str):
+        return False
     if side in pools:
         return True
     try:

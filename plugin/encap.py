@@ -8,12 +8,11 @@ each node holds (its affinities) and the addresses it borrowed from other nodes'
 etcd, so every node computes them; a node in another subnet may have no BGP session at all.
 
 No multicast, no flooding, no learning: every other node's VTEP is its address, and its MAC
-(``vtep_mac``, derived from the address) is in its registry record; the tunnel routes go
+is derived from it (``vtep_mac``; the registry record shows it); the tunnel routes go
 ``via <node address> dev l3vxlan onlink``, with a permanent neighbour entry (that address ->
 its VTEP MAC) and a forwarding entry (that MAC -> that address on the underlay).
 """
 
-import re
 from dataclasses import dataclass, field
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
@@ -73,13 +72,19 @@ def desired_tunnels(pools, nodes, name, ip, blocks, members):
     if not modes:
         return state
     address = {n["name"]: n["ip"] for n in nodes if n["name"] != name and n["ip"] != ip}
+    subnets = {n["ip"]: own_subnet(n, n["ip"]) for n in nodes}
+
+    def through(mode, node_ip):
+        # both ends decide alike: a tunnel when either side sees the other outside its subnet
+        # (or does not know its subnet), or replies would come back another way than requests
+        return tunnelled(mode, subnet, node_ip) or tunnelled(mode, subnets.get(node_ip), ip)
     nets = {cidr: IPNetwork(cidr) for cidr in modes}
     for host, host_blocks in blocks.items():
         if host not in address:
             continue
         for block in host_blocks:
             pool = next((c for c, net in nets.items() if IPNetwork(block) in net), None)
-            if pool and tunnelled(modes[pool], subnet, address[host]):
+            if pool and through(modes[pool], address[host]):
                 state.routes[str(IPNetwork(block))] = address[host]
     owned = {host: [IPNetwork(b) for b in bs] for host, bs in blocks.items()}
     for pool, addr, record in members:
@@ -88,18 +93,10 @@ def desired_tunnels(pools, nodes, name, ip, blocks, members):
             continue
         if any(IPAddress(addr) in b for b in owned.get(host, ())):
             continue                     # its host's own block: the block's route covers it
-        if tunnelled(modes[pool], subnet, address[host]):
+        if through(modes[pool], address[host]):
             state.routes[f"{addr}/32"] = address[host]
-    published = {n["ip"]: n.get("vtep_mac") for n in nodes}
-    state.peers = {node_ip: _mac(published.get(node_ip)) or vtep_mac(node_ip) for node_ip in set(state.routes.values())}
+    # The MAC is derived, never taken from the record (which only shows it): every device is
+    # created with the derived one, and a record naming another node's MAC must not divert
+    # that node's traffic.
+    state.peers = {node_ip: vtep_mac(node_ip) for node_ip in set(state.routes.values())}
     return state
-
-
-MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-
-
-def _mac(value):
-    """A published VTEP MAC, if it is one (unicast); else None (the derived one is used)."""
-    if isinstance(value, str) and MAC.fullmatch(value) and not int(value[:2], 16) & 1:
-        return value
-    return None

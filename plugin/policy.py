@@ -184,6 +184,12 @@ def render_iptables(state):
     declared (so flushed and refilled in the same commit); Docker's are not touched. The hooks
     into the built-in chains are added by firewall.py, only where missing."""
     f = ["*filter"] + [f":{c} - [0:0]" for c in (FORWARD, TO_CONTAINER, FROM_CONTAINER, INPUT, TO_HOST)]
+    if state.encap:
+        # VXLAN between nodes is sent by the nodes themselves, never forwarded: a packet to a
+        # node's VXLAN port that this host routes (a container of Docker's bridge sending with
+        # a node's address as its source, which the filter below would take) is forged
+        f.append(f"-A {FORWARD} -p udp --dport {VXLAN_PORT} -m set --match-set {HOSTS_SET} dst"
+                 f"{_comment('vxlan forwarded to a node')} -j DROP")
     f += [f"-A {FORWARD} -o {IFACES} -j {TO_CONTAINER}",
           f"-A {FORWARD} -i {IFACES} -j {FROM_CONTAINER}"]
     # towards a container

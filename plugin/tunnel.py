@@ -26,6 +26,7 @@ METRIC = 16             # before BIRD's (32): a pool that is tunnelled to a node
 ONLINK = 4              # RTNH_F_ONLINK
 NTF_SELF = 2
 NUD_PERMANENT = 0x80
+IFF_UP = 1
 
 
 class Tunnel:
@@ -94,10 +95,16 @@ class Tunnel:
                      if r.get_attr("RTA_OIF") == idx)
         if routes != len(state.routes):
             return f"{DEVICE} has {routes} tunnel routes, not {len(state.routes)}"
+        link = ipr.get_links(idx)[0]
+        if not link["flags"] & IFF_UP:
+            return f"{DEVICE} is down"
         neigh = {n.get_attr("NDA_DST") for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=idx)
                  if n["state"] == NUD_PERMANENT}
         if not set(state.peers) <= neigh:
             return f"{DEVICE} lacks neighbour entries"
+        fdb = {n.get_attr("NDA_DST") for n in ipr.get_neighbours(family=socket.AF_BRIDGE, ifindex=idx)}
+        if not set(state.peers) <= fdb:
+            return f"{DEVICE} lacks forwarding entries"
         return None
 
     def _device(self, ipr, local):
@@ -113,14 +120,18 @@ class Tunnel:
                 ipr.link("add", ifname=DEVICE, kind="vxlan", vxlan_id=VNI, vxlan_local=local,
                          vxlan_port=PORT, vxlan_learning=0, address=vtep_mac(local), mtu=mtu)
             except NetlinkError as e:
+                if e.code == errno.EEXIST and datapath._index(DEVICE) is None:
+                    raise L3netError(f"could not create {DEVICE}: another VXLAN device of this host uses "
+                                     f"VNI {VNI} on UDP port {PORT} (Calico's vxlan.calico, Docker's overlay?)"
+                                     ) from None
                 if e.code != errno.EEXIST:
                     raise L3netError(f"could not create {DEVICE}: {e}") from None
             idx = datapath._index(DEVICE)
             if idx is None:
                 raise L3netError(f"{DEVICE} vanished as it was created")
             datapath.ipv6_off(DEVICE)
-            ipr.link("set", index=idx, state="up")
             log.info("created %s (VNI %d, UDP %d, local %s, MTU %d)", DEVICE, VNI, PORT, local, mtu)
+        ipr.link("set", index=idx, state="up")      # (also one someone set down: its routes went)
         return idx
 
     @staticmethod

@@ -198,13 +198,23 @@ def test_vxlan_from_a_non_node_is_dropped(bed):
         run("ip", "-n", ATTACKER_NS, "link", "set", "ve-vxatk", "up")
         for i in range(5):
             send(["nsenter", f"--net=/run/netns/{ATTACKER_NS}"], f"from-attacker-{i}")
+        # a --net bridge container on host 3: masqueraded, its packet would leave with host 3's
+        # address, a node's; host 3 drops it on the way in (its source is no node's)
+        h3.docker("run", "-d", "--name", "bridged", "--net", "bridge", TEST_IMAGE, "sleep", "600")
+        pid = json.loads(h3.docker("inspect", "bridged").stdout)[0]["State"]["Pid"]
+        for i in range(5):
+            send(["nsenter", "-t", str(pid), "-n"], f"from-attacker-bridged-{i}")
         deadline = time.monotonic() + 2            # a delivered packet takes milliseconds
         while time.monotonic() < deadline:
             assert not heard("from-attacker"), seen
         rule = [line for line in h1.sh("iptables", "-t", "raw", "-L", "L3NET-PREROUTING", "-v", "-n", "-x").stdout
                 .splitlines() if "vxlan from a non-node" in line][0]
         assert int(rule.split()[0]) >= 5, rule
+        on_h3 = [line for line in h3.sh("iptables", "-t", "raw", "-L", "L3NET-PREROUTING", "-v", "-n", "-x").stdout
+                 .splitlines() if "vxlan from a non-node" in line][0]
+        assert int(on_h3.split()[0]) >= 5, f"the bridged container's packets dropped on host 3: {on_h3}"
     finally:
+        h3.docker("rm", "-f", "bridged", check=False)
         os.killpg(listen.pid, signal.SIGKILL)
         listen.wait(10)
         run("ip", "netns", "del", ATTACKER_NS, check=False)

@@ -67,7 +67,8 @@ def test_desired_policy_with_tags():
     rules = {"aaaaaaaa": {"from": "tag:needs-db", "to": "10.40.0.0/24", "proto": "tcp", "ports": "5432"},
              "bbbbbbbb": {"from": "10.30.0.0/24", "to": "tag:later", "proto": None},
              "cccccccc": {"from": "tag:Bad!", "to": "10.40.0.0/24", "proto": None},
-             "dddddddd": {"from": "tag:", "to": "10.40.0.0/24", "proto": None}}
+             "dddddddd": {"from": "tag:", "to": "10.40.0.0/24", "proto": None},
+             "eeeeeeee": {"from": ["10.40.0.0/24"], "to": "10.40.0.0/24", "proto": None}}
     for rid, rule in rules.items():
         store.put(keys.policy_rule(rid), json.dumps({"id": rid, **rule}))
     state = desired_policy(store, keys, "h1")
