@@ -26,6 +26,8 @@ Learned routes go to the kernel as ``proto bird`` with the owning host as next h
 import re
 from dataclasses import dataclass, field
 
+from .encap import DEVICE
+
 DEFAULT_AS = 64512
 HOLD_TIME = 9           # seconds; a dead peer's routes go after this (a killed BIRD: at once)
 
@@ -59,7 +61,6 @@ class BgpState:
 
 
 GR_TIME = 30        # s peers keep a restarting node's routes (the registry lease is 30 s too)
-TUNNEL_DEVICE = "l3vxlan"   # encap.DEVICE
 GR_WAIT = 10        # s a restarted BIRD waits for its sessions before writing the kernel
 RECEIVE_LIMIT = 100000  # routes one session may send us; beyond, new ones are dropped (action block)
 
@@ -175,7 +176,7 @@ def render(state):
         "  graceful restart on;",
         "  ipv4 {",
         "    # (not the tunnel's routes: those lead to other nodes' containers)",
-        f"    import filter {{ if ifname = \"{TUNNEL_DEVICE}\" then reject; if l3net_pool() && net.len = 32 then accept; reject; }};",
+        f"    import filter {{ if ifname = \"{DEVICE}\" then reject; if l3net_pool() && net.len = 32 then accept; reject; }};",
         "    export filter {",
         "      if proto = \"l3net_blocks\" then accept;",
         "      if source = RTS_BGP && l3net_pool() then accept;",

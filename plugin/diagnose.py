@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from netaddr import IPAddress, IPNetwork
 
+from .validate import TAG_SIDE
+
 
 @dataclass
 class Facts:
@@ -194,7 +196,7 @@ def _crossing(facts, src_host, dst_host, pool):
 
 
 def _tag_of(side):
-    return side[4:] if isinstance(side, str) and side.startswith("tag:") else None
+    return side[len(TAG_SIDE):] if isinstance(side, str) and side.startswith(TAG_SIDE) else None
 
 
 def _tags(pools, pool):

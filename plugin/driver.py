@@ -21,6 +21,7 @@ from ipam import pools as P
 from . import validate as V
 from .datapath import LinkExists
 from .errors import L3netError
+from .infra import LINK_LOCAL
 from .ports import PortClaims
 from .ports import describe as describe_port
 from .store import StoreError, get_json
@@ -96,19 +97,28 @@ class Driver:
         Harmless for running containers: their routes keep the old address, which the host side
         of every veth still answers (proxy ARP answers for any of them)."""
         with self._creating:
-            records = []
-            for key, value, rev in self.store.get_prefix(self.keys.networks(self.host)):
-                try:
-                    record = json.loads(value)
-                    if isinstance(record, dict) and "gateway" not in record and isinstance(record.get("id"), str):
-                        records.append((record.get("created") or 0, key, record, rev))
-                except (ValueError, TypeError):
-                    continue
-            for _, key, record, rev in sorted(records, key=lambda r: (r[0], r[1])):
-                record["gateway"] = self._free_gateway(record["id"], ignore_own=True)
+            records = self._network_records()
+            taken = {gateway_of(r) for _, r, _ in records if "gateway" in r}
+            old = [(r.get("created") or 0, key, r, rev) for key, r, rev in records if "gateway" not in r]
+            for _, key, record, rev in sorted(old, key=lambda o: (o[0], o[1])):
+                record["gateway"] = lowest_free_gateway(taken)
+                taken.add(record["gateway"])
                 if self.store.txn({key: rev}, put={key: json.dumps(record, sort_keys=True)}):
                     self._networks.pop(record["id"], None)
                     log.info("network %s: gateway %s", record["id"][:12], record["gateway"])
+
+    def _network_records(self):
+        """[(key, record, revision)] of this host's network records that are well formed (a bad
+        one is not ours to judge here: the sweeper logs it)."""
+        out = []
+        for key, value, rev in self.store.get_prefix(self.keys.networks(self.host)):
+            try:
+                record = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                out.append((key, record, rev))
+        return out
 
     # -- networks ---------------------------------------------------------
     def create_network(self, network_id, ipv4_data, ipv6_data, options):
@@ -121,7 +131,8 @@ class Driver:
         if unknown:
             raise L3netError(f"unknown option(s) {', '.join(unknown)}: l3net takes -o "
                              f"{', '.join(NETWORK_OPTIONS)}; pool settings go in --ipam-opt")
-        mtu = self._mtu(generic.get(MTU))
+        uplink = self.datapath.uplink_mtu()
+        mtu = self._mtu(generic.get(MTU), uplink)
         tags = V.tag_list(generic[TAGS]) if TAGS in generic else None
         if not ipv4_data:
             raise L3netError("no IPv4 pool given")
@@ -137,7 +148,7 @@ class Driver:
                 raise L3netError(f"pool {cidr} is not known to l3net; create the network with "
                                  f"--ipam-driver {self.name}")
             if P.encap_of(json.loads(value)) != "never":
-                mtu = self._mtu_through_tunnel(mtu, cidr)
+                mtu = self._mtu_through_tunnel(mtu, cidr, uplink)
             pools.append(str(cidr))
             aux += [(cidr, a) for a in self._aux_addresses(data.get("AuxAddresses"))]
         internal = str(options.get(INTERNAL, "")).lower() == "true"
@@ -165,7 +176,8 @@ class Driver:
         log.info("network %s created with pools %s (gateway %s)", network_id[:12], ",".join(pools),
                  record["gateway"])
 
-    def _mtu(self, value):
+    @staticmethod
+    def _mtu(value, uplink):
         """-o com.docker.network.driver.mtu=N: an integer in MTU_RANGE, no more than the
         uplink carries (a bigger packet would leave the host fragmented, or not at all)."""
         if value in (None, ""):
@@ -173,17 +185,17 @@ class Driver:
         low, high = MTU_RANGE
         if not isinstance(value, (str, int)) or not str(value).isdigit() or not low <= int(value) <= high:
             raise L3netError(f"invalid {MTU} {str(value)[:20]!r}: expected a number from {low} to {high}")
-        uplink = self.datapath.uplink_mtu()
         if uplink and int(value) > uplink:
             raise L3netError(f"{MTU}={int(value)} is more than this host's uplink carries ({uplink}): "
                              f"use {uplink} or less")
         return int(value)
 
-    def _mtu_through_tunnel(self, mtu, cidr):
+    @staticmethod
+    def _mtu_through_tunnel(mtu, cidr, uplink):
         """An encapsulated pool's MTU: the uplink's less the VXLAN overhead by default, and no
         more than that when asked for (a bigger packet would not fit the tunnel)."""
         from .encap import OVERHEAD
-        uplink = self.datapath.uplink_mtu() or 1500
+        uplink = uplink or 1500
         if mtu is None:
             return uplink - OVERHEAD
         if mtu > uplink - OVERHEAD:
@@ -191,29 +203,15 @@ class Driver:
                              f"(this host's uplink carries {uplink}, the encapsulation takes {OVERHEAD})")
         return mtu
 
-    def _free_gateway(self, network_id, ignore_own=False):
+    def _free_gateway(self, network_id):
         """The lowest gateway address no other network of this host has (the one it already
         has, for a CreateNetwork dockerd sends again). Records without one (older l3net) use
-        169.254.1.1. ``ignore_own``: not its own record's (it has none: resume gives it one)."""
-        taken = set()
-        for _, value, _ in self.store.get_prefix(self.keys.networks(self.host)):
-            try:
-                other = json.loads(value)
-                if other["id"] == network_id:
-                    if ignore_own:
-                        continue
-                    return gateway_of(other)
-                if "gateway" not in other and ignore_own:
-                    continue            # not given one yet either: it comes later in the order
-                gateway = gateway_of(other)
-            except (ValueError, KeyError, TypeError):
-                continue            # not ours to judge here (the sweeper logs bad records)
-            taken.add(gateway)
-        first = IPAddress(GATEWAY)
-        for n in range(GATEWAYS):
-            if str(first + n) not in taken:
-                return str(first + n)
-        raise L3netError(f"this host has {GATEWAYS} l3net networks already: remove some first")
+        169.254.1.1."""
+        records = [r for _, r, _ in self._network_records()]
+        own = next((r for r in records if r["id"] == network_id), None)
+        if own is not None:
+            return gateway_of(own)
+        return lowest_free_gateway({gateway_of(r) for r in records})
 
     @staticmethod
     def _aux_addresses(value):
@@ -422,9 +420,6 @@ class Driver:
 
 
 
-LINK_LOCAL = IPNetwork("169.254.0.0/16")
-
-
 def gateway_of(network):
     """The containers' gateway on a network record: its own, or 169.254.1.1 for a record from
     an older l3net or one whose field is not a plain link-local address (a bad record must not
@@ -434,7 +429,7 @@ def gateway_of(network):
         address = V.ipv4(value, "gateway")
     except L3netError:
         return GATEWAY
-    return str(address) if address in LINK_LOCAL and str(address) == value else GATEWAY
+    return str(address) if address in IPNetwork(LINK_LOCAL) and str(address) == value else GATEWAY
 
 
 def mtu_of(network):
@@ -442,3 +437,12 @@ def mtu_of(network):
     the record (an operator's edit) counts as none."""
     value = network.get("mtu")
     return value if isinstance(value, int) and MTU_RANGE[0] <= value <= MTU_RANGE[1] else None
+
+
+def lowest_free_gateway(taken):
+    """The lowest of the GATEWAYS addresses from 169.254.1.1 not in ``taken``."""
+    first = IPAddress(GATEWAY)
+    for n in range(GATEWAYS):
+        if str(first + n) not in taken:
+            return str(first + n)
+    raise L3netError(f"this host has {GATEWAYS} l3net networks already: remove some first")

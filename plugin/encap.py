@@ -79,14 +79,14 @@ def desired_tunnels(pools, nodes, name, ip, blocks, members):
         # (or does not know its subnet), or replies would come back another way than requests
         return tunnelled(mode, subnet, node_ip) or tunnelled(mode, subnets.get(node_ip), ip)
     nets = {cidr: IPNetwork(cidr) for cidr in modes}
-    for host, host_blocks in blocks.items():
+    owned = {host: [IPNetwork(b) for b in bs] for host, bs in blocks.items()}
+    for host, host_blocks in owned.items():
         if host not in address:
             continue
         for block in host_blocks:
-            pool = next((c for c, net in nets.items() if IPNetwork(block) in net), None)
+            pool = next((c for c, net in nets.items() if block in net), None)
             if pool and through(modes[pool], address[host]):
-                state.routes[str(IPNetwork(block))] = address[host]
-    owned = {host: [IPNetwork(b) for b in bs] for host, bs in blocks.items()}
+                state.routes[str(block)] = address[host]
     for pool, addr, record in members:
         host = record.get("host")
         if pool not in modes or host not in address or not record["handle"].startswith(("endpoint:", "pending:")):

@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass, field
 
 from .datapath import HOST_PREFIX
+from .encap import PORT as VXLAN_PORT
 from .validate import TAG_SIDE
 
 FORWARD = "L3NET-FORWARD"
@@ -63,7 +64,6 @@ NAT_SET = "l3n-nat-pools"
 SET_PREFIX = "l3n-"
 UPLINK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")     # what iptables -i accepts (no + wildcard)
 IFACES = f"{HOST_PREFIX}+"
-VXLAN_PORT = 4789           # encap.PORT
 TAG_SET_SIZE = 4096          # networks per tag (a list:set's limit; its default would be 8)
 # (table, built-in chain, our chain): the jumps that hook our chains in, first in their chain.
 HOOKS = [("filter", "FORWARD", FORWARD), ("filter", "INPUT", INPUT),

@@ -138,12 +138,16 @@ def remove_everything(state_dir):
     try:
         if Bird(state_dir, run_dir=RUN_DIR).stop():
             click.echo("stopped BIRD (peers withdraw this node's routes)")
+    except (OSError, L3netError) as e:
+        click.echo(f"l3net-plugin: BIRD: {e}", err=True)
+        status = 1
+    try:
         from .datapath import _ipr
         from .tunnel import Tunnel
         if Tunnel._remove(_ipr()):
             click.echo("removed the VXLAN device")
     except (OSError, L3netError) as e:
-        click.echo(f"l3net-plugin: BIRD: {e}", err=True)
+        click.echo(f"l3net-plugin: VXLAN device: {e}", err=True)
         status = 1
     for backend in BACKENDS:
         try:
