@@ -12,8 +12,7 @@ import uuid
 import pytest
 
 from tests.conftest import ROOT, TEST_IMAGE, docker, wait_for
-from tests.e2e.test_docker import veths
-from tests.e2e.test_networks import interfaces, kernel_routes, keys_under, probe
+from tests.e2e.test_networks import interfaces, kernel_routes, nothing_left, probe, snapshot
 
 EXAMPLE = os.path.join(ROOT, "examples", "compose", "docker-compose.yml")
 FRONT, BACK, DB = "10.93.0.0/24", "10.93.1.0/24", "10.93.1.10"
@@ -48,7 +47,7 @@ def test_compose_project_up_reach_by_name_and_down_leaves_nothing(plugin):
     project = f"l3c{uuid.uuid4().hex[:6]}"
     env = {"L3NET_DRIVER": plugin.name, "IMAGE": TEST_IMAGE, "FRONT_SUBNET": FRONT,
            "BACK_SUBNET": BACK, "DB_ADDRESS": DB}
-    before, links = keys_under(plugin), len(veths())
+    before = snapshot(plugin)
     try:
         compose(project, "up", "-d", env=env)
         web, db, api = (container_of(project, s) for s in ("web", "db", "api"))
@@ -70,6 +69,5 @@ def test_compose_project_up_reach_by_name_and_down_leaves_nothing(plugin):
     finally:
         compose(project, "down", "--timeout", "0", env=env, check=False)
     assert docker("network", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}").stdout.split() == []
-    wait_for(lambda: keys_under(plugin) == before, 15, "etcd as before the project")
-    wait_for(lambda: len(veths()) == links, 10, "the project's veths removed")
+    nothing_left(plugin, before, 15, "nothing left by the project")
     assert kernel_routes(FRONT, BACK) == []
