@@ -17,12 +17,14 @@ Everything above this module (IPAM, driver, agent) sees only these calls::
                                    changes after ``revision``, in order (None: deleted);
                                    callback(error) once if the watch breaks or was compacted past
 
-Values are strings (JSON by convention). Every etcd call is bounded by ``timeout`` seconds;
-a failure to reach etcd raises :class:`StoreError` with a message fit for the user.
+Values are strings (JSON by convention). Every etcd call is bounded by ``timeout`` seconds
+(twice that at most with several endpoints, see ``EtcdStore._call``); a failure to reach etcd
+raises :class:`StoreError` with a message fit for the user.
 """
 
 import json
 import threading
+import time
 import types
 from urllib.parse import urlsplit
 
@@ -186,8 +188,11 @@ class EtcdStore:
     so that a store built before gunicorn forks opens its channel in the worker.
 
     Several endpoints: a call that cannot connect to one is tried on the next at once (a read
-    that timed out too, once: a write that timed out may have been applied). With a user,
-    the auth token is renewed when etcd says it expired, and the call tried again."""
+    that timed out too, once: a write that timed out may have been applied). When every
+    endpoint said "unavailable", the call is tried again on all of them, after a short pause,
+    for up to ``timeout`` seconds: the members that are up say "unavailable" too while they
+    elect a new leader (a member stopped, even gracefully), and that lasts a second or two.
+    With a user, the auth token is renewed when etcd says it expired, and the call tried again."""
 
     def __init__(self, endpoints="http://127.0.0.1:2379", timeout=5.0, ca_cert=None,
                  cert_cert=None, cert_key=None, user=None, password=None):
@@ -263,6 +268,12 @@ class EtcdStore:
         except Exception:  # noqa: BLE001 - best effort: the next call finds out anyway
             pass
 
+    @staticmethod
+    def _unshun(client):
+        """Make every endpoint eligible again (after a pause: see ``_call``)."""
+        for endpoint in getattr(client, "endpoints", {}).values():
+            endpoint.last_failed = 0
+
     @property
     def client(self):
         if self._client is None:
@@ -280,6 +291,9 @@ class EtcdStore:
 
         timed_out = renewed = False
         tries = len(self.endpoints)
+        # several endpoints: "unavailable" from all of them is tried again until this deadline
+        deadline = time.monotonic() + self.timeout if len(self.endpoints) > 1 else 0.0
+        pause = 0.2
         while True:
             tries -= 1
             try:
@@ -289,9 +303,9 @@ class EtcdStore:
                 if timed_out or not idempotent or tries <= 0:
                     raise error from None
                 timed_out = True
+                continue
             except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.NoServerAvailableError):
-                if tries <= 0:
-                    raise StoreError(f"etcd at {self.describe()} is unreachable") from None
+                error = StoreError(f"etcd at {self.describe()} is unreachable")
             except etcd3.exceptions.Etcd3Exception as e:
                 raise StoreError(f"etcd error: {type(e).__name__} {e}".strip()) from None
             except grpc.RpcError as e:
@@ -305,15 +319,29 @@ class EtcdStore:
                         self._authenticate(self._client)
                     self.reauthentications += 1
                     continue
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    if self._client is not None:
-                        self._failed(self._client)      # a raw call (Txn, Authenticate)
-                        if tries > 0 and (code == grpc.StatusCode.UNAVAILABLE or idempotent):
-                            continue
-                    what = "is unreachable" if code == grpc.StatusCode.UNAVAILABLE else \
-                        f"did not answer within {self.timeout:g}s"
-                    raise StoreError(f"etcd at {self.describe()} {what}") from None
-                raise StoreError(f"etcd error: {code.name if code else '?'} {details}".strip()) from None
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise StoreError(f"etcd error: {code.name if code else '?'} {details}".strip()) from None
+                if self._client is not None:
+                    self._failed(self._client)      # a raw call (Txn, Authenticate)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    if tries > 0 and idempotent:
+                        continue
+                    raise StoreError(f"etcd at {self.describe()} did not answer within {self.timeout:g}s") \
+                        from None
+                if self._client is None:
+                    raise StoreError(f"etcd at {self.describe()} is unreachable") from None
+                error = StoreError(f"etcd at {self.describe()} is unreachable")
+            # "unavailable": the next endpoint at once; all said so: again after a pause, while
+            # the deadline allows (a leader election answers "unavailable" for a second or two)
+            if tries > 0:
+                continue
+            if time.monotonic() + pause >= deadline:
+                raise error from None
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+            tries = len(self.endpoints)
+            if self._client is not None:
+                self._unshun(self._client)
 
     @staticmethod
     def _dec(value):

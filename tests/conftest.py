@@ -257,3 +257,40 @@ def plugin(docker_ready, etcd):
     shutil.rmtree(p.state, ignore_errors=True)
     # and its firewall: the test pools must not stay blocked towards this machine
     subprocess.run([os.path.join(BIN, "l3net-plugin"), "--remove-rules"], capture_output=True, timeout=60)
+
+
+# ---------------------------------------------------------------- logs of a failed test
+def _last_lines(path, n=60):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the end of the logs of the plugins it used (the test
+    plugin's, each test-bed host's and its etcds'): CI keeps only what pytest prints, and the
+    directories holding the logs are removed with the test bed."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or call.when == "teardown":
+        return
+    logs = {}       # what: (path, lines)
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Plugin):
+            logs["l3net-plugin"] = (value.logpath, 60)
+        value = getattr(value, "testbed", value)        # a fixture's wrapper around a bed
+        hosts = getattr(value, "hosts", None)
+        if isinstance(hosts, list) and hasattr(value, "dir"):
+            for host in hosts:
+                logs[f"{host.name} l3net-plugin"] = (os.path.join(host.dir, "plugin.log"), 60)
+                logs[f"{host.name} dockerd"] = (os.path.join(host.dir, "dockerd.log"), 15)
+            for name in sorted(os.listdir(value.dir)) if os.path.isdir(value.dir) else ():
+                if name.endswith(".log"):
+                    logs[f"test bed {name[:-4]}"] = (os.path.join(value.dir, name), 15)
+    for what, (path, lines) in logs.items():
+        text = _last_lines(path, lines)
+        if text:
+            report.sections.append((f"end of the {what} log ({path})", text))

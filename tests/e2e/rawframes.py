@@ -8,7 +8,7 @@ namespace (``nsenter -t <container pid> -n python3 rawframes.py ...``):
     rawframes.py syn6 IFACE DSTMAC DST PORT  a TCP SYN to the IPv6 address DST (e.g. the host
                                              side's link-local address) via DSTMAC
     rawframes.py sniff6 IFACE SECONDS        count the IPv6 frames that arrive in SECONDS
-                                             (prints the number)
+                                             (prints "ready" once listening, then the number)
 
 The sender's IPv6 source is the link-local address derived from IFACE's MAC, as a real router
 would use.
@@ -87,6 +87,7 @@ def sniff6(iface, seconds):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.bind((iface, 0))
     s.settimeout(0.1)
+    print("ready", flush=True)
     seen, deadline = 0, time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:

@@ -170,10 +170,11 @@ def test_connect_and_disconnect_running_container(network, plugin):
     # container's l3net address, so isolation lets it through)
     assert re.search(r"10\.65\.0\.0/16 via 169\.254\.1\.1 dev eth1", sh(c, "ip -4 route").stdout)
     assert pings(c, ip_of(peer, net))
-    before = veths()
+    veth = veth_of(plugin, c, net)
+    assert veth in veths()
     docker("network", "disconnect", net, c)
     assert ip not in sh(c, "ip -4 addr").stdout
-    wait_for(lambda: len(veths()) == len(before) - 1, 10, "host veth removed after disconnect")
+    wait_for(lambda: veth not in veths(), 10, "host veth removed after disconnect")
     assert ip not in [a["address"] for a in allocations_of(plugin, net)]
 
 
@@ -356,9 +357,10 @@ def test_plugin_kill9_and_restart_with_running_containers(plugin, network):
     plugin.start()
     c = run(net)
     assert pings(c, ip_b)
-    before = veths()
+    gone = {veth_of(plugin, a, net), veth_of(plugin, b, net)}
+    assert gone <= set(veths())
     docker("stop", "-t", "0", a, b)
-    wait_for(lambda: len(veths()) == len(before) - 2, 10, "the stopped containers' veths gone")
+    wait_for(lambda: not gone & set(veths()), 10, "the stopped containers' veths gone")
     docker("rm", "-f", a, b, c)
     wait_for(lambda: allocations_of(plugin, net) == [], 10, "every address of the network released")
 

@@ -73,3 +73,65 @@ def test_etcd_tls_options_need_https_endpoints(tmp_path):
                           "--etcd-cert", str(ca), "--etcd-key", str(ca), "status"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode != 0 and "are http://" in res.stderr, res.stderr
+
+
+class _Endpoint:
+    last_failed = 0
+
+    def fail(self):
+        self.last_failed = 1
+
+
+class _Client:
+    """What EtcdStore._call touches of python-etcd3's multi-endpoint client."""
+    def __init__(self, n):
+        self.endpoints = {i: _Endpoint() for i in range(n)}
+        self.endpoint_in_use = self.endpoints[0]
+
+    def _clear_old_stubs(self):
+        pass
+
+
+def _flaky(failures):
+    """A call that says "unavailable" ``failures`` times (a leader election), then answers."""
+    import etcd3.exceptions
+    calls = []
+
+    def call():
+        calls.append(1)
+        if len(calls) <= failures:
+            raise etcd3.exceptions.ConnectionFailedError()
+        return "value"
+    return call, calls
+
+
+def test_a_leader_election_is_waited_out_with_several_endpoints():
+    """Every member says "unavailable" for a moment (a new leader being elected): the call is
+    tried again after a pause, within its timeout, and the shunned endpoints are used again."""
+    from plugin.store import EtcdStore
+    store = EtcdStore("http://10.0.0.1:2379,http://10.0.0.2:2379,http://10.0.0.3:2379", timeout=3)
+    store._client = _Client(3)
+    call, calls = _flaky(7)
+    assert store._call(call) == "value" and len(calls) == 8
+
+
+def test_unavailable_for_longer_than_the_timeout_is_an_error():
+    import time
+    from plugin.store import EtcdStore, StoreError
+    store = EtcdStore("http://10.0.0.1:2379,http://10.0.0.2:2379", timeout=1)
+    store._client = _Client(2)
+    call, calls = _flaky(10 ** 6)
+    began = time.monotonic()
+    with pytest.raises(StoreError, match="is unreachable"):
+        store._call(call)
+    assert time.monotonic() - began < 1.5 and len(calls) > 2
+
+
+def test_one_endpoint_unreachable_is_said_at_once():
+    from plugin.store import EtcdStore, StoreError
+    store = EtcdStore("http://10.0.0.1:2379", timeout=5)
+    store._client = _Client(1)
+    call, calls = _flaky(1)
+    with pytest.raises(StoreError, match="is unreachable"):
+        store._call(call)
+    assert len(calls) == 1
