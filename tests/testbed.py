@@ -83,6 +83,17 @@ def _descendants(root):
     return out
 
 
+def pings(host, name, address):
+    """One ping answered (polled by the callers that wait for a change)."""
+    return host.docker("exec", name, "ping", "-c1", "-W1", address, check=False).returncode == 0
+
+
+def still_pings(host, name, address, tries=3):
+    """A path that must work: a ping answered within ``tries`` (one lost packet on a loaded
+    machine is not a broken path)."""
+    return any(pings(host, name, address) for _ in range(tries))
+
+
 class Host:
     def __init__(self, bed, index):
         self.bed = bed

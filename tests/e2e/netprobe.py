@@ -4,9 +4,9 @@ container's own (its address, its veth), and the busybox test image needs no UDP
 
     netprobe.py serve TCP_PORTS UDP_PORTS      answer "ok <peer address>" on each port
                                                (TCP: then close; UDP: echo), print "ready"
-    netprobe.py probe JSON                     JSON = [[ip, "icmp"|"tcp"|"udp", port], ...];
+    netprobe.py probe JSON [SECONDS]           JSON = [[ip, "icmp"|"tcp"|"udp", port], ...];
                                                prints a JSON list of answers (text or null),
-                                               all probes at once, each given 1 s
+                                               all probes at once, each given SECONDS (1 s)
 """
 
 import json
@@ -47,27 +47,27 @@ def serve(tcp_ports, udp_ports):
     threading.Event().wait()
 
 
-def probe_one(ip, proto, port):
+def probe_one(ip, proto, port, timeout=TIMEOUT):
     try:
         if proto == "icmp":
-            res = subprocess.run(["ping", "-n", "-c1", f"-W{int(TIMEOUT)}", ip],
-                                 capture_output=True, text=True, timeout=TIMEOUT + 2)
+            res = subprocess.run(["ping", "-n", "-c1", f"-W{max(1, round(timeout))}", ip],
+                                 capture_output=True, text=True, timeout=timeout + 2)
             return "ok" if res.returncode == 0 else None
         if proto == "tcp":
-            with socket.create_connection((ip, port), timeout=TIMEOUT) as s:
-                s.settimeout(TIMEOUT)
+            with socket.create_connection((ip, port), timeout=timeout) as s:
+                s.settimeout(timeout)
                 return s.recv(100).decode().strip() or None
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(TIMEOUT)
+            s.settimeout(timeout)
             s.sendto(b"probe", (ip, port))
             return s.recvfrom(100)[0].decode().strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
 
 
-def probe(targets):
+def probe(targets, timeout=TIMEOUT):
     with ThreadPoolExecutor(max(1, len(targets))) as pool:
-        return list(pool.map(lambda t: probe_one(*t), targets))
+        return list(pool.map(lambda t: probe_one(*t, timeout=timeout), targets))
 
 
 def ports(text):
@@ -78,4 +78,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(ports(sys.argv[2]), ports(sys.argv[3]))
     else:
-        print(json.dumps(probe(json.loads(sys.argv[2]))))
+        print(json.dumps(probe(json.loads(sys.argv[2]), *map(float, sys.argv[3:4]))))

@@ -133,11 +133,11 @@ def test_policy_and_anti_spoofing_hold_through_the_tunnel(bed):
     assert z3.probe(x1.ip) is None, "another application, across the tunnel: isolated"
     rule = ctl(bed, "policy", "allow", "--from", "znet", "--to", "xnet", "--proto", "tcp", "--port", "5432").stdout.split()[-1]
     try:
-        assert wait_for(lambda: z3.probe(x1.ip), 3, "z3 -> x1 by policy") == f"ok {z3.ip}"
+        assert wait_for(lambda: z3.probe(x1.ip), 10, "z3 -> x1 by policy") == f"ok {z3.ip}"
         assert z3.probe(x1.ip, "tcp", 80) is None and z3.probe(x1.ip, "icmp", 0) is None
     finally:
         ctl(bed, "policy", "remove", rule)
-    wait_for(lambda: z3.probe(x1.ip) is None, 3, "z3 -> x1 closed again")
+    wait_for(lambda: z3.probe(x1.ip) is None, 10, "z3 -> x1 closed again")
     # s3 (host 3, NET_ADMIN) sends from x2's address: dropped on its own host
     s3.sh(f"ip addr add {x2.ip}/32 dev eth0", check=True)
     spoof = (f"import socket; s = socket.socket(); s.settimeout(2); s.bind(('{x2.ip}', 0))\n"
@@ -188,7 +188,7 @@ def test_vxlan_from_a_non_node_is_dropped(bed):
                 line = listen.stdout.readline()
             return any(s.startswith(tag) for s in seen)
         send(["nsenter", "-t", str(h3.anchor.pid), "-n"], "from-node")
-        wait_for(lambda: heard("from-node"), 5, "the crafted packet from host 3 (a node) delivered")
+        wait_for(lambda: heard("from-node"), 15, "the crafted packet from host 3 (a node) delivered")
         run("ip", "netns", "del", ATTACKER_NS, check=False)
         run("ip", "netns", "add", ATTACKER_NS)
         run("ip", "link", "add", "vb-vxatk", "type", "veth", "peer", "name", "ve-vxatk")

@@ -49,7 +49,7 @@ def install(host, bed, plugin_dir):
 @pytest.fixture(scope="module")
 def bed(plugin_dir):
     bed = bed_up(Testbed(2, prefix=f"/l3mp-{uuid.uuid4().hex[:6]}", tag="l3mp", net="198.18.4",
-                         etcd_port=23830, legacy_plugin=False))
+                         etcd_port=24020, legacy_plugin=False))
     try:
         for host in bed.hosts:
             install(host, bed, plugin_dir)
@@ -116,7 +116,7 @@ def test_plugin_disable_and_enable(bed):
     wait_for(lambda: pings(h2, running, remote), 30, "across hosts before disable")
     h2.docker("plugin", "disable", "-f", NAME)
     assert pings(h2, running, neighbour_ip), "same-host traffic needs no plugin"
-    wait_for(lambda: pings(h2, running, remote) and pings(h1, remote_name, running_ip), 5,
+    wait_for(lambda: pings(h2, running, remote) and pings(h1, remote_name, running_ip), 15,
              "across hosts, both ways, while the plugin is disabled")
     h2.docker("plugin", "enable", "--timeout", "60", NAME)
     wait_for(lambda: pings(h2, running, remote), 30, "across hosts again after enable")
