@@ -271,8 +271,14 @@ class EtcdStore:
     @staticmethod
     def _unshun(client):
         """Make every endpoint eligible again (after a pause: see ``_call``)."""
-        for endpoint in getattr(client, "endpoints", {}).values():
+        for endpoint in client.endpoints.values():
             endpoint.last_failed = 0
+
+    def _unreachable(self):
+        return StoreError(f"etcd at {self.describe()} is unreachable")
+
+    def _no_answer(self):
+        return StoreError(f"etcd at {self.describe()} did not answer within {self.timeout:g}s")
 
     @property
     def client(self):
@@ -299,13 +305,12 @@ class EtcdStore:
             try:
                 return fn(*args, **kwargs)
             except etcd3.exceptions.ConnectionTimeoutError:
-                error = StoreError(f"etcd at {self.describe()} did not answer within {self.timeout:g}s")
                 if timed_out or not idempotent or tries <= 0:
-                    raise error from None
+                    raise self._no_answer() from None
                 timed_out = True
                 continue
             except (etcd3.exceptions.ConnectionFailedError, etcd3.exceptions.NoServerAvailableError):
-                error = StoreError(f"etcd at {self.describe()} is unreachable")
+                pass        # "unavailable": handled below the try
             except etcd3.exceptions.Etcd3Exception as e:
                 raise StoreError(f"etcd error: {type(e).__name__} {e}".strip()) from None
             except grpc.RpcError as e:
@@ -326,17 +331,15 @@ class EtcdStore:
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     if tries > 0 and idempotent:
                         continue
-                    raise StoreError(f"etcd at {self.describe()} did not answer within {self.timeout:g}s") \
-                        from None
+                    raise self._no_answer() from None
                 if self._client is None:
-                    raise StoreError(f"etcd at {self.describe()} is unreachable") from None
-                error = StoreError(f"etcd at {self.describe()} is unreachable")
+                    raise self._unreachable() from None
             # "unavailable": the next endpoint at once; all said so: again after a pause, while
             # the deadline allows (a leader election answers "unavailable" for a second or two)
             if tries > 0:
                 continue
             if time.monotonic() + pause >= deadline:
-                raise error from None
+                raise self._unreachable() from None
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
             tries = len(self.endpoints)

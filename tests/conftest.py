@@ -132,6 +132,15 @@ def prefix():
     return f"/l3test-{uuid.uuid4().hex[:8]}"
 
 
+def _last_lines(path, n):
+    """The last ``n`` lines of a log, or None when it cannot be read."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return None
+
+
 # ---------------------------------------------------------------- plugin over a unix socket
 class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path, timeout=30):
@@ -212,8 +221,7 @@ class Plugin:
         self.log.close()
 
     def tail(self, n=40):
-        with open(self.logpath) as f:
-            return "".join(f.readlines()[-n:])
+        return _last_lines(self.logpath, n) or ""
 
     def call(self, method, payload=None):
         body = b"" if payload is None else json.dumps(payload).encode()
@@ -260,14 +268,6 @@ def plugin(docker_ready, etcd):
 
 
 # ---------------------------------------------------------------- logs of a failed test
-def _last_lines(path, n=60):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return None
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed test's report carries the end of the logs of the plugins it used (the test

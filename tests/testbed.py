@@ -88,6 +88,13 @@ def pings(host, name, address):
     return host.docker("exec", name, "ping", "-c1", "-W1", address, check=False).returncode == 0
 
 
+def veth_names(host):
+    """The host's l3net veths (l3h*), as a set: compare what is new, since a previous test's
+    may still be going."""
+    return {line.split(": ")[1].split("@")[0] for line in host.sh("ip", "-o", "link").stdout.splitlines()
+            if line.split(": ")[1].startswith("l3h")}
+
+
 def still_pings(host, name, address, tries=3):
     """A path that must work: a ping answered within ``tries`` (one lost packet on a loaded
     machine is not a broken path)."""

@@ -182,12 +182,16 @@ def allocations_of(plugin, net):
     return [a for a in allocations(plugin) if a["pool"] == subnet_of(net)]
 
 
-def unchanged_since(plugin, net, before=None):
-    """(veths, addresses of ``net``) now; given ``before`` (an earlier answer), whether no veth
-    was added and the network's addresses are the same. (Only what this test can change counts:
-    another test's containers may still be going.)"""
-    now = (set(veths()), allocations_of(plugin, net))
-    return now if before is None else (not now[0] - before[0] and now[1] == before[1])
+def footprint(plugin, net):
+    """(veths, addresses of ``net``): what a test on ``net`` can change."""
+    return set(veths()), allocations_of(plugin, net)
+
+
+def unchanged_since(plugin, net, before):
+    """No veth added since ``before`` (a footprint) and ``net``'s addresses the same. (Only
+    what this test can change counts: another test's containers may still be going.)"""
+    links, held = footprint(plugin, net)
+    return not links - before[0] and held == before[1]
 
 
 def subnet_of(net):
@@ -252,7 +256,7 @@ def test_network_rm_busy_then_ok(network, plugin):
 def test_malformed_requests_on_the_socket(plugin, network):
     net = network("10.70.0.0/24")
     c = run(net)
-    before = unchanged_since(plugin, net)
+    before = footprint(plugin, net)
     cases = [
         ("NetworkDriver.CreateEndpoint", b"{garbage"),
         ("NetworkDriver.CreateEndpoint", json.dumps({"NetworkID": "a" * 63, "EndpointID": "b" * 64}).encode()),
@@ -294,7 +298,7 @@ def test_late_or_resent_ipam_calls_never_take_a_live_containers_address(plugin, 
     assert [a for a in allocations(plugin) if a["address"] == "10.74.0.9"] == held
     other = run(net)
     assert ip_of(other, net) != "10.74.0.9" and pings(other, "10.74.0.9")
-    before = unchanged_since(plugin, net)
+    before = footprint(plugin, net)
     network_id = json.loads(docker("network", "inspect", net).stdout)[0]["Id"]
     for address in ("10.74.0.77/32", "10.74.0.9/32"):      # free; held by the second container
         status, body = post(plugin.socket, "NetworkDriver.CreateEndpoint", json.dumps(

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import BIN, bed_up, wait_for
-from tests.testbed import NET, Testbed, pings, still_pings
+from tests.testbed import NET, Testbed, pings, still_pings, veth_names
 
 SUBNET = "10.40.0.0/16"
 
@@ -283,12 +283,6 @@ def test_a_container_on_two_networks_reaches_both_across_hosts(bed, containers):
             if ids:
                 host.docker("rm", "-f", *ids, check=False)
             host.docker("network", "rm", "back", check=False)
-
-
-def veth_names(host):
-    """The host's veths (l3h*): compared as sets, since a previous test's may still be going."""
-    return {line.split(": ")[1].split("@")[0] for line in host.sh("ip", "-o", "link").stdout.splitlines()
-            if line.split(": ")[1].startswith("l3h")}
 
 
 def test_compose_projects_on_two_hosts_share_a_network(bed):
