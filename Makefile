@@ -2,7 +2,7 @@
 VENV := .venv
 SHELL := /bin/bash
 
-.PHONY: setup run test unit bench bench-scale demo demo-down plugin install clean
+.PHONY: setup run test test-docker unit bench bench-scale demo demo-down plugin install clean
 
 setup:
 	@scripts/setup.sh
@@ -12,6 +12,14 @@ run: setup
 
 test: setup
 	L3NET_REQUIRE_E2E=1 $(VENV)/bin/pytest -q tests
+
+# The Docker-facing end-to-end tests on another Docker, from Debian's own packages of the suite
+# that ships it, in a nested Docker host (scripts/docker-bed.sh): DOCKER=20 (Debian 12),
+# 26 (Debian 13), 28 (Debian unstable). TESTS=tests runs every test there; IPTABLES=legacy|nft
+# picks the bed's iptables backend (default: the suite's, nft).
+DOCKER ?= 26
+test-docker: setup
+	IPTABLES=$(IPTABLES) scripts/docker-bed.sh $(DOCKER) $(TESTS)
 
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit

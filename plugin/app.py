@@ -102,7 +102,16 @@ def create_app(driver, ipam):
 
     @route("NetworkDriver.GetCapabilities")
     def net_caps():
-        return jsonify(Scope="local", ConnectivityScope="global")
+        # GwAllocChecker (Docker 28+): dockerd asks GwAllocCheck before a network create.
+        return jsonify(Scope="local", ConnectivityScope="global", GwAllocChecker=True)
+
+    # Docker 28+, before the IPAM calls of `docker network create`: l3net's containers route via
+    # a link-local gateway of the host's (Join), so no pool address is ever spent on a gateway,
+    # for either family (a --gateway the user gives is still reserved as asked).
+    @route("NetworkDriver.GwAllocCheck")
+    def gw_alloc_check():
+        V.string_map(V.field(body(), "Options", dict), "Options")
+        return jsonify(SkipIPv4=True, SkipIPv6=True)
 
     @route("IpamDriver.GetCapabilities")
     def ipam_caps():
@@ -179,6 +188,7 @@ def create_app(driver, ipam):
             raise L3netError("l3net does not support IPv6 yet")
         mac = V.field(iface, "MacAddress", default="")
         mac = V.mac(mac) if mac else None
+        driver.check_endpoint_options(V.string_map(V.field(data, "Options", dict), "Options"))
         g.address = str(address) if address else None
         answer = driver.create_endpoint(network_id, endpoint_id, address, mac)
         return jsonify(Interface=answer or None)

@@ -37,9 +37,16 @@ GATEWAYS = 1024                               # networks per host: 169.254.1.1 .
 ADDRESS_SPACE = "l3net"
 GENERIC = "com.docker.network.generic"
 INTERNAL = "com.docker.network.internal"      # docker network create --internal
+ENABLE_IPV4 = "com.docker.network.enable_ipv4"  # Docker 28+: false for --ipv4=false
+# Options in Docker's own namespace that l3net does not know are tolerated (and logged): a newer
+# Docker adds some (28 added enable_ipv4, which older clients send through -o), and refusing
+# them would break every network create on it. Unknown options of any other name are refused
+# (a mistyped l3net option must not be silently ignored).
+DOCKERS = "com.docker."
 MTU = "com.docker.network.driver.mtu"        # Docker's standard driver option (-o, driver_opts)
 MTU_RANGE = (576, 9216)
 TAGS = "l3net.tags"                           # -o l3net.tags=frontend,needs-db (the pool's tags)
+IFNAME = "com.docker.network.endpoint.ifname"  # docker run --network name=N,driver-opt=...
 # -o options l3net understands on `docker network create`.
 NETWORK_OPTIONS = {MTU: "the MTU of the containers' interfaces on the network",
                    TAGS: "the network's tags, for policies that name a tag"}
@@ -127,10 +134,16 @@ class Driver:
         generic = options.get(GENERIC) or {}
         if not isinstance(generic, dict):
             raise L3netError("invalid network options")
-        unknown = sorted(set(generic) - set(NETWORK_OPTIONS))
+        unknown = sorted(k for k in set(generic) - set(NETWORK_OPTIONS) if not k.startswith(DOCKERS))
         if unknown:
             raise L3netError(f"unknown option(s) {', '.join(unknown)}: l3net takes -o "
                              f"{', '.join(NETWORK_OPTIONS)}; pool settings go in --ipam-opt")
+        ignored = sorted(k for k in set(generic) - set(NETWORK_OPTIONS) if k.startswith(DOCKERS))
+        if ignored:
+            log.info("network %s: Docker's option(s) %s do not apply to l3net: ignored",
+                     network_id[:12], ", ".join(ignored))
+        if str(options.get(ENABLE_IPV4, "true")).lower() == "false":
+            raise L3netError("l3net networks need IPv4 (--ipv4=false is not supported)")
         uplink = self.datapath.uplink_mtu()
         mtu = self._mtu(generic.get(MTU), uplink)
         tags = V.tag_list(generic[TAGS]) if TAGS in generic else None
@@ -227,6 +240,16 @@ class Driver:
         self._networks.pop(network_id, None)
 
     # -- endpoints --------------------------------------------------------
+    def check_endpoint_options(self, options):
+        """CreateEndpoint's options (a container's per-network driver options). Docker 28's
+        interface name option is refused: dockerd does not pass the name on to a network
+        plugin's interface (it names it eth<N> whatever was asked), so honouring it silently
+        would give the container another name than the one it was started with. Everything
+        else there is Docker's own (sysctls it applies itself, ports, MAC) or not l3net's."""
+        if options.get(IFNAME):
+            raise L3netError(f"{IFNAME} is not supported with {self.name}: Docker names a network "
+                             "plugin's interface eth<N> itself (leave the driver option out)")
+
     def create_endpoint(self, network_id, endpoint_id, address, mac):
         """Create the veth and /32 route. Returns the interface fields to answer (only those
         dockerd left empty: echoing a set field fails the endpoint)."""

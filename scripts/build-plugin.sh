@@ -1,8 +1,10 @@
 #!/bin/sh
 # `make plugin`: build l3net as a Docker managed plugin and enable it on the local dockerd.
 #
-#   1. a Debian base image: debian:bookworm-slim if dockerd has it, else one made here with
-#      debootstrap + docker import (no registry needed);
+#   1. a Debian base image whose Python is the one that builds the wheels (some wheels, grpcio's,
+#      are for one Python version): Python 3.11 -> bookworm (Debian 12), 3.13 -> trixie (Debian
+#      13); debian:SUITE-slim if dockerd has it, else one made here with debootstrap + docker
+#      import (no registry needed); L3NET_PLUGIN_BASE=IMAGE chooses another;
 #   2. wheels of l3net and its dependencies, built on this host (dist/wheels);
 #   3. the plugin image (Dockerfile), its filesystem exported as the plugin's rootfs, with
 #      plugin.json as its config.json;
@@ -22,8 +24,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 NAME=${L3NET_PLUGIN_NAME:-l3net:latest}
-BASE=${L3NET_PLUGIN_BASE:-debian:bookworm-slim}
-LOCAL_BASE=l3net/debian-base:bookworm
 IMAGE=l3net/plugin-image:latest
 BUILD=build/plugin
 PY=${PYTHON:-}
@@ -46,15 +46,32 @@ if [ -z "$PY" ]; then
     fi
 fi
 
+# The Debian suite whose python3 is the wheels' Python.
+pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || die "$PY does not run"
+case "$pyver" in
+    3.11) SUITE=bookworm ;;
+    3.13) SUITE=trixie ;;
+    *) SUITE="" ;;
+esac
+if [ -n "${L3NET_PLUGIN_BASE:-}" ]; then
+    BASE=$L3NET_PLUGIN_BASE
+else
+    [ -n "$SUITE" ] || die "no Debian release has Python $pyver as python3 (wheels are built by $PY): \
+set PYTHON to a Python 3.11 or 3.13, or L3NET_PLUGIN_BASE to an image with Python $pyver"
+    BASE=debian:$SUITE-slim
+fi
+LOCAL_BASE=l3net/debian-base:$SUITE
+
 build() {
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
+    [ -z "${L3NET_PLUGIN_BASE:-}" ] || die "no image $BASE on this dockerd"
     if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
         command -v debootstrap >/dev/null || die "no $BASE image and no debootstrap: apt-get install debootstrap"
         MIRROR=${L3NET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
         root=$(mktemp -d)
         trap 'rm -rf "$root"' EXIT
         say "no $BASE image: building $LOCAL_BASE with debootstrap from $MIRROR (a few minutes)"
-        debootstrap --variant=minbase bookworm "$root" "$MIRROR" >"$root.log" 2>&1 \
+        debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
             || die "debootstrap failed; see $root.log"
         rm -rf "$root/var/cache/apt/archives/"*.deb "$root.log"
         tar -C "$root" -c . | docker import - "$LOCAL_BASE" >/dev/null

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a Debian 12 host for l3net (idempotent; run as root):
-#   1. install the Debian packages that are missing,
+# Prepare a Debian host for l3net (12 "bookworm", 13 "trixie" or unstable; idempotent; as root):
+#   1. install the Debian packages that are missing (`--packages`: this step alone),
 #   2. create .venv with l3net and its test tools,
 #   3. start a local etcd and a dockerd when none is running,
 #   4. build the busybox test image when it is missing.
@@ -21,12 +21,21 @@ missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-    say "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+export DEBIAN_FRONTEND=noninteractive
+updated=""
+install() {
+    say "installing $*"
+    [ -n "$updated" ] || apt-get update -qq
+    updated=1
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+[ ${#missing[@]} -eq 0 ] || install "${missing[@]}"
+# The docker command: part of docker.io up to Debian 12; from Debian 13 on, its own package
+# docker-cli, which docker.io only recommends (and recommends are not installed here).
+if [ ! -x /usr/bin/docker ]; then
+    install docker-cli
 fi
+[ "${1:-}" != --packages ] || exit 0
 
 scripts/quiet-system-bird.sh
 

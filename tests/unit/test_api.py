@@ -115,7 +115,8 @@ def setup_network(node, subnet="10.20.0.0/16"):
 def test_handshake_with_empty_bodies(node):
     assert ok(node.call("Plugin.Activate")) == {"Implements": ["NetworkDriver", "IpamDriver"]}
     assert ok(node.call("NetworkDriver.GetCapabilities")) == {"Scope": "local",
-                                                              "ConnectivityScope": "global"}
+                                                              "ConnectivityScope": "global",
+                                                              "GwAllocChecker": True}
     assert ok(node.call("IpamDriver.GetCapabilities"))["RequiresMACAddress"] is False
     assert ok(node.call("IpamDriver.GetDefaultAddressSpaces", raw=b"null")) == {
         "LocalDefaultAddressSpace": "l3net", "GlobalDefaultAddressSpace": "l3net"}
@@ -508,10 +509,10 @@ def test_a_bad_gateway_in_a_network_record_falls_back_to_the_default(node, bad):
     assert join(node, NET, EP, pool_id)["Gateway"] == "169.254.1.1"
 
 
-def create_with_options(node, generic, subnet="10.20.0.0/24"):
+def create_with_options(node, generic, subnet="10.20.0.0/24", top=None):
     ok(node.call("IpamDriver.RequestPool", {"AddressSpace": "l3net", "Pool": subnet, "Options": {}}))
     return node.call("NetworkDriver.CreateNetwork", {
-        "NetworkID": NET, "Options": {"com.docker.network.generic": generic}, "IPv6Data": [],
+        "NetworkID": NET, "Options": {"com.docker.network.generic": generic, **(top or {})}, "IPv6Data": [],
         "IPv4Data": [{"AddressSpace": "l3net", "Pool": subnet, "Gateway": "169.254.1.1/32"}]})
 
 
@@ -535,9 +536,54 @@ def test_bad_mtu_refused_and_nothing_written(node, value, why):
 
 
 def test_unknown_network_option_names_the_ones_l3net_takes(node):
-    status, body = create_with_options(node, {"com.docker.network.bridge.name": "br0"})
-    assert status == 500 and "com.docker.network.bridge.name" in body["Err"]
+    status, body = create_with_options(node, {"l3net.tag": "db"})
+    assert status == 500 and "l3net.tag" in body["Err"]
     assert "com.docker.network.driver.mtu" in body["Err"]
+    assert not [k for k in node.snapshot() if "/networks/" in k]
+
+
+def test_dockers_own_options_l3net_does_not_know_are_tolerated(node):
+    """A newer Docker adds options in its namespace (28: enable_ipv4, top level and, from an
+    older client's -o, in the generic ones): a network create must not fail on them."""
+    ok(create_with_options(node, {"com.docker.network.enable_ipv4": "true",
+                                  "com.docker.network.bridge.name": "br0"},
+                           top={"com.docker.network.enable_ipv4": True,
+                                "com.docker.network.enable_ipv6": False,
+                                "com.docker.network.some_future_flag": True}))
+    assert [k for k in node.snapshot() if "/networks/" in k]
+
+
+def test_ipv4_false_is_refused_clearly_and_nothing_written(node):
+    status, body = create_with_options(node, {}, top={"com.docker.network.enable_ipv4": False})
+    assert status == 500 and "--ipv4=false" in body["Err"], body
+    assert not [k for k in node.snapshot() if "/networks/" in k]
+
+
+def test_gw_alloc_check_skips_both_families(node):
+    assert ok(node.call("NetworkDriver.GwAllocCheck", {"Options": {
+        "com.docker.network.enable_ipv4": True, "com.docker.network.generic": {}}})) == {
+        "SkipIPv4": True, "SkipIPv6": True}
+    assert ok(node.call("NetworkDriver.GwAllocCheck")) == {"SkipIPv4": True, "SkipIPv6": True}
+    status, body = node.call("NetworkDriver.GwAllocCheck", {"Options": ["x"]})
+    assert status == 500 and "Options" in body["Err"]
+
+
+def test_endpoint_interface_name_refused_clearly_and_nothing_left(node):
+    """Docker 28's com.docker.network.endpoint.ifname never reaches a plugin's interface name
+    (dockerd names it eth<N>): refused, with no veth, record or address holder left."""
+    pool_id = setup_network(node)
+    addr = ok(node.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": ""}))["Address"]
+    before = node.snapshot()
+    status, body = node.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr},
+        "Options": {"com.docker.network.endpoint.ifname": "web0"}})
+    assert status == 500 and "com.docker.network.endpoint.ifname" in body["Err"], body
+    assert node.snapshot() == before and not node.dp.links
+    # the other options Docker sends there are its own business
+    ok(node.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr},
+        "Options": {"com.docker.network.endpoint.sysctls": "net.ipv4.conf.IFNAME.log_martians=1",
+                    "com.docker.network.endpoint.exposedports": [], "com.docker.network.portmap": []}}))
 
 
 def test_tags_option_tags_the_pool(node):
