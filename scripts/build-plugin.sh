@@ -3,8 +3,9 @@
 #
 #   1. a Debian base image whose Python is the one that builds the wheels (some wheels, grpcio's,
 #      are for one Python version): Python 3.11 -> bookworm (Debian 12), 3.13 -> trixie (Debian
-#      13); debian:SUITE-slim if dockerd has it, else one made here with debootstrap + docker
-#      import (no registry needed); L3NET_PLUGIN_BASE=IMAGE chooses another;
+#      13), 3.14 -> sid (unstable); debian:SUITE-slim if dockerd has it, else one made here with
+#      debootstrap (with the packages the plugin needs) + docker import (no registry needed);
+#      L3NET_PLUGIN_BASE=IMAGE chooses another;
 #   2. wheels of l3net and its dependencies, built on this host (dist/wheels);
 #   3. the plugin image (Dockerfile), its filesystem exported as the plugin's rootfs, with
 #      plugin.json as its config.json;
@@ -51,13 +52,14 @@ pyver=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') || die "$P
 case "$pyver" in
     3.11) SUITE=bookworm ;;
     3.13) SUITE=trixie ;;
+    3.14) SUITE=sid ;;
     *) SUITE="" ;;
 esac
 if [ -n "${L3NET_PLUGIN_BASE:-}" ]; then
     BASE=$L3NET_PLUGIN_BASE
 else
     [ -n "$SUITE" ] || die "no Debian release has Python $pyver as python3 (wheels are built by $PY): \
-set PYTHON to a Python 3.11 or 3.13, or L3NET_PLUGIN_BASE to an image with Python $pyver"
+set PYTHON to a Python 3.11, 3.13 or 3.14, or L3NET_PLUGIN_BASE to an image with Python $pyver"
     BASE=debian:$SUITE-slim
 fi
 LOCAL_BASE=l3net/debian-base:$SUITE
@@ -71,7 +73,8 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
         root=$(mktemp -d)
         trap 'rm -rf "$root"' EXIT
         say "no $BASE image: building $LOCAL_BASE with debootstrap from $MIRROR (a few minutes)"
-        debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
+        debootstrap --variant=minbase --include="$(sed -n 's/^ARG PACKAGES="\(.*\)"$/\1/p' Dockerfile | tr ' ' ,)" \
+            "$SUITE" "$root" "$MIRROR" >"$root.log" 2>&1 \
             || die "debootstrap failed; see $root.log"
         rm -rf "$root/var/cache/apt/archives/"*.deb "$root.log"
         tar -C "$root" -c . | docker import - "$LOCAL_BASE" >/dev/null
