@@ -18,6 +18,12 @@
 #      etcd, the suite's dockerd, the test image), then pytest with the arguments given
 #      (default: the Docker-facing end-to-end tests, L3NET_BED_TESTS) and L3NET_REQUIRE_E2E=1.
 #
+#   scripts/docker-bed.sh VERSION --quickstart
+#
+# instead takes the suite's bare debootstrap (l3net-bed/SUITE-fresh:HASH, a fresh machine:
+# nothing of l3net's installed) and does what the README's quick start says: `make run`, then
+# the commands of its "Then, in another shell" block, each of which must succeed.
+#
 # The container is removed at the end, also on failure or Ctrl-C. pytest's JUnit report is
 # copied to build/docker-bed/SUITE.xml. Needs a running dockerd here (make setup starts one)
 # and debootstrap. L3NET_DEBIAN_MIRROR overrides the mirror; L3NET_BED_REBUILD=1 builds the
@@ -52,6 +58,7 @@ MIRROR=${L3NET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGE_RECIPE=1     # raise when build_image changes what goes into the image
 HASH=$( (cat scripts/setup.sh; echo "$IMAGE_RECIPE") | sha256sum | cut -c1-12)
 IMAGE=l3net-bed/$SUITE:$HASH
+FRESH=l3net-bed/$SUITE-fresh:$HASH
 NAME=l3net-bed-$SUITE-$$
 OUT=$ROOT/build/docker-bed
 CACHE=/var/cache/l3net-bed      # pip's cache, shared by the beds' .venv installs
@@ -78,25 +85,31 @@ build_image() {
     [ "$SUITE" = sid ] && echo 'Acquire::Check-Valid-Until "false";' >"$root/etc/apt/apt.conf.d/99l3net-bed"
     echo "deb $MIRROR $SUITE main" >"$root/etc/apt/sources.list"
     rm -rf "$root/var/cache/apt/archives/"*.deb
-    tar -C "$root" -c . | docker import - "$IMAGE-base" >/dev/null
+    tar -C "$root" -c . | docker import -c 'CMD ["sleep", "infinity"]' - "$FRESH" >/dev/null
     say "installing $SUITE's packages (scripts/setup.sh --packages)"
     local cid
-    cid=$(docker create "${HOST_FLAGS[@]}" -v "$ROOT/scripts:/setup:ro" "$IMAGE-base" /setup/setup.sh --packages)
+    cid=$(docker create "${HOST_FLAGS[@]}" -v "$ROOT/scripts:/setup:ro" "$FRESH" /setup/setup.sh --packages)
     if ! docker start -a "$cid" >"$root.log" 2>&1; then
-        docker rm -f "$cid" >/dev/null; docker rmi "$IMAGE-base" >/dev/null
+        docker rm -f "$cid" >/dev/null
         tail -20 "$root.log" >&2; die "installing the packages in the $SUITE image failed"
     fi
     docker commit -c 'CMD ["sleep", "infinity"]' "$cid" "$IMAGE" >/dev/null
     docker rm "$cid" >/dev/null
-    docker rmi "$IMAGE-base" >/dev/null
 }
 
-if [ "${L3NET_BED_REBUILD:-}" = 1 ] || ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
+if [ "${L3NET_BED_REBUILD:-}" = 1 ] || ! docker image inspect "$IMAGE" "$FRESH" >/dev/null 2>&1; then
     build_image
     # older images of this suite are of no further use
-    for old in $(docker images --format '{{.Repository}}:{{.Tag}}' "l3net-bed/$SUITE"); do
-        [ "$old" = "$IMAGE" ] || docker rmi "$old" >/dev/null 2>&1 || true
+    for repo in "l3net-bed/$SUITE" "l3net-bed/$SUITE-fresh"; do
+        for old in $(docker images --format '{{.Repository}}:{{.Tag}}' "$repo"); do
+            [ "$old" = "$IMAGE" ] || [ "$old" = "$FRESH" ] || docker rmi "$old" >/dev/null 2>&1 || true
+        done
     done
+fi
+QUICKSTART=""
+if [ "${1:-}" = --quickstart ]; then
+    QUICKSTART=1
+    IMAGE=$FRESH
 fi
 
 cleanup() { docker rm -f -v "$NAME" >/dev/null 2>&1 || true; }
@@ -116,6 +129,31 @@ docker exec -e IPTABLES="${IPTABLES:-}" "$NAME" sh -ec '
     mkdir /l3net
     tar -C /src --exclude=./.venv --exclude=./build --exclude=./dist --exclude=./.git \
         --exclude=./.pytest_cache --exclude=./.hypothesis --exclude="*.egg-info" -c . | tar -C /l3net -x'
+if [ -n "$QUICKSTART" ]; then
+    # The README's commands after "Then, in another shell:", up to the end of that block.
+    awk '/^Then, in another shell:/ {on=1; next} on && /^```sh/ {inblock=1; next}
+         inblock && /^```/ {exit} inblock' README.md >"$OUT/quickstart.sh"
+    [ -s "$OUT/quickstart.sh" ] || die "no quick start commands found in README.md"
+    docker cp "$OUT/quickstart.sh" "$NAME:/quickstart.sh"
+    say "Debian $SUITE, nothing installed: make run, then the README's quick start"
+    rc=0
+    docker exec -w /l3net "$NAME" sh -ec '
+        setsid make run >/var/log/make-run.log 2>&1 </dev/null &
+        deadline=$(( $(date +%s) + 900 ))
+        until [ -S /run/docker/plugins/l3net.sock ] && docker info >/dev/null 2>&1; do
+            if [ "$(date +%s)" -gt $deadline ] || ! kill -0 $! 2>/dev/null; then
+                tail -30 /var/log/make-run.log; echo "make run did not serve the plugin" >&2; exit 1
+            fi
+            sleep 1
+        done
+        tail -3 /var/log/make-run.log
+        version=$(dpkg-query -W -f "\${Version}" docker.io)
+        echo "docker.io $version, $(iptables --version)"
+        sh -ex /quickstart.sh' || rc=$?
+    if [ $rc = 0 ]; then say "Debian $SUITE: make run and the quick start: passed"
+    else say "Debian $SUITE: make run and the quick start: FAILED ($rc)"; fi
+    exit $rc
+fi
 version=$(docker exec "$NAME" sh -c 'dpkg-query -W -f "\${Version}" docker.io')
 backend=$(docker exec "$NAME" sh -c 'iptables --version')
 say "Debian $SUITE, docker.io $version, $backend: scripts/setup.sh, then pytest $*"

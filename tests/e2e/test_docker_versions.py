@@ -113,6 +113,7 @@ def test_options_of_a_newer_docker_are_tolerated_and_ipv4_false_refused(network,
 def test_interface_name_option_refused_clearly(network, plugin):
     net = network("10.94.2.0/24")
     needs(28)
+    run(net)            # (the host's block of the pool is claimed by the first container)
     before = snapshot(plugin)
     name, res = run_on(f"name={net},driver-opt=com.docker.network.endpoint.ifname=web0", check=False)
     assert res.returncode != 0, "started with an interface name l3net cannot give"
@@ -171,6 +172,17 @@ def test_gw_priority_between_two_l3net_networks(ab, plugin):
         docker("rm", "-f", c)
 
 
+def bridge_and(net, bridge_priority=0, net_priority=0):
+    """A running container on Docker's bridge and on ``net`` (docker run takes no user-defined
+    network beside the bridge: created on the bridge, then connected, then started)."""
+    name = unique("c")
+    docker("create", "--label", "l3net-test", "--name", name, "--network", f"name=bridge,gw-priority={bridge_priority}",
+           TEST_IMAGE, "sleep", "600")
+    docker("network", "connect", "--gw-priority", str(net_priority), net, name)
+    docker("start", name)
+    return name
+
+
 def test_gw_priority_with_dockers_bridge(network):
     """28: with Docker's bridge beside an l3net network, gw-priority picks either; the l3net
     network's pool stays reachable through its interface when the bridge has the default."""
@@ -178,11 +190,11 @@ def test_gw_priority_with_dockers_bridge(network):
     needs(28)
     peer = run(net)
     peer_ip = sh(peer, "ip -4 -o addr show eth0").stdout.split()[3].split("/")[0]
-    c, _ = run_on("name=bridge", f"name={net},gw-priority=10")
+    c = bridge_and(net, net_priority=10)
     assert default_dev(c)[1] == dev_of(c, net), routes(c)
     assert default_dev(c)[0].startswith("169.254.1."), routes(c)
     assert pings(c, peer_ip)
-    c2, _ = run_on("name=bridge,gw-priority=10", f"name={net}")
+    c2 = bridge_and(net, bridge_priority=10)
     assert default_dev(c2)[1] == dev_of(c2, "bridge"), routes(c2)
     assert not default_dev(c2)[0].startswith("169.254."), routes(c2)
     assert pings(c2, peer_ip)
@@ -215,3 +227,14 @@ def test_forward_policy_drop_does_not_stop_l3net(network):
         assert not pings(stranger, b_ip, within=2), "another network reached b"
     finally:
         subprocess.run([tool, "-w", "5", "-P", "FORWARD", policy], check=True)
+
+
+def test_a_container_only_on_an_internal_network_keeps_its_default_route(network):
+    """Docker 25 gives a container only on internal bridge networks no default route. An l3net
+    --internal network keeps one on purpose: its pool is not NATed outside and no port is
+    published, but a policy may open another network's service to it, and that network is
+    reached through the default route (the host filters every packet)."""
+    net = network("10.94.10.0/24", "--internal")
+    c = run(net)
+    gateway, dev = default_dev(c)
+    assert gateway.startswith("169.254.1.") and dev == "eth0", routes(c)
