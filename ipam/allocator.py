@@ -18,10 +18,10 @@ import time
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
-from plugin import infra
-from plugin.errors import L3netError
-from plugin.validate import MAX_TAGS
-from plugin.keys import key_cidr
+from core import infra
+from core.errors import L3netError
+from core.keys import key_cidr
+from core.validate import MAX_TAGS
 
 from . import blocks as B
 from . import pools as P

@@ -15,7 +15,7 @@ import time
 
 from netaddr import AddrFormatError, IPNetwork
 
-from plugin.errors import L3netError
+from core.errors import L3netError
 
 MIN_POOL_PREFIX = 8
 MAX_POOL_PREFIX = 30

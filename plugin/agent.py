@@ -22,12 +22,21 @@ import os
 import threading
 import time
 
+from core.errors import L3netError
+
 from . import metrics
 from .bgp import render
-from .calc import MemberIndex, desired_bgp, desired_policy, desired_tunnel, node_asn, nodes, warn
+from .calc import (
+    MemberIndex,
+    desired_bgp,
+    desired_policy,
+    desired_tunnel,
+    node_asn,
+    nodes,
+    warn,
+)
 from .datastore import Cache
 from .encap import vtep_mac
-from .errors import L3netError
 from .firewall import NoFirewall
 from .store import StoreError
 

@@ -11,9 +11,10 @@ import time
 
 from flask import Flask, g, jsonify, request
 
+from core import validate as V
+from core.errors import L3netError
+
 from . import metrics
-from . import validate as V
-from .errors import L3netError
 from .ports import PORTMAP, parse_portmap
 
 log = logging.getLogger("l3net.api")

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 
-from .errors import L3netError, run_tool
+from core.errors import L3netError, run_tool
 
 log = logging.getLogger("l3net.bird")
 

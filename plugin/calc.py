@@ -20,16 +20,25 @@ from dataclasses import replace
 
 from netaddr import IPAddress, IPNetwork
 
+from core import validate
+from core.errors import L3netError
+from core.infra import (
+    MAX_LISTED,
+    RESERVED,
+    canonical_cidr,
+    canonical_ip,
+    infrastructure,
+    node_facts,
+    pool_conflict,
+    protected,
+    unicast_ip,
+)
+from core.keys import key_cidr
 from ipam.blocks import ip_int
 from ipam.pools import encap_of
 
 from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer
-from .infra import (MAX_LISTED, RESERVED, canonical_cidr, canonical_ip, infrastructure, node_facts,
-                    pool_conflict, protected, unicast_ip)
-from . import validate
 from .encap import TunnelState, desired_tunnels
-from .errors import L3netError
-from .keys import key_cidr
 from .policy import PolicyState
 
 log = logging.getLogger("l3net.calc")

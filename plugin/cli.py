@@ -17,11 +17,11 @@ from netaddr import IPNetwork
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config, bird_socket, etcd_options, make_store, node_name
-from . import validate as V
-from .errors import L3netError
-from .keys import Keys
+from core import validate as V
+from core.errors import L3netError
+from core.keys import Keys
 
+from .config import Config, bird_socket, etcd_options, make_store, node_name
 
 PROTOS = ("tcp", "udp", "icmp")
 
@@ -221,10 +221,11 @@ def diagnose(obj, src, dst, proto, port, hostname):
         bgp = bgp_states(show(bird_socket(), "protocols"))
     except L3netError:
         pass
-    from .calc import RESERVED_NETS as hard                        # as the agents judge pools
+    from core.infra import pool_conflict, protected
+
+    from .calc import RESERVED_NETS as hard  # as the agents judge pools
     from .calc import bgp_peer_ips, known_node_addresses, protected_by_operator
     from .encap import own_subnet
-    from .infra import pool_conflict, protected
     registered, peers = nodes(obj.store, obj.keys), bgp_peer_ips(obj.store, obj.keys)
     known = known_node_addresses(obj.store, obj.keys)
     facts = Facts(pools=pools, allocations=allocations,
@@ -517,7 +518,7 @@ def asn_type(value):
 
 
 def ip_type(value):
-    from .validate import ipv4
+    from core.validate import ipv4
     try:
         return str(ipv4(value, "peer address"))
     except L3netError as e:
@@ -525,7 +526,7 @@ def ip_type(value):
 
 
 def node_type(value):
-    from .validate import hostname
+    from core.validate import hostname
     try:
         return hostname(value)
     except L3netError as e:
@@ -630,7 +631,7 @@ def peer():
 @click.option("--name", default=None, help="A label for the peer (letters, digits, '.', '_', '-').")
 @click.pass_obj
 def peer_add(obj, ip, asn, node, name):
-    from .infra import NODE_NAME, unicast_ip
+    from core.infra import NODE_NAME, unicast_ip
     if name is not None and not NODE_NAME.fullmatch(name):
         raise click.BadParameter(f"{name!r}: a label of letters, digits, '.', '_' and '-' (up to 63)",
                                  param_hint="--name")
@@ -682,9 +683,9 @@ def peer_remove(obj, ip, node):
 def bgp_status(obj, sock, as_json):
     """This node's BGP sessions, as BIRD reports them, with the peer's node name from etcd."""
     sock = sock or bird_socket()
-    from .calc import nodes
     from .bgp import parse_protocols
     from .bird import show
+    from .calc import nodes
 
     if not os.path.exists(sock):
         raise L3netError(f"no BIRD control socket at {sock}: is l3net-plugin running on this host, "
@@ -859,9 +860,8 @@ def host():
 def host_allow(obj, proto, port, node, to):
     """Open a host service (or, with --to, a protected destination) to containers; prints the
     new rule's id last."""
+    from core.infra import overlaps
     from ipam.pools import parse_cidr
-
-    from .infra import overlaps
     if to is not None:
         if node is not None:
             raise click.BadParameter("--to and --node do not go together")
@@ -887,8 +887,8 @@ def host_allow(obj, proto, port, node, to):
 @click.pass_obj
 def host_protect(obj, cidr):
     """Keep containers away from CIDR too (e.g. the management network)."""
+    from core.infra import overlaps
     from ipam.pools import parse_cidr
-    from .infra import overlaps
     net = parse_cidr(cidr if "/" in cidr else f"{cidr}/32", "range")
     if net.prefixlen == 0:
         raise L3netError("0.0.0.0/0 would cut containers off everything: name the ranges to protect")
@@ -921,8 +921,9 @@ def host_unprotect(obj, cidr):
 def host_list(obj, show_all, as_json):
     """Host rules (what is open to containers), then the protected ranges (the operator's; with
     --all also the automatic ones, and why each is there)."""
+    from core.infra import LINK_LOCAL
+
     from .calc import bgp_peer_ips, nodes, protected_by_operator
-    from .infra import LINK_LOCAL
     rows = [dict(r, kind="allow") for r in obj.records(obj.keys.host_rules())]
     protected = [(c, "operator (l3netctl host protect)") for c in protected_by_operator(obj.store, obj.keys)]
     if show_all:

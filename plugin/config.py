@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import click
 
-from .errors import L3netError
-from .validate import hostname as check_hostname
-from .validate import ipv4
+from core.errors import L3netError
+from core.validate import hostname as check_hostname
+from core.validate import ipv4
 
 DEFAULT_SOCKET = "/run/docker/plugins/l3net.sock"
 # BIRD's control socket and pid file. The managed plugin keeps them in its state mount
@@ -94,7 +94,7 @@ def read_bgp_passwords(path=None, default=None):
     (``--bgp-password-file``) holds a line ``SECRET`` (the mesh's) and/or lines ``IP SECRET``;
     ``default`` (L3NET_BGP_PASSWORD) is the mesh's. Secrets live on the nodes only: never in
     etcd, never in a log line (errors name the line number, not its text)."""
-    from .validate import ipv4
+    from core.validate import ipv4
     out = {}
     if path:
         try:

@@ -29,13 +29,11 @@ import threading
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import L3netError, run_tool
+from core.errors import L3netError, run_tool
+from core.names import HOST_PREFIX, host_ifname, temp_ifname  # noqa: F401 (datapath.host_ifname)
 
 log = logging.getLogger("l3net.datapath")
 
-HOST_PREFIX = "l3h"     # l3h + 11 hex chars: host side, named from the endpoint ID. Distinct
-                        # enough for the policy's "-i l3h+" matches (a bridge named l3bed0 is not ours)
-TEMP_PREFIX = "l3t"     # l3t + 11 hex chars: container side until dockerd moves it ("t" is not hex)
 ROUTE_PROTO = 4         # "static": the /32 routes we install
 
 
@@ -43,12 +41,6 @@ class LinkExists(L3netError):
     """The endpoint's veth is already there (a re-sent call, or a leftover)."""
 
 
-def host_ifname(endpoint_id):
-    return HOST_PREFIX + endpoint_id[:11]
-
-
-def temp_ifname(endpoint_id):
-    return TEMP_PREFIX + endpoint_id[:11]
 
 
 def host_port_free(proto, host_ip, port):

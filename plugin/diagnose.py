@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from netaddr import IPAddress, IPNetwork
 
-from .validate import TAG_SIDE
+from core.validate import TAG_SIDE
 
 
 @dataclass
@@ -89,8 +89,8 @@ def diagnose(src, dst, facts, proto=None, port=None):
             steps.append(Step(True, f"host {dst_host} is registered at {facts.nodes[dst_host]}"))
             crossing = _crossing(facts, src_host, dst_host, dst_pool)
             if crossing:
-                ok, what = crossing
-                steps.append(Step(ok, what))
+                ok, why = crossing
+                steps.append(Step(ok, why))
                 if not ok and not (facts.here == src_host and facts.route_to_dst and
                                    f"via {facts.nodes[dst_host]} " in facts.route_to_dst + " "):
                     return "NOT REACHABLE", steps
@@ -226,7 +226,7 @@ def _via_tags(rule):
 def _covers(cidr, address):
     """Whether a rule's ``--to`` CIDR holds ``address`` (a malformed one holds nothing: the
     agents skip it too)."""
-    from .infra import canonical_cidr
+    from core.infra import canonical_cidr
     return bool(canonical_cidr(cidr)) and IPAddress(address) in IPNetwork(cidr)
 
 

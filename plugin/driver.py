@@ -16,12 +16,12 @@ import time
 
 from netaddr import IPAddress, IPNetwork
 
+from core import validate as V
+from core.errors import L3netError
+from core.infra import LINK_LOCAL
 from ipam import pools as P
 
-from . import validate as V
 from .datapath import LinkExists
-from .errors import L3netError
-from .infra import LINK_LOCAL
 from .ports import PortClaims
 from .ports import describe as describe_port
 from .store import StoreError, get_json

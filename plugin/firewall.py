@@ -19,8 +19,9 @@ import threading
 import time
 from dataclasses import replace
 
+from core.errors import L3netError, run_tool
+
 from . import policy as P
-from .errors import L3netError, run_tool
 
 log = logging.getLogger("l3net.firewall")
 
@@ -179,7 +180,11 @@ def nft_generation():
     running iptables-save and ip6tables-save every few seconds)."""
     try:
         from pyroute2.netlink import NLM_F_REQUEST
-        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket, nft_gen_msg
+        from pyroute2.netlink.nfnetlink.nftsocket import (
+            NFT_MSG_GETGEN,
+            NFTSocket,
+            nft_gen_msg,
+        )
 
         nft = getattr(_local, "nft", None)
         if nft is None:

@@ -44,9 +44,10 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from .datapath import HOST_PREFIX
+from core.names import HOST_PREFIX
+from core.validate import TAG_SIDE
+
 from .encap import PORT as VXLAN_PORT
-from .validate import TAG_SIDE
 
 FORWARD = "L3NET-FORWARD"
 TO_CONTAINER = "L3NET-TO-CONTAINER"

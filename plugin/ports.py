@@ -14,7 +14,7 @@ import threading
 
 from netaddr import AddrFormatError, IPAddress
 
-from .errors import L3netError
+from core.errors import L3netError
 
 log = logging.getLogger("l3net.ports")
 

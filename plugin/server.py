@@ -16,9 +16,10 @@ import click
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
+from core.errors import L3netError
+
 from . import __version__
 from .config import RUN_DIR, Config, default_host_ip, etcd_options, make_store
-from .errors import L3netError
 from .store import check_tls, describe_endpoints, parse_endpoints
 
 log = logging.getLogger("l3net")
@@ -26,17 +27,17 @@ log = logging.getLogger("l3net")
 
 def build(cfg):
     """Wire the parts of a node together; returns (app, driver, ipam, agent)."""
+    from core.keys import Keys
     from ipam.allocator import Ipam
 
-    from .app import create_app
-    from .datapath import Datapath, uplinks
     from .agent import Agent
-    from .calc import read_infrastructure
+    from .app import create_app
     from .bird import Bird
+    from .calc import read_infrastructure
+    from .datapath import Datapath, uplinks
     from .driver import Driver
     from .firewall import Firewall, choose_backend
     from .journal import Journal
-    from .keys import Keys
     from .tunnel import Tunnel
 
     store = make_store(cfg)

@@ -28,7 +28,7 @@ import time
 import types
 from urllib.parse import urlsplit
 
-from .errors import L3netError
+from core.errors import L3netError
 
 
 class StoreError(L3netError):

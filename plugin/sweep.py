@@ -27,8 +27,9 @@ import time
 
 from netaddr import IPNetwork
 
+from core.names import host_ifname
+
 from . import calc
-from .datapath import host_ifname
 
 log = logging.getLogger("l3net.sweep")
 

@@ -15,9 +15,10 @@ import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from core.errors import L3netError
+
 from . import datapath
 from .encap import DEVICE, OVERHEAD, PORT, VNI, vtep_mac
-from .errors import L3netError
 
 log = logging.getLogger("l3net.tunnel")
 

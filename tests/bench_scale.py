@@ -779,10 +779,10 @@ def agent_worker(etcd, prefix, first, count):
     when stdin closes."""
     import logging
 
+    from core.keys import Keys
     from plugin.agent import Agent
     from plugin.config import Config, make_store
     from plugin.firewall import NoFirewall
-    from plugin.keys import Keys
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     keys = Keys(prefix)

@@ -278,7 +278,7 @@ def test_pools_over_infrastructure_are_refused(bed):
     finally:
         bed.ctl("pool", "ranges", "clear")
     # a pool written into etcd behind l3netctl's back, over link-local: no node enforces or routes it
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     store, keys = EtcdStore(bed.testbed.etcd_url), Keys(bed.testbed.prefix)
     bad = "169.254.0.0/16"

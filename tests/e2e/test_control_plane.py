@@ -68,7 +68,7 @@ def test_a_second_host_under_a_live_nodes_name_refuses_to_start(bed):
 
 
 def test_hostile_bgp_records_are_skipped_and_nothing_else_stops(bed):
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     h1, h2 = bed.h1, bed.h2
     store, keys = EtcdStore(bed.testbed.etcd_url), Keys(bed.testbed.prefix)
@@ -165,7 +165,7 @@ def test_a_rogue_speaker_in_the_mesh_gets_nothing_installed(bed, tmp_path):
     whole pool: host 1 takes none of it (the session is up: the filter did it)."""
     import subprocess
 
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     h1, h2, web2 = bed.h1, bed.h2, bed.containers["web2"]
     rogue_ip = f"{NET}.1"
@@ -200,7 +200,7 @@ def test_signed_mesh_sessions_keep_an_unsigned_speaker_out(bed, tmp_path):
     LAST in this module: it restarts both plugins with the password."""
     import subprocess
 
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     h1, h2 = bed.h1, bed.h2
     for host in (h1, h2):

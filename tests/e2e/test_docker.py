@@ -318,7 +318,7 @@ def veth_of(plugin, container, net):
 
 
 def pool_record(plugin, cidr):
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     value, _ = EtcdStore(plugin.etcd_url, timeout=5).get(Keys(plugin.prefix).pool(cidr))
     return json.loads(value) if value else None

@@ -466,8 +466,8 @@ def set_size(host, cidr):
 
 def test_500_members_add_no_rules(bed):
     """500 addresses allocated in web by another host: h1's set grows by 500, its rules do not."""
+    from core.keys import Keys
     from ipam.allocator import Ipam
-    from plugin.keys import Keys
     from plugin.store import EtcdStore
 
     h1, web = bed.h1, "10.85.0.0/22"

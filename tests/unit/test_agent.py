@@ -5,8 +5,8 @@ import json
 import threading
 import time
 
+from core.keys import Keys
 from plugin.agent import Agent
-from plugin.keys import Keys
 from plugin.store import MemoryStore
 from tests.conftest import wait_for
 

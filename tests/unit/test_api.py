@@ -6,12 +6,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.keys import Keys
 from ipam.allocator import Ipam
 from plugin.app import create_app
 from plugin.datapath import LinkExists
 from plugin.driver import Driver
 from plugin.journal import Journal
-from plugin.keys import Keys
 from plugin.store import MemoryStore
 
 NET = "a" * 64

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.keys import Keys
 from plugin.agent import Registry
-from plugin.calc import desired_bgp
 from plugin.bgp import BgpState, Peer, render
-from plugin.keys import Keys
+from plugin.calc import desired_bgp
 from plugin.store import MemoryStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -293,8 +293,8 @@ def test_ttl_security_and_per_peer_filters_are_valid_bird(tmp_path):
 
 
 def test_bgp_password_file(tmp_path):
+    from core.errors import L3netError
     from plugin.config import read_bgp_passwords
-    from plugin.errors import L3netError
     path = tmp_path / "bgp-passwords"
     path.write_text("# the mesh, then a router\nmesh-S3cret!\n198.18.0.1 r0uter-key\n")
     assert read_bgp_passwords(str(path)) == {"default": "mesh-S3cret!", "198.18.0.1": "r0uter-key"}

@@ -70,9 +70,9 @@ def test_unreachable_etcd_is_one_clear_line():
 
 
 def test_node_remove_refuses_a_live_node_then_releases_everything(ctl, etcd, prefix):
+    from core.keys import Keys
     from ipam.allocator import Ipam
     from plugin.agent import Registry
-    from plugin.keys import Keys
     from plugin.store import EtcdStore
 
     store, keys = EtcdStore(etcd.url), Keys(prefix)
@@ -97,7 +97,7 @@ def test_node_remove_refuses_a_live_node_then_releases_everything(ctl, etcd, pre
 
 
 def test_policy_and_host_rules_round_trip(ctl, etcd, prefix):
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     store, keys = EtcdStore(etcd.url), Keys(prefix)
     for cidr in ("10.20.0.0/16", "10.30.0.0/16"):
@@ -125,7 +125,7 @@ def test_policy_and_host_rules_round_trip(ctl, etcd, prefix):
     ("policy", "remove", "../x"),
 ])
 def test_bad_policy_input_changes_nothing(ctl, etcd, prefix, args):
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     store = EtcdStore(etcd.url)
     store.put(Keys(prefix).pool("10.20.0.0/16"), "{}")
@@ -143,8 +143,8 @@ def err(result):
 def test_pool_add_list_remove_and_nat_flag(ctl, etcd, prefix):
     """An operator's pool: NAT off sticks (a network asking otherwise is refused), it outlives
     its networks, and it is removed only when unused."""
+    from core.keys import Keys
     from ipam.allocator import Ipam
-    from plugin.keys import Keys
     from plugin.store import EtcdStore
 
     assert "nat-outgoing false" in ctl("pool", "add", "10.77.0.0/24", "--no-nat-outgoing", "--block-size", "28").output
@@ -174,9 +174,9 @@ def test_etcd_flags_are_taken_anywhere():
 
 
 def test_l3netctl_takes_etcd_flags_after_the_command(etcd, prefix):
+    import os
     import subprocess
     import sys
-    import os
     ctl = os.path.join(os.path.dirname(sys.executable), "l3netctl")
     res = subprocess.run([ctl, "policy", "list", "--json", "--etcd-endpoints", etcd.url, "--etcd-prefix", prefix],
                          capture_output=True, text=True, timeout=30)
@@ -187,7 +187,7 @@ def test_l3netctl_takes_etcd_flags_after_the_command(etcd, prefix):
 
 
 def test_protected_ranges_and_destinations_round_trip(ctl, etcd, prefix):
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     store, keys = EtcdStore(etcd.url), Keys(prefix)
     store.put(keys.pool("10.20.0.0/16"), json.dumps({"cidr": "10.20.0.0/16", "refs": {}}))
@@ -209,7 +209,7 @@ def test_protected_ranges_and_destinations_round_trip(ctl, etcd, prefix):
 
 
 def test_pool_ranges_round_trip(ctl, etcd, prefix):
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     store, keys = EtcdStore(etcd.url), Keys(prefix)
     store.put(keys.pool("10.20.0.0/16"), json.dumps({"cidr": "10.20.0.0/16", "block_prefix": 26, "refs": {},
@@ -240,7 +240,7 @@ def test_pool_ranges_round_trip(ctl, etcd, prefix):
     ("pool", "ranges", "set", "10.0.0.1/8"),
 ])
 def test_bad_protection_input_changes_nothing(ctl, etcd, prefix, args):
-    from plugin.keys import Keys
+    from core.keys import Keys
     from plugin.store import EtcdStore
     store = EtcdStore(etcd.url)
     store.put(Keys(prefix).pool("10.20.0.0/16"), json.dumps({"cidr": "10.20.0.0/16", "refs": {}}))

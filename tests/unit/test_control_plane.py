@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from core.errors import L3netError
+from core.keys import Keys
 from plugin.agent import Agent, Registry
-from plugin.errors import L3netError
-from plugin.keys import Keys
 from plugin.store import MemoryStore, StoreError
 
 KEYS = Keys("/t")

@@ -69,8 +69,8 @@ def test_a_container_start_elsewhere_is_two_small_events(store, prefix):
     few hundred bytes, whatever the number of addresses in the block."""
     from netaddr import IPNetwork
 
+    from core.keys import Keys
     from ipam.allocator import Ipam
-    from plugin.keys import Keys
     keys = Keys(prefix)
     other = Ipam(store, keys, "h2")
     pool_id, _, _ = other.request_pool("10.20.0.0/16")
@@ -119,11 +119,11 @@ def test_a_lost_watch_in_a_large_cluster_reloads_after_a_spread(prefix):
 def test_one_sync_reads_the_members_of_a_view_once(prefix):
     """BGP, policy and the node's figures all need every allocation and every node: derived
     once per view, not once per calculation."""
+    from core.keys import Keys
     from ipam.allocator import Ipam
     from plugin.agent import Registry
     from plugin.calc import desired_bgp, desired_policy, node_stats
     from plugin.datastore import View
-    from plugin.keys import Keys
 
     store, keys = MemoryStore(), Keys(prefix)
     Registry(store, keys, "h1", "198.18.0.11").heartbeat(64512)

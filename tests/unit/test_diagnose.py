@@ -58,3 +58,16 @@ def test_internal_network_does_not_reach_the_outside():
     v, why = verdict("10.20.0.1", "8.8.8.8", facts(pools=pools))
     assert v == "NOT REACHABLE" and "internal" in why
     assert verdict("10.20.0.1", "10.20.0.65", facts(pools=pools))[0] == "REACHABLE"
+
+
+def test_across_subnets_the_policy_message_names_the_traffic_asked_about():
+    """The tunnel step between two subnets must not replace the description of the traffic
+    asked about (it once printed 'open only tcp/80, not hosts h1 (...) ... VXLAN tunnel')."""
+    pools = {**POOLS, "10.30.0.0/24": {**POOLS["10.30.0.0/24"], "encap": "cross-subnet"}}
+    rule = {"id": "p1", "from": "10.20.0.0/24", "to": "10.30.0.0/24", "proto": "tcp", "ports": "80"}
+    f = facts(pools=pools, rules=[rule], here="h9",
+              subnets={"h1": "198.18.0.0/25", "h2": "198.18.0.128/25"})
+    v, why = verdict("10.20.0.1", "10.30.0.1", f, "tcp", 5432)
+    assert v == "NOT REACHABLE", why
+    assert "goes through the VXLAN tunnel" in why
+    assert "open only tcp/80, not tcp/5432" in why, why

@@ -3,10 +3,10 @@ never passes an identifier or port check, at the socket, in the CLI or in the ag
 
 import pytest
 
-from plugin import validate
+from core import validate
+from core.errors import L3netError
 from plugin.calc import _valid_rule, valid_ports
 from plugin.config import Config
-from plugin.errors import L3netError
 
 
 @pytest.mark.parametrize("check,value", [
@@ -117,6 +117,7 @@ def test_a_leader_election_is_waited_out_with_several_endpoints():
 
 def test_unavailable_for_longer_than_the_timeout_is_an_error():
     import time
+
     from plugin.store import EtcdStore, StoreError
     store = EtcdStore("http://10.0.0.1:2379,http://10.0.0.2:2379", timeout=1)
     store._client = _Client(2)

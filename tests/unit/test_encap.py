@@ -6,13 +6,13 @@ import os
 
 import pytest
 
+from core.errors import L3netError
+from core.keys import Keys
 from ipam.allocator import Ipam
 from ipam.pools import encap_of, parse_pool_options
 from plugin.calc import desired_policy, desired_tunnel
 from plugin.diagnose import Facts, diagnose
 from plugin.encap import desired_tunnels, vtep_mac
-from plugin.errors import L3netError
-from plugin.keys import Keys
 from plugin.policy import render_iptables
 from plugin.store import MemoryStore
 

@@ -7,13 +7,13 @@ import json
 import pytest
 from netaddr import IPNetwork
 
+from core import infra
+from core.errors import L3netError
+from core.keys import Keys
 from ipam.allocator import Ipam
-from plugin import infra
 from plugin.agent import Registry
 from plugin.calc import desired_bgp, desired_policy, read_infrastructure
 from plugin.diagnose import Facts, diagnose
-from plugin.errors import L3netError
-from plugin.keys import Keys
 from plugin.store import MemoryStore
 
 KEYS = Keys("/t")

@@ -7,9 +7,9 @@ import time
 import pytest
 from netaddr import IPAddress, IPNetwork
 
+from core.errors import L3netError
+from core.keys import Keys
 from ipam.allocator import Ipam
-from plugin.errors import L3netError
-from plugin.keys import Keys
 from plugin.store import MemoryStore
 
 
@@ -270,9 +270,9 @@ def test_ipam_check_finds_and_fixes_leaks_and_orphans():
     import json as _json
     import time as _time
 
+    from core.keys import Keys
     from ipam import check
     from ipam.allocator import Ipam
-    from plugin.keys import Keys
     from plugin.store import MemoryStore
 
     store, keys = MemoryStore(), Keys("/t")

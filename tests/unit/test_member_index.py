@@ -9,10 +9,16 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.keys import Keys
 from plugin.agent import Agent
-from plugin.calc import MemberIndex, allocations, announced_by_node, desired_policy, node_stats
+from plugin.calc import (
+    MemberIndex,
+    allocations,
+    announced_by_node,
+    desired_policy,
+    node_stats,
+)
 from plugin.datastore import Cache, View
-from plugin.keys import Keys
 from plugin.store import MemoryStore
 from tests.conftest import wait_for
 

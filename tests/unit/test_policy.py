@@ -10,8 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plugin.policy import (PolicyState, render_ip6tables, render_ipsets, render_iptables, render_set_changes, set_name,
-                           tag_set_name)
+from plugin.policy import (
+    PolicyState,
+    render_ip6tables,
+    render_ipsets,
+    render_iptables,
+    render_set_changes,
+    set_name,
+    tag_set_name,
+)
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 STATE = PolicyState(
@@ -140,10 +147,10 @@ def test_desired_policy_from_etcd_data():
     and pools without NAT are left out where they do not apply."""
     import json
 
+    from core.keys import Keys
     from ipam.allocator import Ipam
     from plugin.agent import Registry
     from plugin.calc import desired_policy
-    from plugin.keys import Keys
     from plugin.store import MemoryStore
 
     store, keys = MemoryStore(), Keys("/t")
@@ -203,9 +210,9 @@ def test_malformed_records_in_etcd_are_ignored():
 
     from netaddr import IPNetwork
 
+    from core.keys import Keys
     from ipam.allocator import Ipam
     from plugin.calc import desired_policy
-    from plugin.keys import Keys
     from plugin.store import MemoryStore
 
     store, keys = MemoryStore(), Keys("/t")

@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from plugin.errors import L3netError
-from plugin.keys import Keys
+from core.errors import L3netError
+from core.keys import Keys
 from plugin.ports import PortClaims
 from plugin.store import MemoryStore
 

@@ -87,9 +87,9 @@ def test_the_sweep_reads_the_agents_copy_not_etcd():
     allocations come from the agent's watch-fed copy."""
     import json
 
+    from core.keys import Keys
     from ipam.allocator import Ipam
     from plugin.datastore import Cache
-    from plugin.keys import Keys
     from plugin.store import MemoryStore
 
     reads = []

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
+from core import validate as V
+from core.errors import L3netError
+from core.keys import Keys
 from ipam.allocator import Ipam
-from plugin import validate as V
 from plugin.calc import desired_policy
 from plugin.diagnose import Facts, diagnose
-from plugin.errors import L3netError
-from plugin.keys import Keys
 from plugin.policy import render_iptables, set_name, sets, tag_set_name
 from plugin.store import MemoryStore
 
