@@ -19,8 +19,8 @@ import time
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
 from core import infra
+from core import records as R
 from core.errors import L3netError
-from core.keys import key_cidr
 from core.validate import MAX_TAGS
 
 from . import blocks as B
@@ -132,13 +132,13 @@ class Ipam:
     def _my_blocks(self, pool):
         mine = self._mine.get(str(pool))
         if mine is None:
-            mine = {key_cidr(k.rsplit("/", 1)[1])
+            mine = {R.cidr_of_key(k)
                     for k, v, _ in self.store.get_prefix(self.keys.affinities(self.host)) if v == str(pool)}
             self._mine[str(pool)] = mine
         return mine
 
     def _pool_cidrs(self):
-        return [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in self.store.get_prefix(self.keys.pools())]
+        return [R.cidr_of_key(k) for k, _, _ in self.store.get_prefix(self.keys.pools())]
 
     def _update_pool(self, pool, change):
         """Apply ``change(record) -> record | None (delete)`` to a pool record with CAS."""
@@ -386,7 +386,7 @@ class Ipam:
             gateway = options.get("RequestAddressType") == GATEWAY_TYPE
             self.assign(pool, ip, block_prefix, P.claim_of(pool_id), gateway)
             return f"{ip}/32"
-        ip = self.auto_assign(pool, rng, block_prefix, f"pending:{self.host}")
+        ip = self.auto_assign(pool, rng, block_prefix, R.pending_handle(self.host))
         return f"{ip}/32"
 
     def assign(self, pool, ip, block_prefix, claim, gateway=False):
@@ -414,7 +414,7 @@ class Ipam:
             if held is None:
                 block["allocations"][str(ip)] = (
                     B.reservation(pool, {claim: self.host}) if gateway
-                    else B.allocation(f"pending:{self.host}", self.host, claim=claim))
+                    else B.allocation(R.pending_handle(self.host), self.host, claim=claim))
                 return ip, block, extra
             users = B.reservation_users(held)
             if users is None:
@@ -467,7 +467,7 @@ class Ipam:
     def _claim_block(self, pool, rng, block_prefix, handle):
         """Create the first unclaimed block of the range for this host, with the address in it.
         Create-if-absent: a block another host claims first is skipped."""
-        existing = {key_cidr(k.rsplit("/", 1)[1]) for k in self.store.keys(self.keys.blocks(pool))}
+        existing = {R.cidr_of_key(k) for k in self.store.keys(self.keys.blocks(pool))}
         for cidr in B.candidate_blocks(pool, rng, block_prefix):
             if str(cidr) in existing:
                 continue
@@ -598,11 +598,11 @@ class Ipam:
                 del block["allocations"][str(ip)]
                 return True, block, None
             handle = str(held.get("handle", ""))
-            if asked_at is not None and handle.startswith("pending:") and \
+            if asked_at is not None and R.is_pending(handle) and \
                     float(held.get("time", 0)) > asked_at:
                 return False, None, None
-            if in_use is not None and handle.startswith("endpoint:") and \
-                    (held.get("host") != self.host or in_use(handle[len("endpoint:"):])):
+            if in_use is not None and R.is_endpoint(handle) and \
+                    (held.get("host") != self.host or in_use(R.endpoint_of(handle))):
                 log.info("ReleaseAddress %s: kept, it is held by a live endpoint (a late or "
                          "re-sent call)", ip)
                 return False, None, None
@@ -621,7 +621,7 @@ class Ipam:
                 raise L3netError(f"aux address {ip} is not allocated (released meanwhile?)")
             if B.reservation_users(held) is not None:
                 return None, None, None
-            if held["handle"] != f"pending:{self.host}":
+            if held["handle"] != R.pending_handle(self.host):
                 raise L3netError(f"aux address {ip} is held by {held['handle']}")
             block["allocations"][str(ip)] = B.reservation(pool, {held.get("claim", ""): self.host})
             return None, block, None
@@ -677,7 +677,7 @@ class Ipam:
         if B.reservation_users(held) is not None:
             raise L3netError(f"address {ip} is reserved by a network on its pool (--gateway or "
                              "--aux-address): choose another --ip")
-        if held["handle"] != f"pending:{self.host}":
+        if held["handle"] != R.pending_handle(self.host):
             raise L3netError(f"address {ip} is held by {held['handle']}, not by a request of this host")
 
     def check_can_take(self, pool, address, handle):
@@ -691,7 +691,7 @@ class Ipam:
         for fresh in (False, True):
             block, _ = self._read_block(key, fresh)
             held = (block or {}).get("allocations", {}).get(str(ip))
-            if held is not None and held["handle"] in (handle, f"pending:{self.host}"):
+            if held is not None and held["handle"] in (handle, R.pending_handle(self.host)):
                 return
         if held is None or held["handle"] != handle:
             self._may_take(ip, held)

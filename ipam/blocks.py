@@ -14,6 +14,8 @@ import time
 
 from netaddr import IPAddress, IPNetwork
 
+from core.records import OLD_GATEWAY, RESERVED
+
 
 def block_of(address, pool, block_prefix):
     """The aligned block of ``pool`` that contains ``address``."""
@@ -65,9 +67,6 @@ def allocation(handle, host, claim=None):
     return record
 
 
-RESERVED = "reserved:"
-
-
 def members(allocations):
     """{address: member record} of a block's allocations: the small copy every agent follows
     (who holds the address, on which host, since when), without a reservation's users."""
@@ -89,8 +88,8 @@ def reservation_users(held):
     handle = str(held.get("handle", ""))
     if handle.startswith(RESERVED):
         return held.setdefault("users", {})
-    if handle.startswith("gateway:"):
-        held["handle"] = RESERVED + handle[len("gateway:"):].partition("@")[0]
+    if handle.startswith(OLD_GATEWAY):
+        held["handle"] = RESERVED + handle[len(OLD_GATEWAY):].partition("@")[0]
         held["users"] = {"": held.get("host", "")}
         return held["users"]
     return None

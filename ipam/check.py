@@ -24,6 +24,8 @@ Addresses held by nodes that are gone for good are ``l3netctl node remove``'s bu
 import json
 from dataclasses import asdict, dataclass
 
+from core import records as R
+
 from . import blocks as B
 from . import pools as P
 
@@ -81,24 +83,24 @@ def find(store, keys, now, min_age=MIN_AGE, local=None):
                         findings.append(Finding("stale reservation", ip, block["pool"], host,
                                                 f"claim:{claim}", "its network released the pool"))
                 continue
-            if handle.startswith("pending:") and old and ip not in aux:
+            if R.is_pending(handle) and old and ip not in aux:
                 findings.append(Finding("leaked address", ip, block["pool"], a["host"], handle,
                                         "requested but never given to an endpoint"))
-            elif handle.startswith("endpoint:") and old and handle[9:] not in endpoints:
+            elif R.is_endpoint(handle) and old and R.endpoint_of(handle) not in endpoints:
                 findings.append(Finding("leaked address", ip, block["pool"], a["host"], handle,
                                         "its endpoint is gone"))
     for endpoint_id, (key, host, record) in sorted(endpoints.items()):
         if now - record.get("created", 0) < min_age:
             continue
-        if held.get(record["address"]) != f"endpoint:{endpoint_id}":
+        if held.get(record["address"]) != R.endpoint_handle(endpoint_id):
             findings.append(Finding("orphaned endpoint", record["address"], record.get("pool", ""),
-                                    host, f"endpoint:{endpoint_id}",
+                                    host, R.endpoint_handle(endpoint_id),
                                     f"its address is held by {held.get(record['address'], 'nobody')}",
                                     key=key))
         elif local is not None and host == local[0] and not record.get("deleting") and \
                 not local[1](record.get("host_ifname", "")):
             findings.append(Finding("gone container", record["address"], record.get("pool", ""), host,
-                                    f"endpoint:{endpoint_id}", "its veth is gone", key=key))
+                                    R.endpoint_handle(endpoint_id), "its veth is gone", key=key))
     for cidr, pool in sorted(pools.items()):
         for host in sorted(pool.get("refs", {})):
             for claim in P.excess_claims(pool, host, networks.get((cidr, host), 0), min_age, now,

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from netaddr import IPAddress, IPNetwork
 
+from core import records as R
 from core import validate
 from core.errors import L3netError
 from core.infra import (
@@ -223,7 +224,7 @@ def desired_bgp(store, keys, name, ip):
     peers += [Peer(p.get("name") or p["ip"], p["ip"], p["as"], multihop=True) for p in explicit if p["ip"] != ip]
     unique = {p.ip: p for p in peers}       # one session per address: explicit peers win
     pools = [p["cidr"] for p in pools_in_force(store, keys)]
-    blocks = [key_cidr(k.rsplit("/", 1)[1]) for k, _, _ in store.get_prefix(keys.affinities(name))]
+    blocks = [R.cidr_of_key(k) for k, _, _ in store.get_prefix(keys.affinities(name))]
     return BgpState(node=name, router_id=ip, asn=asn, pools=pools, blocks=blocks,
                     peers=list(unique.values()), hold_time=cluster["hold_time"],
                     ttl_security=cluster["ttl_security"]), asn
@@ -272,14 +273,14 @@ def announced_by_node(store, keys):
     not believed."""
     blocks = {}
     for key, value, _ in store.get_prefix(keys.all_affinities()):
-        cidr = key_cidr(key.rsplit("/", 1)[1])
+        cidr = R.cidr_of_key(key)
         if canonical_cidr(cidr):
             blocks.setdefault(keys.host_of(key), []).append(cidr)
     nets = {host: [(IPNetwork(c).first, IPNetwork(c).last) for c in cidrs] for host, cidrs in blocks.items()}
     out = {host: list(cidrs) for host, cidrs in blocks.items()}
     for _, ip, a in allocations(store, keys):
         host = a["host"]
-        if a["handle"].startswith(("endpoint:", "pending:")):
+        if R.is_container(a["handle"]):
             value = ip_int(ip)
             if not any(first <= value <= last for first, last in nets.get(host, ())):
                 out.setdefault(host, []).append(f"{ip}/32")
@@ -294,7 +295,7 @@ def desired_tunnel(store, keys, name, ip):
         return TunnelState(local=ip)            # the common case: nothing more to read
     blocks = {}
     for key, _, _ in store.get_prefix(keys.all_affinities()):
-        cidr = canonical_cidr(key_cidr(key.rsplit("/", 1)[1]))
+        cidr = canonical_cidr(R.cidr_of_key(key))
         if cidr:
             blocks.setdefault(keys.host_of(key), []).append(cidr)
     return desired_tunnels(pools, nodes(store, keys), name, ip, blocks, allocations(store, keys))
@@ -414,7 +415,7 @@ def _valid_port(record, holders):
         return False
     if record.get("host_ip") is not None and canonical_ip(record.get("host_ip")) is None:
         return False
-    return holders.get(record["ip"]) == f"endpoint:{record.get('endpoint')}"
+    return holders.get(record["ip"]) == R.endpoint_handle(record.get("endpoint"))
 
 
 def _records(store, prefix):
@@ -461,7 +462,7 @@ def desired_policy(store, keys, name):
     for pool, ip, a in allocations(store, keys):
         if pool in members:
             holders[ip] = a["handle"]
-            if not a["handle"].startswith(("gateway:", "reserved:")):
+            if not R.is_reservation(a["handle"]):
                 members[pool].append(ip)
     rules, host_rules = [], []
     for rule in _records(store, keys.policy_rules()):
@@ -513,7 +514,7 @@ def node_stats(view, keys, name):
     for pool, _, a in allocations(view, keys):
         if pool in pools:
             pools[pool][0] += 1
-        endpoints += a["host"] == name and a["handle"].startswith("endpoint:")
+        endpoints += a["host"] == name and R.is_endpoint(a["handle"])
     return {"pools": {k: tuple(v) for k, v in pools.items()}, "endpoints": endpoints}
 
 
@@ -556,7 +557,7 @@ class MemberIndex:
                 self.port_ips.add(record["ip"])
         self.blocks = {}
         for key, _, _ in view.get_prefix(self.keys.all_affinities()):
-            cidr = canonical_cidr(key_cidr(key.rsplit("/", 1)[1]))
+            cidr = canonical_cidr(R.cidr_of_key(key))
             if cidr:
                 net = IPNetwork(cidr)
                 self.blocks.setdefault(self.keys.host_of(key), []).append((net.first, net.last))
@@ -609,13 +610,13 @@ class MemberIndex:
         if parsed is None:
             return None
         pool, ip, record = parsed
-        if pool not in self.enforced or record["handle"].startswith(("gateway:", "reserved:")):
+        if pool not in self.enforced or R.is_reservation(record["handle"]):
             return None
         return pool, ip
 
     def _borrowed(self, parsed):
         pool, ip, record = parsed
-        if not record["handle"].startswith(("endpoint:", "pending:")):
+        if not R.is_container(record["handle"]):
             return False
         value = ip_int(ip)
         return not any(first <= value <= last for first, last in self.blocks.get(record["host"], ()))
@@ -624,7 +625,7 @@ class MemberIndex:
         pool, _, record = parsed
         if pool in self.allocated:
             self.allocated[pool] += sign
-        if record["host"] == self.name and record["handle"].startswith("endpoint:"):
+        if record["host"] == self.name and R.is_endpoint(record["handle"]):
             self.endpoints += sign
 
 

@@ -16,6 +16,7 @@ import time
 
 from netaddr import IPAddress, IPNetwork
 
+from core import records as R
 from core import validate as V
 from core.errors import L3netError
 from core.infra import LINK_LOCAL
@@ -265,7 +266,7 @@ class Driver:
                              f"({', '.join(network['pools'])})")
         existing = self._endpoints.get(endpoint_id)
         if existing is None or existing.get("deleting"):
-            self.ipam.check_can_take(IPNetwork(pool), address, f"endpoint:{endpoint_id}")
+            self.ipam.check_can_take(IPNetwork(pool), address, R.endpoint_handle(endpoint_id))
             try:
                 created_mac = self.datapath.create(endpoint_id, str(address), mac, mtu=mtu_of(network))
                 existing = None
@@ -296,7 +297,7 @@ class Driver:
         key = self.keys.endpoint(self.host, endpoint_id)
         try:
             # One transaction: the endpoint record and the address's holder.
-            self.ipam.set_handle(IPNetwork(pool), address, f"endpoint:{endpoint_id}",
+            self.ipam.set_handle(IPNetwork(pool), address, R.endpoint_handle(endpoint_id),
                                  also_put={key: json.dumps(record, sort_keys=True)})
             self._endpoints[endpoint_id] = record
         except Exception:
@@ -397,7 +398,7 @@ class Driver:
         out first): then they may be the new container's. Checked on a fresh read just before;
         a new holder's first connection is a container start away."""
         held = self.ipam.holder(IPNetwork(record["pool"]), record["address"])
-        if held is None or held.get("handle") == f"endpoint:{record['id']}":
+        if held is None or held.get("handle") == R.endpoint_handle(record["id"]):
             self.datapath.forget_flows(record["address"])
         else:
             log.debug("%s already has a new holder: its tracked connections stay", record["address"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork
 
+from core import records as R
 from ipam.pools import encap_of
 
 DEVICE = "l3vxlan"
@@ -89,7 +90,7 @@ def desired_tunnels(pools, nodes, name, ip, blocks, members):
                 state.routes[str(block)] = address[host]
     for pool, addr, record in members:
         host = record.get("host")
-        if pool not in modes or host not in address or not record["handle"].startswith(("endpoint:", "pending:")):
+        if pool not in modes or host not in address or not R.is_container(record["handle"]):
             continue
         if any(IPAddress(addr) in b for b in owned.get(host, ())):
             continue                     # its host's own block: the block's route covers it

@@ -27,6 +27,7 @@ import time
 
 from netaddr import IPNetwork
 
+from core import records as R
 from core.names import host_ifname
 
 from . import calc
@@ -61,9 +62,9 @@ def plan(host, owner, endpoints, allocations, veths, routes, deleting, aux, now)
         if held.get("host") != host:
             continue
         handle = str(held.get("handle", ""))
-        kind, _, who = handle.partition(":")
-        if (kind == "endpoint" and who not in endpoints and who not in deleting) or \
-                (handle == f"pending:{host}" and address not in aux and
+        who = R.endpoint_of(handle)
+        if (who is not None and who not in endpoints and who not in deleting) or \
+                (handle == R.pending_handle(host) and address not in aux and
                  now - float(held.get("time", now)) >= PENDING_AGE):
             actions[("address", address, handle)] = ("leaked address", pool, address, handle)
     return actions

@@ -20,7 +20,6 @@ from plugin.calc import (
 )
 from plugin.datastore import Cache, View
 from plugin.store import MemoryStore
-from tests.conftest import wait_for
 
 KEYS = Keys("/t")
 POOLS = {"10.20.0.0/24": {}, "10.30.0.0/24": {"internal": True}, "127.0.0.0/24": {}}   # the last: not in force
