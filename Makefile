@@ -2,7 +2,7 @@
 VENV := .venv
 SHELL := /bin/bash
 
-.PHONY: setup run test test-docker unit bench bench-scale demo demo-down plugin install clean
+.PHONY: setup run test test-docker check unit bench bench-scale demo demo-down plugin install clean
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,12 @@ test: setup
 DOCKER ?= 26
 test-docker: setup
 	IPTABLES=$(IPTABLES) scripts/docker-bed.sh $(DOCKER) $(TESTS)
+
+# The tests that need no service, root or kernel (pytest -m 'not etcd and not root and not
+# docker and not bird'): seconds, on any machine with python3-venv; no apt, no etcd, no dockerd.
+check:
+	@[ -x $(VENV)/bin/pytest ] || { python3 -m venv $(VENV) && $(VENV)/bin/pip install -q -e '.[test]'; }
+	$(VENV)/bin/pytest -q -m "not etcd and not root and not docker and not bird" tests
 
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit

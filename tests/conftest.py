@@ -33,6 +33,48 @@ def unavailable(why):
     pytest.skip(why)
 
 
+# ---------------------------------------------------------------- what a test needs
+# Every test is marked by what it needs, so that `pytest -m "not etcd and not root and not
+# docker and not bird"` (make check) runs the pure ones in seconds on any machine:
+#   etcd: a real etcd (started by the session fixture); root: netlink, iptables, namespaces;
+#   docker: dockerd and the docker CLI (every end-to-end test; they need root and etcd too);
+#   bird: the bird binary.
+# The end-to-end tests are marked by their folder, the etcd ones by their fixtures; the others
+# say it with @pytest.mark.root / .bird. A missing piece skips the test, or fails it where a
+# green run must mean everything ran (CI=true, L3NET_REQUIRE_E2E=1: make test).
+NEEDS = {
+    "etcd": "a real etcd (apt-get install etcd-server)",
+    "root": "root (netlink, iptables, ipset, network namespaces)",
+    "docker": "dockerd and the docker CLI",
+    "bird": "bird2 (apt-get install bird2)",
+}
+
+
+def pytest_configure(config):
+    for name, what in NEEDS.items():
+        config.addinivalue_line("markers", f"{name}: the test needs {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "e2e" in item.path.parts:
+            for name in ("docker", "root", "etcd"):
+                item.add_marker(name)
+        if {"etcd", "etcd_store"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker("etcd")
+
+
+def pytest_runtest_setup(item):
+    marks = {m.name for m in item.iter_markers()}
+    if "root" in marks and os.geteuid() != 0:
+        unavailable("the test needs root")
+    missing = [tool for tool in ("ipset", "unshare", "iptables-restore") if not shutil.which(tool)]
+    if "root" in marks and "docker" not in marks and missing:
+        unavailable(f"the test needs {', '.join(missing)} (make setup installs them)")
+    if "bird" in marks and not shutil.which("bird"):
+        unavailable("the test needs bird2 (apt-get install bird2)")
+
+
 def bed_up(testbed):
     """Start a multi-host test bed (tests/testbed.py), or skip/fail like unavailable()."""
     try:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ MESH = BgpState(node="h1", router_id="198.18.0.11", pools=["10.20.0.0/16", "10.2
                        Peer("h3", "198.18.0.13", 64512, allowed=()),
                        Peer("tor1", "198.18.0.1", 65000, multihop=True)])
 EMPTY = BgpState(node="lonely", router_id="192.0.2.7")
-has_bird = pytest.mark.skipif(not shutil.which("bird"), reason="bird2 not installed")
+has_bird = pytest.mark.bird
 
 
 @pytest.mark.parametrize("state,name", [(MESH, "bird-mesh.conf"), (EMPTY, "bird-empty.conf")])
@@ -249,8 +248,8 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("bird") or not shutil.which("unshare"),
-                    reason="needs root, bird and unshare")
+@pytest.mark.root
+@pytest.mark.bird
 def test_bird_is_adopted_or_replaced_when_its_config_moved(tmp_path):
     """A BIRD left by a previous plugin is adopted when it runs our config file, stopped and
     replaced when it runs another one (the state directory moved). In a network namespace of

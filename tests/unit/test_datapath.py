@@ -1,6 +1,5 @@
 """The data path's own logic: names, MACs, the background reaper (real netlink, as root)."""
 
-import os
 import threading
 
 import pytest
@@ -8,7 +7,7 @@ import pytest
 from plugin import datapath as D
 from tests.conftest import wait_for
 
-root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netlink)")
+root = pytest.mark.root
 
 
 def test_interface_names_fit_and_cannot_collide():

@@ -104,7 +104,7 @@ def test_diagnose_across_subnets():
     assert verdict == "REACHABLE" and "goes through the VXLAN tunnel" in " | ".join(s.what for s in steps)
 
 
-root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netlink)")
+root = pytest.mark.root
 
 
 @root

@@ -3,7 +3,6 @@ namespace of its own (the host's rules are never touched): full apply, no-op re-
 incremental member changes, drift repair after flushes and a deleted hook, stale sets."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -156,8 +155,7 @@ print("FIREWALL-OK")
 '''
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("unshare"),
-                    reason="needs root, ipset and unshare")
+@pytest.mark.root
 def test_firewall_applies_updates_and_repairs_drift_in_a_namespace():
     res = subprocess.run(["unshare", "-n", sys.executable, "-c", SCRIPT], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
@@ -176,7 +174,7 @@ def test_iptables_backend_follows_the_hosts_rules():
     assert pick_backend({"nft": 0, "legacy": 0}) is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("iptables-nft-save"), reason="needs root and iptables-nft")
+@pytest.mark.root
 def test_choose_backend_on_this_host():
     """Here dockerd writes nft rules (Debian 12): auto picks nft, names the tools accordingly."""
     from plugin import firewall

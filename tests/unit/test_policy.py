@@ -2,7 +2,6 @@
 (ipset restore + iptables-restore --test, inside a throwaway network namespace)."""
 
 import os
-import shutil
 import subprocess
 import tempfile
 
@@ -44,8 +43,7 @@ STATE = PolicyState(
     internal=["10.40.0.0/24"],
     ports=[{"proto": "tcp", "host_ip": None, "host_port": 8080, "ip": "10.20.0.1", "port": 80},
            {"proto": "udp", "host_ip": "198.18.0.11", "host_port": 5353, "ip": "10.30.0.7", "port": 53}])
-tools = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ipset") or not shutil.which("unshare"),
-                           reason="needs root, ipset and unshare")
+tools = pytest.mark.root
 
 
 @pytest.mark.parametrize("render,name", [(render_iptables, "policy.rules"), (render_ipsets, "policy.ipsets"),
