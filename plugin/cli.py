@@ -184,13 +184,15 @@ def diagnose(obj, src, dst, proto, port, hostname):
     """Can SRC reach DST, and why not? (containers by name or address, DST also a host or any IP)"""
     from netaddr import AddrFormatError, IPAddress
 
-    from .diagnose import Facts
     from .diagnose import diagnose as run_diagnosis
+    from .diagnose import gather, pool_of
     from .metrics import bgp_states
 
     if port is not None and proto not in ("tcp", "udp"):
         raise click.BadParameter("--port needs --proto tcp or udp")
-    pools = {p["cidr"]: p for p in obj.records(obj.keys.pools())}
+    here = node_name(hostname)
+    facts = gather(obj.store, obj.keys, here)        # what the agents enforce, as they compute it
+    pools = sorted(set(facts.state.pools) | set(facts.refused))
 
     def resolve(text):
         try:
@@ -198,7 +200,6 @@ def diagnose(obj, src, dst, proto, port, hostname):
         except (AddrFormatError, ValueError):
             return container_addresses(text)
     srcs, dsts = resolve(src), resolve(dst)
-    from .diagnose import pool_of
     # a container on several networks: prefer the pair that shares a network, then any l3net one
     pairs = [(s, d) for s in srcs for d in dsts]
     pairs.sort(key=lambda p: (pool_of(p[0], pools) is None,
@@ -206,38 +207,14 @@ def diagnose(obj, src, dst, proto, port, hostname):
     if not pairs:
         raise L3netError("no IPv4 address to diagnose")
     s_ip, d_ip = pairs[0]
-    allocations = {}
-    for _, v, _ in obj.store.get_prefix(obj.keys.all_blocks()):
-        allocations.update(json.loads(v)["allocations"])
-    from .calc import nodes
-    here = node_name(hostname)
-    route = None
-    if allocations.get(s_ip, {}).get("host") == here:
+    if facts.allocations.get(s_ip, {}).get("host") == here:
         res = subprocess.run(["ip", "route", "get", d_ip], capture_output=True, text=True, timeout=10)
-        route = res.stdout if res.returncode == 0 else res.stderr
-    bgp = {}
+        facts.route_to_dst = res.stdout if res.returncode == 0 else res.stderr
     try:
         from .bird import show
-        bgp = bgp_states(show(bird_socket(), "protocols"))
+        facts.bgp = bgp_states(show(bird_socket(), "protocols"))
     except L3netError:
         pass
-    from core.infra import pool_conflict, protected
-
-    from .calc import RESERVED_NETS as hard  # as the agents judge pools
-    from .calc import bgp_peer_ips, known_node_addresses, protected_by_operator
-    from .encap import own_subnet
-    registered, peers = nodes(obj.store, obj.keys), bgp_peer_ips(obj.store, obj.keys)
-    known = known_node_addresses(obj.store, obj.keys)
-    facts = Facts(pools=pools, allocations=allocations,
-                  nodes={n["name"]: n["ip"] for n in registered},
-                  rules=obj.records(obj.keys.policy_rules()),
-                  host_rules=obj.records(obj.keys.host_rules()),
-                  here=here, route_to_dst=route, bgp=bgp,
-                  addresses={**{"(a node away, not removed)": known},
-                             **{n["name"]: n["addresses"] for n in registered}},
-                  protected=protected(registered, peers, protected_by_operator(obj.store, obj.keys)),
-                  refused={c: pool_conflict(c, hard) for c in pools if pool_conflict(c, hard)},
-                  subnets={n["name"]: own_subnet(n, n["ip"]) for n in registered})
     verdict, steps = run_diagnosis(s_ip, d_ip, facts, proto, port)
     click.echo(f"{src} ({s_ip}) -> {dst} ({d_ip}) {proto or ''}{'/' + str(port) if port else ''}".rstrip())
     for step in steps:

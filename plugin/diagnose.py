@@ -20,21 +20,50 @@ from netaddr import IPAddress, IPNetwork
 
 from core.validate import TAG_SIDE
 
+from .policy import PolicyState
+
 
 @dataclass
 class Facts:
-    pools: dict                      # cidr -> pool record
-    allocations: dict                # address -> allocation {"handle", "host", ...}
-    nodes: dict                      # name -> address (registered nodes)
-    rules: list                      # policy rules
-    host_rules: list                 # host rules
+    state: PolicyState               # what the agents enforce: calc.desired_policy, as they compute it
+    allocations: dict                # address -> {"handle", "host"}: the member records, as the agents read them
     here: str = None                 # this host's node name
     route_to_dst: str = None         # `ip route get DST` on this host, if asked
     bgp: dict = field(default_factory=dict)    # this node's BGP session states, if any
-    addresses: dict = field(default_factory=dict)   # node name -> every address it published
-    protected: list = field(default_factory=list)   # CIDRs containers may not reach (infra.protected)
+    addresses: dict = field(default_factory=dict)   # node name -> every address it published (naming)
     refused: dict = field(default_factory=dict)     # pool cidr -> why the agents do not enforce it
     subnets: dict = field(default_factory=dict)     # node name -> the subnet of its address (encap)
+    encap: dict = field(default_factory=dict)       # pool cidr -> its encapsulation mode
+
+
+def gather(store, keys, here, route_to_dst=None, bgp=None):
+    """The facts for a diagnosis, from etcd (``store``), computed by the same functions the
+    agents use to decide what to enforce: what diagnose says is what the kernel does."""
+    import json
+
+    from core.infra import canonical_cidr, pool_conflict
+    from ipam.pools import encap_of
+
+    from . import calc
+    from .encap import own_subnet
+    state = calc.desired_policy(store, keys, here)
+    registered = calc.nodes(store, keys)
+    refused = {}                     # the pools in etcd the agents leave out, and why
+    for _, value, _ in store.get_prefix(keys.pools()):
+        try:
+            cidr = json.loads(value).get("cidr")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(cidr, str) and canonical_cidr(cidr) and cidr not in state.pools:
+            refused[cidr] = pool_conflict(cidr, calc.RESERVED_NETS)
+    return Facts(state=state,
+                 allocations={ip: a for _, ip, a in calc.allocations(store, keys)},
+                 here=here, route_to_dst=route_to_dst, bgp=bgp or {},
+                 addresses={**{"(a node away, not removed)": calc.known_node_addresses(store, keys)},
+                            **{n["name"]: n["addresses"] for n in registered}},
+                 refused=refused,
+                 subnets={n["name"]: own_subnet(n, n["ip"]) for n in registered},
+                 encap={p["cidr"]: encap_of(p) for p in calc.pools_in_force(store, keys)})
 
 
 @dataclass
@@ -55,22 +84,24 @@ def describe(rule):
 def diagnose(src, dst, facts, proto=None, port=None):
     """(verdict, [Step]) for SRC -> DST (proto/port: the traffic asked about; None: any)."""
     steps = []
-    src_pool = pool_of(src, facts.pools)
+    state = facts.state
+    every_pool = sorted(set(state.pools) | set(facts.refused))
+    src_pool, dst_pool = pool_of(src, every_pool), pool_of(dst, every_pool)
+    for pool in (src_pool, dst_pool):
+        if pool in facts.refused:
+            steps.append(Step(False, f"network {pool} is refused: {facts.refused[pool]}; no node puts it "
+                                     "in force (nothing reaches its members)"))
+            return "NOT REACHABLE", steps
     held = facts.allocations.get(src)
     if src_pool is None or held is None:
         steps.append(Step(False, f"{src} is not an allocated l3net address: nothing to diagnose"))
         return "UNKNOWN", steps
     src_host = held["host"]
     steps.append(Step(True, f"{src}: network {src_pool}, on host {src_host} ({held['handle']})"))
-    dst_pool = pool_of(dst, facts.pools)
-    for pool in (src_pool, dst_pool):
-        if pool in facts.refused:
-            steps.append(Step(False, f"network {pool} is refused: {facts.refused[pool]}; no node puts it "
-                                     "in force (nothing reaches its members)"))
-            return "NOT REACHABLE", steps
-    node_of_dst = next((n for n, ip in facts.nodes.items() if ip == dst), None) or \
-        next((n for n, ips in facts.addresses.items() if dst in ips), None)
-    opened_to = [r for r in facts.host_rules if _covers(r.get("to"), dst)]
+    node_of_dst = next((n for n, ip in state.nodes.items() if ip == dst), None) or \
+        next((n for n, ips in facts.addresses.items() if dst in ips), None) or \
+        ("(a node's address)" if dst in state.host_addresses else None)
+    opened_to = [r for r in state.host_rules if _covers(r.get("to"), dst)]
     what = f"{proto or 'any protocol'}{'/' + str(port) if port else ''}"
 
     if dst_pool is not None:
@@ -79,23 +110,27 @@ def diagnose(src, dst, facts, proto=None, port=None):
             steps.append(Step(False, f"{dst} is in network {dst_pool} but nobody holds it: no such container"))
             return "NOT REACHABLE", steps
         dst_host = dheld["host"]
+        if dst not in state.members.get(dst_pool, []):
+            steps.append(Step(False, f"{dst} is reserved in network {dst_pool} ({dheld['handle']}: a --gateway "
+                                     "or --aux-address), not a container"))
+            return "NOT REACHABLE", steps
         steps.append(Step(True, f"{dst}: network {dst_pool}, on host {dst_host} ({dheld['handle']})"))
         # the route
         if dst_host != src_host:
-            if dst_host not in facts.nodes:
+            if dst_host not in state.nodes:
                 steps.append(Step(False, f"no route: host {dst_host} is not registered (its plugin is "
                                          "down or gone), so nobody announces its containers"))
                 return "NOT REACHABLE", steps
-            steps.append(Step(True, f"host {dst_host} is registered at {facts.nodes[dst_host]}"))
+            steps.append(Step(True, f"host {dst_host} is registered at {state.nodes[dst_host]}"))
             crossing = _crossing(facts, src_host, dst_host, dst_pool)
             if crossing:
                 ok, why = crossing
                 steps.append(Step(ok, why))
                 if not ok and not (facts.here == src_host and facts.route_to_dst and
-                                   f"via {facts.nodes[dst_host]} " in facts.route_to_dst + " "):
+                                   f"via {state.nodes[dst_host]} " in facts.route_to_dst + " "):
                     return "NOT REACHABLE", steps
             if facts.here == src_host and facts.route_to_dst is not None:
-                via = facts.nodes[dst_host]
+                via = state.nodes[dst_host]
                 if f"via {via} " in facts.route_to_dst + " ":
                     steps.append(Step(True, f"route on {src_host}: {facts.route_to_dst.strip()}"))
                 else:
@@ -111,8 +146,8 @@ def diagnose(src, dst, facts, proto=None, port=None):
         if dst_pool == src_pool:
             steps.append(Step(True, "same network: allowed"))
             return "REACHABLE", steps
-        opening = [r for r in facts.rules if _names(r.get("from"), src_pool, facts.pools)
-                   and _names(r.get("to"), dst_pool, facts.pools)]
+        opening = [r for r in state.rules if _names(r.get("from"), src_pool, state)
+                   and _names(r.get("to"), dst_pool, state)]
         allowed = [r for r in opening if _rule_allows(r, proto, port)]
         if allowed:
             steps.append(Step(True, f"policy {allowed[0]['id']} allows {_side(allowed[0]['from'], src_pool)} -> "
@@ -122,14 +157,14 @@ def diagnose(src, dst, facts, proto=None, port=None):
             steps.append(Step(False, f"policies from {src_pool} to {dst_pool} open only "
                                      f"{', '.join(describe(r) + _via_tags(r) for r in opening)}, not {what}"))
             return "NOT REACHABLE", steps
-        naming_tags = [r for r in facts.rules if _tag_of(r.get("from")) or _tag_of(r.get("to"))]
-        would = [r for r in naming_tags if _names(r.get("from"), src_pool, facts.pools, any_tag=True)
-                 and _names(r.get("to"), dst_pool, facts.pools, any_tag=True) and _rule_allows(r, proto, port)]
+        naming_tags = [r for r in state.rules if _tag_of(r.get("from")) or _tag_of(r.get("to"))]
+        would = [r for r in naming_tags if _names(r.get("from"), src_pool, state, any_tag=True)
+                 and _names(r.get("to"), dst_pool, state, any_tag=True) and _rule_allows(r, proto, port)]
         hint = ""
         if would:
             r = would[0]
             missing = [f"{pool} lacks tag {_tag_of(side)}" for side, pool in ((r["from"], src_pool), (r["to"], dst_pool))
-                       if _tag_of(side) and _tag_of(side) not in _tags(facts.pools, pool)]
+                       if _tag_of(side) and _tag_of(side) not in _tags(state, pool)]
             hint = (f"; policy {r['id']} ({r['from']} -> {r['to']} {describe(r)}) would allow it, but "
                     f"{' and '.join(missing)} (l3netctl tag add ...)")
         steps.append(Step(False, f"policy denies: different networks, and no policy from {src_pool} to "
@@ -138,7 +173,7 @@ def diagnose(src, dst, facts, proto=None, port=None):
 
     if node_of_dst is not None:
         steps.append(Step(True, f"{dst}: cluster host {node_of_dst}"))
-        rules = [r for r in facts.host_rules if not r.get("to") and r.get("node") in (None, node_of_dst)]
+        rules = [r for r in state.host_rules if not r.get("to") and r.get("node") in (None, node_of_dst)]
         allowed = [r for r in rules if _rule_allows(r, proto, port)]
         if allowed:
             steps.append(Step(True, f"host rule {allowed[0]['id']} opens {describe(allowed[0])} on "
@@ -149,7 +184,7 @@ def diagnose(src, dst, facts, proto=None, port=None):
                                  f"{node_of_dst}: {opened} (l3netctl host allow --proto P --port N)"))
         return "NOT REACHABLE", steps
 
-    guarded = next((c for c in facts.protected if IPAddress(dst) in IPNetwork(c)), None)
+    guarded = next((c for c in state.protected if IPAddress(dst) in IPNetwork(c)), None)
     if guarded is not None:
         what_it_is = ("link-local: the cloud's instance metadata service (credentials) lives at "
                       "169.254.169.254" if IPAddress(dst) in IPNetwork("169.254.0.0/16") else
@@ -165,11 +200,11 @@ def diagnose(src, dst, facts, proto=None, port=None):
                                  f"{dst}: {opened} (l3netctl host allow --to {dst}/32 --proto P --port N)"))
         return "NOT REACHABLE", steps
     steps.append(Step(True, f"{dst}: outside the cluster (no pool, not a node)"))
-    if facts.pools[src_pool].get("internal"):
+    if src_pool in state.internal:
         steps.append(Step(False, f"network {src_pool} is internal (docker network create --internal): "
                                  "nothing of it leaves the cluster's pools"))
         return "NOT REACHABLE", steps
-    if facts.pools[src_pool].get("nat_outgoing", True):
+    if src_pool in state.nat_pools:
         steps.append(Step(True, f"outgoing NAT on for {src_pool}: the outside sees {src_host}'s address"))
         return "REACHABLE", steps
     steps.append(Step(False, f"outgoing NAT off for {src_pool}: the outside sees {src} and must have a "
@@ -181,11 +216,10 @@ def _crossing(facts, src_host, dst_host, pool):
     """(ok, what) when the two hosts are in different subnets (None otherwise): a pool
     encapsulated towards the other subnet goes through the VXLAN tunnel; one that is not needs
     routes across the router between them, which BGP between the nodes does not give."""
-    from ipam.pools import encap_of
     a, b = facts.subnets.get(src_host), facts.subnets.get(dst_host)
     if not a or not b or a == b:
         return None
-    mode = encap_of(facts.pools.get(pool) or {})
+    mode = facts.encap.get(pool, "never")
     if mode != "never":
         return True, f"hosts {src_host} ({a}) and {dst_host} ({b}) are in different subnets: pool {pool} " \
                      f"(encap={mode}) goes through the VXLAN tunnel"
@@ -199,18 +233,18 @@ def _tag_of(side):
     return side[len(TAG_SIDE):] if isinstance(side, str) and side.startswith(TAG_SIDE) else None
 
 
-def _tags(pools, pool):
-    tags = (pools.get(pool) or {}).get("tags") or []
-    return tags if isinstance(tags, list) else []
+def _tags(state, pool):
+    """The tags ``pool`` carries, as the agents put its set into the tags' sets."""
+    return [tag for tag, pools in state.tags.items() if pool in pools]
 
 
-def _names(side, pool, pools, any_tag=False):
+def _names(side, pool, state, any_tag=False):
     """Whether a rule side (a network, or ``tag:X``) takes in ``pool``; ``any_tag``: would,
     were the pool tagged."""
     tag = _tag_of(side)
     if tag is None:
         return side == pool
-    return any_tag or tag in _tags(pools, pool)
+    return any_tag or tag in _tags(state, pool)
 
 
 def _side(side, pool):

@@ -220,10 +220,34 @@ def assert_matrix(b, extra=(), within=10, what="defaults"):
         if got == want:
             took = time.monotonic() - start
             print(f"truth table '{what}': {len(want)} probes as expected after {took:.2f}s")
+            assert_diagnose_agrees(b, got, what)
             return took
         if time.monotonic() - start > within:
             pytest.fail(f"truth table '{what}': {len(difference(want, got))} of {len(want)} probes wrong:\n"
                         + "\n".join(difference(want, got)))
+
+
+def assert_diagnose_agrees(b, got, what):
+    """`l3netctl diagnose` computes what the agents enforce (diagnose.gather, the agents'
+    calculation): its verdict on every probe of the table is what the packets did."""
+    from core.keys import Keys
+    from plugin.diagnose import diagnose, gather
+    from plugin.store import EtcdStore
+
+    store = EtcdStore(b.testbed.etcd_url)
+    try:
+        facts = gather(store, Keys(b.testbed.prefix), b.h1.name)
+    finally:
+        store.close()
+    cs = {c.name: c for c in matrix_containers(b)}
+    wrong = []
+    for (s, d, kind), allowed in sorted(got.items()):
+        proto, _, port = kind.partition("/")
+        verdict, steps = diagnose(cs[s].ip, cs[d].ip, facts, proto, int(port) if port else None)
+        if (verdict == "REACHABLE") != allowed:
+            wrong.append(f"  {s} -> {d} {kind}: packets {'allowed' if allowed else 'denied'}, diagnose says "
+                         f"{verdict} ({steps[-1].what})")
+    assert not wrong, f"truth table '{what}': diagnose disagrees with the packets:\n" + "\n".join(wrong)
 
 
 def test_truth_table_defaults_policy_removal_and_udp(bed):

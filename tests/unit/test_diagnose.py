@@ -1,6 +1,35 @@
-"""diagnose's reasoning over records (pure)."""
+"""diagnose's reasoning over records (pure): the records go into an in-memory store, and the
+facts come from it the way `l3netctl diagnose` gets them (gather: the agents' calculation)."""
 
-from plugin.diagnose import Facts, diagnose
+import json
+
+from core.keys import Keys
+from plugin.diagnose import diagnose, gather, pool_of
+from plugin.store import MemoryStore
+
+
+def facts_from(pools, allocations, nodes, rules=(), host_rules=(), protected=(), addresses=None,
+               here="h1", **extra):
+    """Facts from records written as l3netctl and the plugins write them; ``extra`` sets what
+    only the node itself knows (route_to_dst, bgp, subnets)."""
+    store, keys = MemoryStore(), Keys("/l3net")
+    for cidr, record in pools.items():
+        store.put(keys.pool(cidr), json.dumps(record))
+    for ip, held in allocations.items():
+        store.put(keys.member(pool_of(ip, list(pools)), ip), json.dumps({"time": 0, **held}))
+    for name, ip in nodes.items():
+        store.put(keys.node(name), json.dumps({"name": name, "ip": ip,
+                                               "addresses": (addresses or {}).get(name, [ip])}))
+    for rule in rules:
+        store.put(keys.policy_rule(rule["id"]), json.dumps(rule))
+    for rule in host_rules:
+        store.put(keys.host_rule(rule["id"]), json.dumps(rule))
+    for cidr in protected:
+        store.put(keys.protected_range(cidr), json.dumps({"cidr": cidr}))
+    facts = gather(store, keys, here)
+    for name, value in extra.items():
+        setattr(facts, name, value)
+    return facts
 
 POOLS = {"10.20.0.0/24": {"cidr": "10.20.0.0/24", "nat_outgoing": True},
          "10.30.0.0/24": {"cidr": "10.30.0.0/24", "nat_outgoing": False}}
@@ -13,7 +42,7 @@ NODES = {"h1": "198.18.0.11", "h2": "198.18.0.12"}
 def facts(**kw):
     base = dict(pools=POOLS, allocations=ALLOC, nodes=NODES, rules=[], host_rules=[], here="h1",
                 route_to_dst="10.20.0.65 via 198.18.0.12 dev eth0 src 198.18.0.11")
-    return Facts(**{**base, **kw})
+    return facts_from(**{**base, **kw})
 
 
 def verdict(src, dst, f, proto=None, port=None):

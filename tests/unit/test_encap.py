@@ -11,7 +11,7 @@ from core.keys import Keys
 from ipam.allocator import Ipam
 from ipam.pools import encap_of, parse_pool_options
 from plugin.calc import desired_policy, desired_tunnel
-from plugin.diagnose import Facts, diagnose
+from plugin.diagnose import diagnose
 from plugin.encap import desired_tunnels, vtep_mac
 from plugin.policy import render_iptables
 from plugin.store import MemoryStore
@@ -93,9 +93,10 @@ def test_diagnose_across_subnets():
     pools = {"10.120.0.0/24": pool("10.120.0.0/24", "cross-subnet"), "10.140.0.0/24": pool("10.140.0.0/24")}
     alloc = {"10.120.0.1": {"handle": "endpoint:a", "host": "h1"}, "10.120.0.130": {"handle": "endpoint:b", "host": "h3"},
              "10.140.0.1": {"handle": "endpoint:c", "host": "h1"}, "10.140.0.130": {"handle": "endpoint:d", "host": "h3"}}
-    facts = Facts(pools=pools, allocations=alloc, nodes={n["name"]: n["ip"] for n in NODES}, rules=[], host_rules=[],
-                  here="h1", route_to_dst="10.140.0.130 via 198.18.0.1 dev eth0",
-                  subnets={n["name"]: n["networks"][0] for n in NODES})
+    from tests.unit.test_diagnose import facts_from
+    facts = facts_from(pools, alloc, {n["name"]: n["ip"] for n in NODES},
+                       route_to_dst="10.140.0.130 via 198.18.0.1 dev eth0",
+                       subnets={n["name"]: n["networks"][0] for n in NODES})
     verdict, steps = diagnose("10.140.0.1", "10.140.0.130", facts)
     text = " | ".join(s.what for s in steps)
     assert verdict == "NOT REACHABLE" and "different subnets and pool 10.140.0.0/24 is not encapsulated" in text

@@ -13,7 +13,7 @@ from core.keys import Keys
 from ipam.allocator import Ipam
 from plugin.agent import Registry
 from plugin.calc import desired_bgp, desired_policy, read_infrastructure
-from plugin.diagnose import Facts, diagnose
+from plugin.diagnose import diagnose
 from plugin.store import MemoryStore
 
 KEYS = Keys("/t")
@@ -166,12 +166,13 @@ def test_registry_publishes_the_hosts_facts():
 
 
 def facts(**kw):
+    from tests.unit.test_diagnose import facts_from
     base = dict(pools={"10.20.0.0/24": {"cidr": "10.20.0.0/24", "nat_outgoing": True}},
                 allocations={"10.20.0.1": {"handle": "endpoint:a", "host": "h1"}},
                 nodes={"h1": "198.18.0.11", "h2": "198.18.0.12"}, rules=[], host_rules=[], here="h1",
                 addresses={"h2": ["198.18.0.12", "10.1.0.12"]},
-                protected=["169.254.0.0/16", "198.18.0.1/32"])
-    return Facts(**{**base, **kw})
+                protected=["198.18.0.1/32"])          # (link-local is protected anyway)
+    return facts_from(**{**base, **kw})
 
 
 def test_diagnose_explains_protected_destinations_and_refused_pools():
@@ -186,8 +187,11 @@ def test_diagnose_explains_protected_destinations_and_refused_pools():
     assert v == "NOT REACHABLE" and "infrastructure" in steps[-2].what
     v, steps = diagnose("10.20.0.1", "10.1.0.12", facts(), "tcp", 22)       # a second address of h2
     assert v == "NOT REACHABLE" and "cluster host h2" in steps[-2].what
-    v, steps = diagnose("10.20.0.1", "8.8.8.8", facts(refused={"10.20.0.0/24": "subnet overlaps loopback"}))
-    assert v == "NOT REACHABLE" and "is refused" in steps[-1].what
+    # a pool over loopback written into etcd behind l3netctl's back: the agents refuse it
+    f = facts(pools={"127.1.0.0/24": {"cidr": "127.1.0.0/24"}},
+              allocations={"127.1.0.1": {"handle": "endpoint:a", "host": "h1"}})
+    v, steps = diagnose("127.1.0.1", "8.8.8.8", f)
+    assert v == "NOT REACHABLE" and "is refused" in steps[-1].what and "loopback" in steps[-1].what
 
 
 def test_reserved_ranges_cover_what_the_issue_names():

@@ -10,7 +10,7 @@ from core.errors import L3netError
 from core.keys import Keys
 from ipam.allocator import Ipam
 from plugin.calc import desired_policy
-from plugin.diagnose import Facts, diagnose
+from plugin.diagnose import diagnose
 from plugin.policy import render_iptables, set_name, sets, tag_set_name
 from plugin.store import MemoryStore
 
@@ -99,8 +99,8 @@ RULE = {"id": "p1", "from": "tag:needs-db", "to": "10.40.0.0/24", "proto": "tcp"
 
 
 def why(src, dst, proto="tcp", port=5432):
-    verdict, steps = diagnose(src, dst, Facts(pools=POOLS, allocations=ALLOC, nodes={"h1": "198.18.0.11"},
-                                              rules=[RULE], host_rules=[], here="h1"), proto, port)
+    from tests.unit.test_diagnose import facts_from
+    verdict, steps = diagnose(src, dst, facts_from(POOLS, ALLOC, {"h1": "198.18.0.11"}, rules=[RULE]), proto, port)
     return verdict, " | ".join(s.what for s in steps)
 
 
