@@ -1,12 +1,12 @@
 """The agent: the long-running half of a node, beside the API.
 
-It computes from a watch-fed copy of etcd (datastore.Cache: read once, then followed event by
+It computes from a watch-fed copy of etcd (cache.Cache: read once, then followed event by
 event; read in full again only when the watch is lost). When that copy changes, and at least
 every ``RESYNC`` seconds, it
   1. keeps this node's registry record alive (an etcd lease: a dead node's record vanishes;
      every ``interval`` seconds it checks whether a beat is due),
   2. computes the BGP desired state from the copy (calc.desired_bgp: nodes, BGP settings, the
-     mesh or route reflection, pools, this node's blocks), renders it (bgp.render) and makes
+     mesh or route reflection, pools, this node's blocks), renders it (birdconf.render) and makes
      BIRD run with it (bird.Bird.apply: only on change; a BIRD that died is started again),
   3. computes the policy desired state (calc.desired_policy: networks and their members on
      every host, policies, host rules, nodes) and puts it in force (firewall.Firewall.apply:
@@ -25,7 +25,8 @@ import time
 from core.errors import L3netError
 
 from . import metrics
-from .bgp import render
+from .birdconf import render
+from .cache import Cache
 from .calc import (
     MemberIndex,
     desired_bgp,
@@ -35,7 +36,6 @@ from .calc import (
     nodes,
     warn,
 )
-from .datastore import Cache
 from .encap import vtep_mac
 from .firewall import NoFirewall
 from .store import StoreError

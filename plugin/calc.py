@@ -1,10 +1,10 @@
 """The calculation: pure functions from a view of etcd to the state a node should run.
 
-Felix's split, in l3net: datastore.py keeps the watch-fed copy of etcd (the *datastore*),
+Felix's split, in l3net: cache.py keeps the watch-fed copy of etcd (the *datastore*),
 this module turns a view of it into desired state (the *calculation*: ``desired_bgp`` ->
-bgp.BgpState, ``desired_policy`` -> policy.PolicyState), bird.py and firewall.py put that
+birdconf.BgpState, ``desired_policy`` -> policy.PolicyState), bird.py and firewall.py put that
 state in force (the *dataplane*). Nothing here writes anything or talks to the kernel; every
-function takes anything with ``get``/``get_prefix`` (a datastore.View, a store, a
+function takes anything with ``get``/``get_prefix`` (a cache.View, a store, a
 MemoryStore in tests).
 
 Every record is checked here, since anyone with etcd access can write one: a malformed
@@ -38,7 +38,7 @@ from core.keys import key_cidr
 from ipam.blocks import ip_int
 from ipam.pools import encap_of
 
-from .bgp import DEFAULT_AS, HOLD_TIME, BgpState, Peer
+from .birdconf import DEFAULT_AS, HOLD_TIME, BgpState, Peer
 from .encap import TunnelState, desired_tunnels
 from .policy import PolicyState
 
@@ -61,7 +61,7 @@ def warn(message, *args):
 
 
 def _once_per_view(store, name, compute):
-    """``compute()``, once per datastore.View (frozen: every calculation of one sync, BGP,
+    """``compute()``, once per cache.View (frozen: every calculation of one sync, BGP,
     policy, figures and the sweeper, shares the result; callers only read it); with a plain
     store, every time."""
     derived = getattr(store, "derived", None)
@@ -306,7 +306,7 @@ def allocations(store, keys):
     records (ipam/blocks.members: one per address, written with its block). A record with a
     malformed key, an address outside its pool, or no string host and handle is skipped.
 
-    Parsed once per record revision when ``store`` is a datastore.View (its ``memo``): a
+    Parsed once per record revision when ``store`` is a cache.View (its ``memo``): a
     container start anywhere costs each agent the parsing of one record, not of the cluster."""
     return _once_per_view(store, "allocations", lambda: _allocations(store, keys))
 

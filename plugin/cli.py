@@ -660,8 +660,8 @@ def peer_remove(obj, ip, node):
 def bgp_status(obj, sock, as_json):
     """This node's BGP sessions, as BIRD reports them, with the peer's node name from etcd."""
     sock = sock or bird_socket()
-    from .bgp import parse_protocols
     from .bird import show
+    from .birdconf import parse_protocols
     from .calc import nodes
 
     if not os.path.exists(sock):

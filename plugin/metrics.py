@@ -21,7 +21,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .bgp import parse_protocols
+from .birdconf import parse_protocols
 
 log = logging.getLogger("l3net.metrics")
 

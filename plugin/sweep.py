@@ -72,7 +72,7 @@ def plan(host, owner, endpoints, allocations, veths, routes, deleting, aux, now)
 
 class Sweeper:
     def __init__(self, driver, ipam, every=30.0, grace=30.0, view=None):
-        """``view()``: the agent's watch-fed copy of etcd (datastore.Cache.view), which holds
+        """``view()``: the agent's watch-fed copy of etcd (cache.Cache.view), which holds
         this node's endpoint and network records and every allocation: an idle node's sweep
         then costs etcd nothing (the grace period covers the watch's lag). None: read etcd."""
         self.driver, self.ipam = driver, ipam

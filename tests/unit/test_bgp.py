@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from core.keys import Keys
 from plugin.agent import Registry
-from plugin.bgp import BgpState, Peer, render
+from plugin.birdconf import BgpState, Peer, render
 from plugin.calc import desired_bgp
 from plugin.store import MemoryStore
 
@@ -192,7 +192,7 @@ l3_198_18_1_13 BGP        ---        start  02:06:23.370  Active        Socket: 
 
 
 def test_parse_protocols_keeps_only_bgp_sessions_with_their_peer():
-    from plugin.bgp import parse_protocols
+    from plugin.birdconf import parse_protocols
     out = """BIRD 2.0.12 ready.
 Name       Proto      Table      State  Since         Info
 device1    Device     ---        up     02:06:22.458

@@ -123,7 +123,7 @@ def test_losing_etcd_changes_nothing_and_is_reported(tmp_path):
 
 
 def test_mesh_peers_outlive_their_record_for_a_grace():
-    from plugin.bgp import Peer
+    from plugin.birdconf import Peer
     agent = Agent(MemoryStore(), KEYS, "h1", "198.18.0.11")
     h2 = Peer("h2", "198.18.0.12", 64512, allowed=("10.20.0.64/26",))
     tor = Peer("tor", "198.18.0.1", 65000, multihop=True)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from core.keys import Keys
 from plugin.agent import Agent
+from plugin.cache import Cache, View
 from plugin.calc import (
     MemberIndex,
     allocations,
@@ -18,7 +19,6 @@ from plugin.calc import (
     desired_policy,
     node_stats,
 )
-from plugin.datastore import Cache, View
 from plugin.store import MemoryStore
 
 KEYS = Keys("/t")

@@ -89,7 +89,7 @@ def test_the_sweep_reads_the_agents_copy_not_etcd():
 
     from core.keys import Keys
     from ipam.allocator import Ipam
-    from plugin.datastore import Cache
+    from plugin.cache import Cache
     from plugin.store import MemoryStore
 
     reads = []

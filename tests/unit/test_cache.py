@@ -1,4 +1,4 @@
-"""The agent's watch-fed copy of etcd (plugin/datastore.py): loaded once, then kept by events;
+"""The agent's watch-fed copy of etcd (plugin/cache.py): loaded once, then kept by events;
 loaded again only when the watch is lost; in memory and on a real etcd."""
 
 import json
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from plugin.datastore import Cache
+from plugin.cache import Cache
 from plugin.store import MemoryStore
 from tests.conftest import wait_for
 
@@ -92,7 +92,7 @@ def test_a_container_start_elsewhere_is_two_small_events(store, prefix):
 
 
 def test_overlay_replaces_only_the_fresh_prefixes():
-    from plugin.datastore import View
+    from plugin.cache import View
     view = View({"/p/a/1": ("old", 3), "/p/a/2": ("gone", 4), "/p/b/1": ("kept", 5)}, {"/p/a/": 4, "/p/b/": 5})
     fresh = view.overlay(["/p/a/"], {"/p/a/1": ("new", 9)})
     assert fresh.get_prefix("/p/") == [("/p/a/1", "new", 9), ("/p/b/1", "kept", 5)]
@@ -122,8 +122,8 @@ def test_one_sync_reads_the_members_of_a_view_once(prefix):
     from core.keys import Keys
     from ipam.allocator import Ipam
     from plugin.agent import Registry
+    from plugin.cache import View
     from plugin.calc import desired_bgp, desired_policy, node_stats
-    from plugin.datastore import View
 
     store, keys = MemoryStore(), Keys(prefix)
     Registry(store, keys, "h1", "198.18.0.11").heartbeat(64512)
