@@ -10,7 +10,9 @@ An allocation's ``handle`` says who holds the address:
     gateway:<PoolID>         the same, as an older l3net wrote it (read as a reservation)
 
 A container's address is one held by an endpoint or pending for one; a reservation is never a
-container's (no route, no set entry, no tunnel route).
+container's (no route, no set entry, no tunnel route). A container's address outside every
+block its host owns is *borrowed* (its host's blocks were full, or an --ip moved there): its
+host announces it, and tunnels carry it, as a /32 of its own.
 """
 
 from .keys import key_cidr
@@ -55,3 +57,25 @@ def is_reservation(handle):
 def cidr_of_key(key):
     """The CIDR a key's last segment names (``.../10.20.0.0-26`` -> ``10.20.0.0/26``)."""
     return key_cidr(key.rsplit("/", 1)[1])
+
+
+def ip_int(text):
+    """Dotted quad -> int, without netaddr's (measurable) parsing cost."""
+    a, b, c, d = text.split(".")
+    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+
+
+def block_ranges(cidrs):
+    """[(first, last)] of the blocks ``cidrs`` (as ints), for :func:`borrowed`."""
+    from netaddr import IPNetwork
+    return [(IPNetwork(c).first, IPNetwork(c).last) for c in cidrs]
+
+
+def borrowed(ip, record, ranges):
+    """Whether the allocation ``record`` of ``ip`` is a container's address outside every block
+    its host owns (``ranges``: {host: block_ranges}). The one rule the BGP announcements, the
+    agent's incremental index and the VXLAN routes all apply."""
+    if not is_container(record["handle"]):
+        return False
+    value = ip_int(ip)
+    return not any(first <= value <= last for first, last in ranges.get(record["host"], ()))

@@ -14,7 +14,7 @@ import time
 
 from netaddr import IPAddress, IPNetwork
 
-from core.records import OLD_GATEWAY, RESERVED
+from core.records import OLD_GATEWAY, RESERVED, ip_int
 
 
 def block_of(address, pool, block_prefix):
@@ -39,12 +39,6 @@ def reserved(pool):
     if pool.prefixlen >= 31:
         return set()
     return {pool.first, pool.last}
-
-
-def ip_int(text):
-    """Dotted quad -> int, without netaddr's (measurable) parsing cost."""
-    a, b, c, d = text.split(".")
-    return (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
 
 
 def free_address(block, pool, rng):

@@ -35,7 +35,6 @@ from core.infra import (
     unicast_ip,
 )
 from core.keys import key_cidr
-from ipam.blocks import ip_int
 from ipam.pools import encap_of
 
 from .birdconf import DEFAULT_AS, HOLD_TIME, BgpState, Peer
@@ -276,14 +275,11 @@ def announced_by_node(store, keys):
         cidr = R.cidr_of_key(key)
         if canonical_cidr(cidr):
             blocks.setdefault(keys.host_of(key), []).append(cidr)
-    nets = {host: [(IPNetwork(c).first, IPNetwork(c).last) for c in cidrs] for host, cidrs in blocks.items()}
+    ranges = {host: R.block_ranges(cidrs) for host, cidrs in blocks.items()}
     out = {host: list(cidrs) for host, cidrs in blocks.items()}
     for _, ip, a in allocations(store, keys):
-        host = a["host"]
-        if R.is_container(a["handle"]):
-            value = ip_int(ip)
-            if not any(first <= value <= last for first, last in nets.get(host, ())):
-                out.setdefault(host, []).append(f"{ip}/32")
+        if R.borrowed(ip, a, ranges):
+            out.setdefault(a["host"], []).append(f"{ip}/32")
     return out
 
 
@@ -615,11 +611,8 @@ class MemberIndex:
         return pool, ip
 
     def _borrowed(self, parsed):
-        pool, ip, record = parsed
-        if not R.is_container(record["handle"]):
-            return False
-        value = ip_int(ip)
-        return not any(first <= value <= last for first, last in self.blocks.get(record["host"], ()))
+        _, ip, record = parsed
+        return R.borrowed(ip, record, self.blocks)
 
     def _count(self, parsed, sign):
         pool, _, record = parsed

@@ -81,6 +81,7 @@ def desired_tunnels(pools, nodes, name, ip, blocks, members):
         return tunnelled(mode, subnet, node_ip) or tunnelled(mode, subnets.get(node_ip), ip)
     nets = {cidr: IPNetwork(cidr) for cidr in modes}
     owned = {host: [IPNetwork(b) for b in bs] for host, bs in blocks.items()}
+    ranges = {host: R.block_ranges(bs) for host, bs in blocks.items()}
     for host, host_blocks in owned.items():
         if host not in address:
             continue
@@ -90,10 +91,9 @@ def desired_tunnels(pools, nodes, name, ip, blocks, members):
                 state.routes[str(block)] = address[host]
     for pool, addr, record in members:
         host = record.get("host")
-        if pool not in modes or host not in address or not R.is_container(record["handle"]):
+        # (an address in its host's own block: the block's route covers it)
+        if pool not in modes or host not in address or not R.borrowed(addr, record, ranges):
             continue
-        if any(IPAddress(addr) in b for b in owned.get(host, ())):
-            continue                     # its host's own block: the block's route covers it
         if through(modes[pool], address[host]):
             state.routes[f"{addr}/32"] = address[host]
     # The MAC is derived, never taken from the record (which only shows it): every device is
