@@ -23,7 +23,7 @@ import pytest
 from plugin.firewall import count_rules, pick_backend
 from tests.conftest import TEST_IMAGE, docker, wait_for
 from tests.e2e.test_docker import D, allocations, network, pings, run, sh, unique  # noqa: F401
-from tests.e2e.test_networks import interfaces, nothing_left, probe, routes, servers, snapshot  # noqa: F401
+from tests.e2e.test_networks import interfaces, nothing_left, probe, routes, servers, snapshot, two_nets  # noqa: F401
 
 
 def version():
@@ -146,19 +146,10 @@ def test_an_ipv4_only_interface_has_no_ipv6(network):
     assert json.loads(docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", c).stdout)[net]["IPv6Gateway"] == ""
 
 
-@pytest.fixture
-def ab(network, servers):
-    a, b = network("10.94.5.0/24"), network("10.94.6.0/24")
-    peers = {a: run(a), b: run(b)}
-    for p in peers.values():
-        servers(p)
-    return a, b, peers
-
-
-def test_gw_priority_between_two_l3net_networks(ab, plugin):
+def test_gw_priority_between_two_l3net_networks(two_nets, plugin):
     """28: the network with the higher gw-priority gives the default route, whichever is named
     first; the other network still answers through its own interface."""
-    a, b, peers = ab
+    a, b, peers = two_nets
     needs(28)
     for first, second in ((a, b), (b, a)):
         c, _ = run_on(f"name={first}", f"name={second},gw-priority=10")
