@@ -135,11 +135,12 @@ class Driver:
         generic = options.get(GENERIC) or {}
         if not isinstance(generic, dict):
             raise L3netError("invalid network options")
-        unknown = sorted(k for k in set(generic) - set(NETWORK_OPTIONS) if not k.startswith(DOCKERS))
+        others = sorted(set(generic) - set(NETWORK_OPTIONS))
+        unknown = [k for k in others if not k.startswith(DOCKERS)]
         if unknown:
             raise L3netError(f"unknown option(s) {', '.join(unknown)}: l3net takes -o "
                              f"{', '.join(NETWORK_OPTIONS)}; pool settings go in --ipam-opt")
-        ignored = sorted(k for k in set(generic) - set(NETWORK_OPTIONS) if k.startswith(DOCKERS))
+        ignored = [k for k in others if k.startswith(DOCKERS)]
         if ignored:
             log.info("network %s: Docker's option(s) %s do not apply to l3net: ignored",
                      network_id[:12], ", ".join(ignored))
