@@ -65,8 +65,9 @@ CACHE=/var/cache/l3net-bed      # pip's cache, shared by the beds' .venv install
 mkdir -p "$OUT" "$CACHE/pip"
 
 # The flags that make a container a Docker host on this machine (--privileged is refused: the
-# machine withholds CAP_SYS_RESOURCE).
-HOST_FLAGS=(--cap-add ALL --cap-drop SYS_RESOURCE --security-opt seccomp=unconfined
+# machine withholds CAP_SYS_RESOURCE); --init: a PID 1 that reaps orphans, as a host's init does
+# (a killed containerd's shims and containers are reparented to it).
+HOST_FLAGS=(--init --cap-add ALL --cap-drop SYS_RESOURCE --security-opt seccomp=unconfined
             --security-opt apparmor=unconfined --device-cgroup-rule 'a *:* rwm'
             --cgroupns private --tmpfs /run:rw,exec)
 CERTS=/etc/ssl/certs/ca-certificates.crt

@@ -70,6 +70,16 @@ def _ppid(pid):
         return 0
 
 
+def _alive(pid):
+    """Whether ``pid`` still runs: a zombie (killed, not yet reaped by whichever process
+    inherited it) is dead for what a test asks."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _descendants(root):
     children = {}
     for entry in os.listdir("/proc"):
@@ -196,8 +206,7 @@ class Host:
             except ProcessLookupError:
                 pass
         self.dockerd.wait(10)
-        wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and _ppid(p) != 0 for p in victims), 10,
-                   f"Docker on {self.name} to die")
+        wait_until(lambda: not any(_alive(p) for p in victims), 10, f"Docker on {self.name} to die")
 
     def start_plugin(self, *extra):
         log = open(os.path.join(self.dir, "plugin.log"), "a")
